@@ -1,0 +1,317 @@
+"""``Capture`` (one call of one module) and ``Recording`` (all captures of a ``record`` block).
+
+Storage only: no hooks here, and no analysis.  A ``Recording`` holds no reference to the model,
+so dropping the model frees it even while the recording is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .errors import AmbiguousCallError, CaptureModifiedError, NotRecordedError
+from .structure import first_tensor, iter_tensors
+
+__all__ = ["Capture", "Recording"]
+
+
+class Capture:
+    """One call of one module: what it returned (and, if asked, what it was given).
+
+    Attributes
+    ----------
+    name : str
+        The module's dotted name in the (unwrapped) model.
+    step : int
+        Which forward pass of the model in the ``record`` block (0, 1, ...).
+    call : int
+        Which call of the module within that forward pass (0 for the first).
+    label : str or None
+        The ``calls=`` label of this call (``"premise"``), if one was given.
+    module_type : type
+        The module's class.
+    output : Any
+        The module's output with its structure kept (tensor, tuple, dict, namedtuple,
+        dataclass, ``ModelOutput``); tensors detached, ``PackedSequence`` padded batch-first,
+        ``unsort=`` applied, ``device=``/``dtype=`` applied.
+    inputs, kwargs : tuple, dict or None
+        Positional and keyword inputs, treated the same way; ``None`` unless ``inputs=True``.
+    lengths : Tensor or None
+        Sequence lengths (int64, CPU, same batch order as ``output``) where known: from a
+        ``PackedSequence`` in the output, else from one in the inputs.
+    """
+
+    __slots__ = (
+        "_versions", "call", "inputs", "kwargs", "label", "lengths", "module_type", "name",
+        "output", "step",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        name: str,
+        step: int,
+        call: int,
+        label: str | None,
+        module_type: type,
+        output: Any,
+        inputs: tuple | None = None,
+        kwargs: dict | None = None,
+        lengths: Tensor | None = None,
+        versions: list[tuple[Tensor, int]] | None = None,
+    ) -> None:
+        self.name = name
+        self.step = step
+        self.call = call
+        self.label = label
+        self.module_type = module_type
+        self.output = output
+        self.inputs = inputs
+        self.kwargs = kwargs
+        self.lengths = lengths
+        self._versions = versions
+
+    # -- values -----------------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise :class:`CaptureModifiedError` if a value recorded with ``clone=False`` has
+        been changed in place since it was recorded (only such captures can be)."""
+        if self._versions is None:
+            return
+        for t, version in self._versions:
+            if t._version != version:
+                raise CaptureModifiedError(
+                    f"{self._where()}: a tensor recorded with clone=False was modified in place "
+                    f"after it was recorded (version {version} -> {t._version}), e.g. by "
+                    "nn.ReLU(inplace=True) or x.add_(). Its value is no longer what the module "
+                    "returned. Record again with clone=True (the default)."
+                )
+
+    @property
+    def tensor(self) -> Tensor:
+        """The primary tensor: the output if it is a tensor, else its first tensor leaf (use
+        ``pick=`` when recording to choose another)."""
+        self.check()
+        t = first_tensor(self.output)
+        if t is None:
+            raise NotRecordedError(
+                f"{self._where()} returned no tensor ({type(self.output).__name__}); see "
+                ".output, or use pick= to select a tensor when recording."
+            )
+        return t
+
+    @property
+    def mask(self) -> Tensor | None:
+        """Boolean ``(batch, time)`` mask, True at real (non-padding) positions, where
+        ``lengths`` are known; else ``None``."""
+        if self.lengths is None:
+            return None
+        t = self.tensor
+        n = len(self.lengths)
+        time = t.shape[1] if t.ndim > 1 and t.shape[0] == n else t.shape[0]
+        return torch.arange(time).unsqueeze(0) < self.lengths.unsqueeze(1)
+
+    def numpy(self) -> np.ndarray:
+        """The primary tensor as a NumPy array (on CPU; bfloat16 becomes float32, which NumPy
+        lacks)."""
+        t = self.tensor.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        return t.numpy()
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        t = first_tensor(self.output)
+        return None if t is None else tuple(t.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all tensors of the output and inputs."""
+        total = 0
+        for part in (self.output, self.inputs, self.kwargs):
+            total += sum(t.numel() * t.element_size() for _, t in iter_tensors(part))
+        return total
+
+    # -- display ----------------------------------------------------------------------------
+    def _where(self) -> str:
+        label = f" ({self.label!r})" if self.label is not None else ""
+        return f"{self.name!r} step {self.step} call {self.call}{label}"
+
+    def _row(self) -> dict[str, Any]:
+        t = first_tensor(self.output)
+        return {
+            "module": self.name,
+            "step": self.step,
+            "call": self.call,
+            "label": self.label,
+            "type": self.module_type.__name__,
+            "shape": None if t is None else tuple(t.shape),
+            "dtype": None if t is None else str(t.dtype).replace("torch.", ""),
+            "device": None if t is None else str(t.device),
+            "bytes": self.nbytes,
+            "lengths": self.lengths is not None,
+        }
+
+    def __repr__(self) -> str:
+        r = self._row()
+        lengths = ", lengths known" if r["lengths"] else ""
+        return (
+            f"Capture({self._where()}, {r['type']}, shape={r['shape']}, dtype={r['dtype']}"
+            f"{lengths})"
+        )
+
+
+class Recording:
+    """Everything one ``record`` block captured: module name -> captures in call order.
+
+    ``rec[name]`` is the capture of a module that ran once; ``rec[name, i]`` and
+    ``rec[name, "label"]`` pick a call of a module that ran several times (``rec.calls(name)``
+    lists them).  Asking ``rec[name]`` of a module that ran several times is an error: hookscope
+    never silently hands back only the last call.
+
+    Each forward pass of the recorded model in the block is a *step*; call indices and
+    ``calls=`` labels count within a step.  With several steps, ``rec.step(i)`` is the recording
+    of step ``i`` alone, and ``rec.calls(name)`` lists the calls of every step in order.
+    """
+
+    def __init__(self, names: list[str], module_types: dict[str, type], model_type: str) -> None:
+        self._captures: dict[str, list[Capture]] = {n: [] for n in names}
+        self._module_types = module_types
+        self.model_type = model_type
+        self.steps = 0  # number of forward passes (steps) seen
+
+    # -- mapping-like access -----------------------------------------------------------------
+    def keys(self) -> list[str]:
+        """The selected module names, in ``named_modules()`` order (also those that never ran)."""
+        return list(self._captures)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._captures)
+
+    def __len__(self) -> int:
+        return len(self._captures)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._captures
+
+    def captures(self) -> list[Capture]:
+        """All captures, ordered by step, then module, then call."""
+        out = [c for caps in self._captures.values() for c in caps]
+        out.sort(key=lambda c: c.step)  # stable: module and call order kept within a step
+        return out
+
+    def _check_name(self, name: str) -> list[Capture]:
+        try:
+            return self._captures[name]
+        except (KeyError, TypeError):
+            import difflib
+
+            close = difflib.get_close_matches(str(name), list(self._captures), n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise NotRecordedError(
+                f"{name!r} was not selected for recording. Recorded modules: "
+                f"{', '.join(map(repr, self._captures))}.{hint}"
+            ) from None
+
+    def calls(self, name: str, step: int | None = None) -> list[Capture]:
+        """The captures of module ``name`` in call order (of one ``step``, or of all steps).
+
+        Raises :class:`NotRecordedError` if ``name`` was not selected or never ran.
+        """
+        caps = self._check_name(name)
+        if step is not None:
+            step = self._norm_step(step)
+            caps = [c for c in caps if c.step == step]
+        if not caps:
+            where = f" in step {step}" if step is not None else ""
+            raise NotRecordedError(
+                f"{name!r} ({self._module_types[name].__name__}) was selected but never "
+                f"ran{where}: the model's forward did not call it. Check the branch or input "
+                "that should reach it (hookscope.summary(model, x) shows which modules run)."
+            )
+        return caps
+
+    def _norm_step(self, step: int) -> int:
+        n = max(self.steps, 1)
+        if not -n <= step < n:
+            raise NotRecordedError(f"step {step} out of range: this recording has {n} step(s).")
+        return step % n
+
+    def step(self, i: int) -> Recording:
+        """A recording of forward pass ``i`` alone (negative ``i`` counts from the end)."""
+        i = self._norm_step(i)
+        view = Recording(list(self._captures), self._module_types, self.model_type)
+        view._captures = {n: [c for c in caps if c.step == i] for n, caps in self._captures.items()}
+        view.steps = 1
+        return view
+
+    def __getitem__(self, key: str | tuple[str, int | str]) -> Capture:
+        if isinstance(key, tuple):
+            if len(key) != 2:
+                raise TypeError(f"Use rec[name] or rec[name, call]; got rec[{key!r}].")
+            name, which = key
+        else:
+            name, which = key, None
+        caps = self.calls(name)
+        steps = {c.step for c in caps}
+        if len(steps) > 1:
+            raise AmbiguousCallError(
+                f"{name!r} ran in {len(steps)} forward passes of this block; pick one with "
+                f"rec.step(i)[{key!r}], or rec.calls({name!r}) for all of them."
+            )
+        if which is None:
+            if len(caps) == 1:
+                return caps[0]
+            labels = [c.label for c in caps]
+            alts = ", ".join(
+                f"rec[{name!r}, {lab!r}]" if lab is not None else f"rec[{name!r}, {c.call}]"
+                for c, lab in zip(caps, labels, strict=True)
+            )
+            raise AmbiguousCallError(
+                f"{name!r} ran {len(caps)} times in one forward pass; say which call: {alts}, "
+                f"or rec.calls({name!r}) for all. (hookscope never returns only the last call.)"
+            )
+        if isinstance(which, str):
+            hits = [c for c in caps if c.label == which]
+            if not hits:
+                known = [c.label for c in caps if c.label is not None]
+                raise NotRecordedError(
+                    f"{name!r} has no call labelled {which!r}; labels: {known or 'none'} "
+                    f"(set them with calls={{{name!r}: [...]}})."
+                )
+            return hits[0]
+        if isinstance(which, int | np.integer):
+            if not -len(caps) <= which < len(caps):
+                raise NotRecordedError(
+                    f"{name!r} ran {len(caps)} time(s); call {which} does not exist."
+                )
+            return caps[which]
+        raise TypeError(f"A call is an int index or a str label; got {which!r}.")
+
+    # -- display ----------------------------------------------------------------------------
+    def table(self) -> pd.DataFrame:
+        """One row per capture: module, step, call, label, type, shape, dtype, device, bytes,
+        lengths known.  Modules that never ran get a row with ``call`` missing."""
+        rows = []
+        for name, caps in self._captures.items():
+            if caps:
+                rows.extend(c._row() for c in caps)
+            else:
+                rows.append({"module": name, "type": self._module_types[name].__name__,
+                             "shape": "never ran"})
+        df = pd.DataFrame(rows, columns=["module", "step", "call", "label", "type", "shape",
+                                         "dtype", "device", "bytes", "lengths"])
+        return df.astype({"step": "Int64", "call": "Int64", "bytes": "Int64"})
+
+    def __repr__(self) -> str:
+        head = (f"Recording of {self.model_type}: {len(self)} module(s), "
+                f"{sum(map(len, self._captures.values()))} capture(s), {self.steps} step(s)")
+        with pd.option_context("display.width", 120, "display.max_columns", 20):
+            return head + "\n" + self.table().to_string(index=False, na_rep="")
+
+    def _repr_html_(self) -> str:
+        head = f"<p>Recording of {self.model_type}, {self.steps} step(s)</p>"
+        return head + self.table().to_html(index=False, na_rep="")

@@ -1,0 +1,175 @@
+"""Turn what the user wrote (names, glob patterns, module classes) into submodules.
+
+Wrappers that prefix names are looked through: ``nn.DataParallel`` and
+``DistributedDataParallel`` (``module.``) and ``torch.compile``'s ``OptimizedModule``
+(``_orig_mod.``), so the user writes the names of the model they know.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+
+from torch import nn
+
+from .errors import ModuleSelectionError
+
+__all__ = ["ModuleSpec", "resolve_modules", "unwrap"]
+
+ModuleSpec = str | type  # a dotted name, a glob pattern, or an nn.Module subclass
+
+_GLOB_CHARS = set("*?[")
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, str]:
+    """Return the model inside any name-prefixing wrappers, and the prefix they add.
+
+    >>> inner = nn.Linear(2, 2)
+    >>> unwrap(nn.DataParallel(inner)) == (inner, "module.")
+    True
+    """
+    prefix = ""
+    while True:
+        if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model, prefix = model.module, prefix + "module."
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model, prefix = model._orig_mod, prefix + "_orig_mod."
+        else:
+            return model, prefix
+
+
+@lru_cache(maxsize=256)
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a dotted glob: ``*`` is one name segment, ``**`` any number of segments."""
+    out = []
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append(r"[^.]*")
+        elif c == "?":
+            out.append(r"[^.]")
+        elif c == "[":
+            end = pattern.find("]", i + 1)
+            if end < 0:
+                out.append(re.escape(c))
+            else:
+                body = pattern[i + 1 : end]
+                if body.startswith("!"):
+                    body = "^" + body[1:]
+                out.append(f"[{body}]")
+                i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _strip_wrapper_prefix(spec: str, prefix: str) -> str:
+    # Users who copied a name from the wrapped model's named_modules() keep working.
+    for part in ("module.", "_orig_mod."):
+        while spec.startswith(part) and (prefix and part in prefix):
+            spec = spec[len(part):]
+    return spec
+
+
+def _suggest(spec: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(spec, names, n=5, cutoff=0.5)
+    if not close:  # fall back to names that share the last segment, then to a sample
+        tail = spec.rsplit(".", 1)[-1]
+        close = [n for n in names if n.rsplit(".", 1)[-1] == tail][:5]
+    if close:
+        return "Did you mean: " + ", ".join(repr(n) for n in close) + "?"
+    sample = ", ".join(repr(n) for n in names[:8])
+    return f"Names in this model start with: {sample}{', ...' if len(names) > 8 else ''}."
+
+
+def resolve_modules(
+    model: nn.Module, specs: ModuleSpec | Iterable[ModuleSpec]
+) -> dict[str, nn.Module]:
+    """Resolve names, glob patterns and module classes to ``{name: module}``.
+
+    Parameters
+    ----------
+    model
+        The model, possibly wrapped in ``DataParallel``/``DistributedDataParallel`` or
+        compiled with ``torch.compile``; names are those of the model inside the wrappers.
+    specs
+        One spec or a list of them: an exact dotted name as in ``model.named_modules()``
+        (``""`` is the model itself), a glob pattern (``"encoder.layer.*.output"``: ``*`` matches
+        one name segment, ``**`` any number), or an ``nn.Module`` subclass (every instance).
+
+    Returns
+    -------
+    dict
+        Selected modules in ``named_modules()`` order, each once.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not an ``nn.Module`` or a spec is neither a string nor a module class.
+    ModuleSelectionError
+        A spec selects nothing; the message lists the closest real names.
+
+    Examples
+    --------
+    >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    >>> list(resolve_modules(model, ["0", nn.ReLU]))
+    ['0', '1']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"hookscope records torch.nn.Module objects; got {type(model).__name__}. "
+            "Pass the model itself (not its output or state_dict)."
+        )
+    if isinstance(specs, str | type):
+        specs = [specs]
+    specs = list(specs)
+    if not specs:
+        raise ModuleSelectionError(
+            "No modules were selected: pass at least one name, pattern or module class "
+            "(hookscope.summary(model, example_input) lists the names)."
+        )
+    inner, prefix = unwrap(model)
+    named = dict(inner.named_modules(remove_duplicate=False))
+    names = list(named)
+    chosen: set[str] = set()
+    for spec in specs:
+        if isinstance(spec, type) and issubclass(spec, nn.Module):
+            hits = [n for n, m in named.items() if isinstance(m, spec)]
+            if not hits:
+                types = sorted({type(m).__name__ for m in named.values()})
+                raise ModuleSelectionError(
+                    f"No module of type {spec.__name__} in {type(inner).__name__}. "
+                    f"Types present: {', '.join(types)}."
+                )
+        elif isinstance(spec, str):
+            spec = _strip_wrapper_prefix(spec, prefix)
+            if spec in named:
+                hits = [spec]
+            elif _GLOB_CHARS & set(spec):
+                rx = _glob_regex(spec)
+                hits = [n for n in names if rx.match(n)]
+                if not hits:
+                    raise ModuleSelectionError(
+                        f"Pattern {spec!r} matches no module of {type(inner).__name__} "
+                        f"('*' matches one dotted segment, '**' several). {_suggest(spec, names)}"
+                    )
+            else:
+                raise ModuleSelectionError(
+                    f"No module named {spec!r} in {type(inner).__name__}. {_suggest(spec, names)}"
+                )
+        else:
+            raise TypeError(
+                f"Cannot select modules with {spec!r} ({type(spec).__name__}): use a dotted "
+                "name, a glob pattern, or an nn.Module subclass such as nn.LSTM."
+            )
+        chosen.update(hits)
+    # Keep named_modules() order: it is the order a reader sees in print(model).
+    return {n: named[n] for n in names if n in chosen}

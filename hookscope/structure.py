@@ -1,0 +1,197 @@
+"""Walking nested module outputs, padding ``PackedSequence`` back, and undoing batch sorting.
+
+Knows nothing of hooks: every function takes a value and returns a new one.  Containers are
+rebuilt (never shared with the model), so a later in-place change to a returned dict, list or
+Hugging Face ``ModelOutput`` cannot reach what was recorded.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from .errors import UnsortError
+
+__all__ = [
+    "as_permutation",
+    "find_batch_dim",
+    "first_tensor",
+    "iter_tensors",
+    "map_leaves",
+    "packed_lengths",
+    "pad_packed",
+]
+
+Path = tuple[Any, ...]
+LeafFn = Callable[[Path, Any], Any]
+
+
+def map_leaves(obj: Any, fn: LeafFn, path: Path = ()) -> Any:
+    """Return a copy of ``obj`` with every tensor (and ``PackedSequence``) leaf replaced by
+    ``fn(path, leaf)``.
+
+    Supported containers: tuple, namedtuple, list, dict and other mappings (``OrderedDict``,
+    ``UserDict``, Hugging Face ``ModelOutput`` / ``BatchEncoding``), and dataclasses.  They are
+    rebuilt, so the result shares no container with ``obj``.  Other objects are kept as they are.
+
+    >>> map_leaves({"a": (torch.ones(1), 2)}, lambda p, t: p)
+    {'a': (('a', 0), 2)}
+    """
+    if isinstance(obj, Tensor | PackedSequence):
+        return fn(path, obj)
+    if isinstance(obj, tuple):
+        items = [map_leaves(v, fn, (*path, i)) for i, v in enumerate(obj)]
+        if type(obj) is tuple:
+            return tuple(items)
+        if hasattr(obj, "_fields"):  # namedtuple
+            return type(obj)(*items)
+        try:
+            return type(obj)(items)
+        except TypeError:
+            return tuple(items)
+    if isinstance(obj, list):
+        items = [map_leaves(v, fn, (*path, i)) for i, v in enumerate(obj)]
+        if type(obj) is list:
+            return items
+        try:
+            return type(obj)(items)
+        except TypeError:
+            return items
+    if isinstance(obj, Mapping):
+        if type(obj) is dict:
+            return {k: map_leaves(v, fn, (*path, k)) for k, v in obj.items()}
+        new = {k: map_leaves(v, fn, (*path, k)) for k, v in obj.items()}
+        try:  # keep the type (UserDict, ModelOutput, BatchEncoding) with its own copy
+            out = copy.copy(obj)
+            for k, v in new.items():
+                out[k] = v
+            return out
+        except Exception:  # an immutable or exotic mapping: a plain dict keeps the values
+            return new
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = copy.copy(obj)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name, None)
+            object.__setattr__(out, f.name, map_leaves(value, fn, (*path, f.name)))
+        return out
+    return obj
+
+
+def iter_tensors(obj: Any, path: Path = ()) -> Iterator[tuple[Path, Tensor]]:
+    """Yield ``(path, tensor)`` for every tensor leaf of ``obj``, depth first, in order."""
+    if isinstance(obj, Tensor):
+        yield path, obj
+    elif isinstance(obj, PackedSequence):
+        yield path, obj.data
+    elif isinstance(obj, tuple | list):
+        for i, v in enumerate(obj):
+            yield from iter_tensors(v, (*path, i))
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from iter_tensors(v, (*path, k))
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from iter_tensors(getattr(obj, f.name, None), (*path, f.name))
+
+
+def first_tensor(obj: Any) -> Tensor | None:
+    """The first tensor leaf of ``obj`` (``obj`` itself if it is a tensor), or ``None``."""
+    if isinstance(obj, Tensor):
+        return obj
+    return next((t for _, t in iter_tensors(obj)), None)
+
+
+def packed_lengths(packed: PackedSequence) -> Tensor:
+    """Sequence lengths of a ``PackedSequence``, in the batch order it was packed from.
+
+    Computed from ``batch_sizes`` (and ``unsorted_indices``) alone, without padding the data.
+
+    >>> from torch.nn.utils.rnn import pack_sequence
+    >>> packed_lengths(pack_sequence([torch.ones(2), torch.ones(3)], enforce_sorted=False))
+    tensor([2, 3])
+    """
+    batch_sizes = packed.batch_sizes
+    n = int(batch_sizes[0])
+    # Sequence i (in sorted order) is present at time t iff i < batch_sizes[t].
+    lengths = (batch_sizes.unsqueeze(0) > torch.arange(n).unsqueeze(1)).sum(1)
+    if packed.unsorted_indices is not None:
+        lengths = lengths[packed.unsorted_indices.cpu()]
+    return lengths
+
+
+def pad_packed(packed: PackedSequence) -> tuple[Tensor, Tensor]:
+    """``pad_packed_sequence(packed, batch_first=True)``: padded (batch, time, ...) and lengths,
+    both in the original batch order."""
+    padded, lengths = pad_packed_sequence(packed, batch_first=True)
+    return padded, lengths
+
+
+def as_permutation(perm: Any, where: str) -> Tensor:
+    """Validate an ``unsort=`` permutation and return it as a CPU ``int64`` tensor.
+
+    Raises :class:`~hookscope.errors.UnsortError` that says which module/call (``where``) and
+    what is wrong: not 1-D, not integer, or not a permutation of ``range(len(perm))``.
+
+    >>> as_permutation([2, 0, 1], "encoder call 0")
+    tensor([2, 0, 1])
+    """
+    try:
+        t = torch.as_tensor(perm).detach()
+    except Exception as exc:
+        raise UnsortError(
+            f"unsort for {where}: cannot read {type(perm).__name__} as an index tensor ({exc})."
+        ) from None
+    if t.ndim != 1:
+        raise UnsortError(
+            f"unsort for {where}: a permutation must be 1-D, got shape {tuple(t.shape)}."
+        )
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise UnsortError(
+            f"unsort for {where}: a permutation must hold integers, got dtype {t.dtype}."
+        )
+    t = t.to(device="cpu", dtype=torch.int64)
+    n = t.numel()
+    out_of_range = (t < 0) | (t >= n)
+    counts = torch.bincount(torch.where(out_of_range, n, t), minlength=n + 1)
+    if bool((counts[:n] != 1).any()) or bool(out_of_range.any()):
+        bad = [int(v) for v in t if v < 0 or v >= n][:3]
+        dup = torch.nonzero(counts[:n] > 1).flatten()[:3].tolist()
+        missing = torch.nonzero(counts[:n] == 0).flatten()[:3].tolist()
+        parts = []
+        if bad:
+            parts.append(f"values out of range(0, {n}): {bad}")
+        if dup:
+            parts.append(f"repeated: {dup}")
+        if missing:
+            parts.append(f"missing: {missing}")
+        raise UnsortError(
+            f"unsort for {where}: not a permutation of range({n}) ({'; '.join(parts)}). Pass "
+            "the index that restores the original order, e.g. batch.premise_orig_idx."
+        )
+    return t
+
+
+def find_batch_dim(shape: torch.Size, batch: int, where: str, path: Path) -> int | None:
+    """The one dimension of ``shape`` that has size ``batch``, or ``None`` if there is none.
+
+    Raises :class:`~hookscope.errors.UnsortError` where several dimensions have that size: the
+    batch dimension is then ambiguous and hookscope does not guess.
+    """
+    dims = [d for d, size in enumerate(shape) if size == batch]
+    if len(dims) == 1:
+        return dims[0]
+    if not dims:
+        return None
+    leaf = "output" + "".join(f"[{k!r}]" for k in path)
+    raise UnsortError(
+        f"unsort for {where}: {leaf} has shape {tuple(shape)}, where dims {dims} all have the "
+        f"batch size {batch}, so its batch dimension is ambiguous. Say which with "
+        f"batch_dim={{name: {{{path!r}: dim}}}} (a path prefix maps to a dim, None leaves the "
+        "leaf alone), or record only the batched tensor with pick=."
+    )
