@@ -39,7 +39,8 @@ class _Stop(BaseException):
 class _Plan:
     """Everything the hook of one module needs, decided once."""
 
-    __slots__ = ("batch_dim", "expected", "labels", "module", "name", "perms", "pick", "rnn")
+    __slots__ = ("batch_dim", "expected", "labels", "module", "name", "perms", "pick", "rnn",
+                 "rnn_states")
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
@@ -49,6 +50,13 @@ class _Plan:
         self.perms: list[Tensor] | Tensor | None = None  # list: one per call; Tensor: every call
         self.batch_dim: BatchDim | str = "auto"
         self.rnn = isinstance(module, nn.RNNBase)
+        # (layers * directions, hidden) of RNNs inside a wrapper such as the story's
+        # LSTMEncoder: a state leaf of exactly that shape has its batch in dim 1.
+        self.rnn_states = {
+            (m.num_layers * (2 if m.bidirectional else 1), size)
+            for m in module.modules() if isinstance(m, nn.RNNBase)
+            for size in {m.hidden_size, getattr(m, "proj_size", 0) or m.hidden_size}
+        }
         self.expected = 1  # calls per forward pass that stop=True waits for
 
     def perm(self, call: int) -> Tensor | None:
@@ -161,7 +169,12 @@ class Recorder:
                 raise TypeError(f"batch_dim= for {name!r} must be an int, None, or a mapping "
                                 f"of output path prefixes to dims; got {spec!r}.")
             self._plans[name].batch_dim = spec
-        self._model_type = type(unwrap(model)[0]).__name__
+        inner, prefix = unwrap(model)
+        self._model_type = type(inner).__name__
+        # Hooks added after torch.compile are not seen by the compiled graph (dynamo skips
+        # hook guards), which would give an empty recording: run eagerly inside the block.
+        self._compiled = "_orig_mod." in prefix
+        self._stance: Any = None
         self._handles: list[Any] = []
         self._rec: Recording | None = None
         self._counts: dict[str, int] = {}
@@ -178,6 +191,9 @@ class Recorder:
         self._remaining = len(self._plans)
         self._pending_inputs = {}
         try:
+            if self._compiled:
+                self._stance = torch.compiler.set_stance("force_eager")
+                self._stance.__enter__()
             add = self._handles.append
             add(self.model.register_forward_pre_hook(self._new_step))
             for plan in self._plans.values():
@@ -202,6 +218,9 @@ class Recorder:
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
+        if self._stance is not None:
+            stance, self._stance = self._stance, None
+            stance.__exit__(None, None, None)
         self._rec = None
         self._pending_inputs = {}
 
@@ -218,6 +237,8 @@ class Recorder:
     # -- hooks ------------------------------------------------------------------------------
     def _new_step(self, module: nn.Module, args: Any) -> None:
         rec = self._rec
+        if rec is None:
+            return
         rec.steps += 1
         self._counts.clear()
         self._remaining = len(self._plans)
@@ -239,6 +260,8 @@ class Recorder:
 
     def _record_call(self, plan: _Plan, args: tuple, kwargs: dict, output: Any) -> None:
         rec = self._rec
+        if rec is None:  # a stale call after the block ended (e.g. from a cached graph)
+            return
         if rec.steps == 0:  # a module called without the model's own forward (model.encode)
             rec.steps = 1
         name = plan.name
@@ -331,6 +354,9 @@ class Recorder:
             if path[0] == 0:  # the RNN's output sequence
                 return 0 if plan.module.batch_first else 1
             return 1  # h / (h, c): (layers * directions, batch, hidden) whatever batch_first says
+        if (plan.rnn_states and plan.pick is None and path[:1] == (1,) and x.ndim == 3
+                and x.shape[1] == n and (x.shape[0], x.shape[2]) in plan.rnn_states):
+            return 1  # the wrapped RNN's (h, c), returned as the RNN returns them
         dim = find_batch_dim(x.shape, n, where, path)
         if dim is None and path == ():
             raise UnsortError(f"unsort for {where}: the output has shape {tuple(x.shape)}, "
@@ -397,7 +423,11 @@ def record(
     ----------
     model : nn.Module
         The model (``DataParallel``/``DistributedDataParallel``/``torch.compile`` wrappers are
-        looked through: use the inner model's names).
+        looked through: use the inner model's names).  A ``torch.compile``d model runs eagerly
+        inside the block (``torch.compiler.set_stance("force_eager")``): a compiled graph does
+        not see hooks added after it was compiled, and a recording must not silently miss them.
+        ``nn.DataParallel`` over several GPUs runs replicas in threads: record the inner
+        model, or use ``DistributedDataParallel`` (one process per GPU).
     modules : str, type, or list of them
         Exact dotted names from ``model.named_modules()``, glob patterns
         (``"encoder.layer.*.output"``; ``*`` is one name segment, ``**`` several), or module

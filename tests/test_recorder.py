@@ -1,0 +1,361 @@
+"""record(): hooks on and off, repeated calls, safety of captured values, options."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import hookscope as hs
+from hookscope.errors import (
+    AmbiguousCallError,
+    CallCountError,
+    CaptureModifiedError,
+    ModuleSelectionError,
+    NotRecordedError,
+)
+from tests.conftest import Counter, assert_no_hooks
+
+
+class Shared(nn.Module):
+    """One block called three times in one forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.block(self.block(self.block(x))))
+
+
+def test_module_called_three_times_gives_three_captures():
+    torch.manual_seed(0)
+    model, x = Shared().eval(), torch.randn(2, 4)
+    with hs.record(model, ["block"], calls={"block": ["a", "b", "c"]}) as rec:
+        model(x)
+    a, b, c = rec.calls("block")
+    with torch.no_grad():
+        y1 = model.block(x)
+        y2 = model.block(y1)
+        y3 = model.block(y2)
+    assert torch.equal(a.tensor, y1) and torch.equal(b.tensor, y2) and torch.equal(c.tensor, y3)
+    assert [k.call for k in (a, b, c)] == [0, 1, 2]
+    assert rec["block", "b"] is b and rec["block", -1] is c
+    with pytest.raises(AmbiguousCallError, match=r"ran 3 times.*rec\['block', 'a'\]"):
+        rec["block"]
+
+
+@pytest.mark.parametrize("how", ["block", "forward", "interrupt"])
+def test_hooks_gone_whatever_happens(mlp, how):
+    class Boom(nn.Module):
+        def forward(self, x):
+            if how == "interrupt":
+                raise KeyboardInterrupt
+            raise RuntimeError("inside forward")
+
+    model = nn.Sequential(mlp, Boom()) if how != "block" else mlp
+    expected = KeyboardInterrupt if how == "interrupt" else RuntimeError
+    with pytest.raises(expected), hs.record(model, ["0.0", "0.2"] if how != "block" else ["0"],
+                                            inputs=True) as rec:
+        model(torch.randn(3, 4))
+        raise RuntimeError("inside block")
+    assert_no_hooks(model)
+    assert len(rec.calls("0.0" if how != "block" else "0")) == 1  # nothing recorded is lost
+
+
+def test_nested_recorders_each_see_their_own(mlp):
+    x = torch.randn(3, 4)
+    with hs.record(mlp, ["0", "2"]) as outer:
+        mlp(x)
+        with hs.record(mlp, ["2", "4"]) as inner:
+            mlp(x)
+        mlp(x)
+    assert_no_hooks(mlp)
+    assert outer.steps == 3 and inner.steps == 1
+    assert len(outer.calls("2")) == 3 and len(inner.calls("2")) == 1
+    assert torch.equal(inner["4"].tensor, mlp(x).detach())
+    with pytest.raises(NotRecordedError, match="not selected"):
+        inner["0"]
+
+
+def test_inplace_relu_after_hooked_linear_does_not_change_capture():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(inplace=True))
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        expected = model[0](x).clone()
+    with torch.no_grad(), hs.record(model, ["0"]) as rec:
+        model(x)
+    assert (expected < 0).any()  # the ReLU really did overwrite negative values
+    assert torch.equal(rec["0"].tensor, expected)
+
+
+class AddsInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 3)
+
+    def forward(self, x):
+        y = self.inner(x)
+        y.add_(100.0)
+        return y
+
+
+def test_add_inplace_on_returned_tensor_does_not_change_capture():
+    model, x = AddsInPlace(), torch.randn(2, 3)
+    with torch.no_grad():
+        expected = model.inner(x).clone()
+        with hs.record(model, ["inner"]) as rec:
+            model(x)
+    assert torch.equal(rec["inner"].tensor, expected)
+
+
+def test_clone_false_fails_loudly_after_inplace_change():
+    model, x = AddsInPlace(), torch.randn(2, 3)
+    with torch.no_grad(), hs.record(model, ["inner"], clone=False) as rec:
+        model(x)
+    with pytest.raises(CaptureModifiedError, match="clone=True"):
+        rec["inner"].tensor
+    # Without an in-place change, clone=False shares memory and reads fine.
+    lin = nn.Linear(3, 3)
+    with torch.no_grad(), hs.record(lin, [""], clone=False) as rec2:
+        y = lin(x)
+    assert rec2[""].tensor.data_ptr() == y.data_ptr()
+
+
+Pair = collections.namedtuple("Pair", "left right")
+
+
+@dataclasses.dataclass
+class Out:
+    hidden: torch.Tensor
+    extra: list
+
+
+class Structured(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        if self.kind == "dict":
+            return {"a": x * 2, "b": [x + 1, 3]}
+        if self.kind == "userdict":
+            return collections.UserDict(a=x * 2)
+        if self.kind == "namedtuple":
+            return Pair(x * 2, x + 1)
+        return Out(x * 2, [x + 1])
+
+
+class Mutator(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.first = Structured(kind)
+
+    def forward(self, x):
+        out = self.first(x)
+        if isinstance(out, dict | collections.UserDict):
+            out["a"] = out["a"] * 0  # replace an entry
+            out["new"] = x           # extend
+        elif isinstance(out, Out):
+            out.hidden = out.hidden * 0
+            out.extra.append("later")
+        return out
+
+
+@pytest.mark.parametrize("kind", ["dict", "userdict", "namedtuple", "dataclass"])
+def test_structured_outputs_kept_and_safe_from_container_mutation(kind):
+    model, x = Mutator(kind), torch.randn(2, 3)
+    with hs.record(model, ["first"]) as rec:
+        model(x)
+    out = rec["first"].output
+    assert type(out) is type(Structured(kind)(x))
+    if kind in ("dict", "userdict"):
+        assert set(out) >= {"a"} and "new" not in out
+        assert torch.equal(out["a"], x * 2)
+    elif kind == "namedtuple":
+        assert torch.equal(out.left, x * 2) and torch.equal(out.right, x + 1)
+    else:
+        assert torch.equal(out.hidden, x * 2) and len(out.extra) == 1
+    assert torch.equal(rec["first"].tensor, x * 2)
+
+
+def test_hugging_face_model_output_is_safe_from_mutation():
+    transformers = pytest.importorskip("transformers")
+    x = torch.randn(2, 3)
+
+    class Producer(nn.Module):
+        def forward(self, x):
+            return transformers.modeling_outputs.BaseModelOutput(last_hidden_state=x * 2)
+
+    class Consumer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.producer = Producer()
+
+        def forward(self, x):
+            out = self.producer(x)
+            out["last_hidden_state"] = x * 0
+            out["hidden_states"] = (x,)
+            return out
+
+    model = Consumer()
+    with hs.record(model, ["producer"]) as rec:
+        model(x)
+    out = rec["producer"].output
+    assert isinstance(out, transformers.modeling_outputs.BaseModelOutput)
+    assert torch.equal(out.last_hidden_state, x * 2) and out.hidden_states is None
+
+
+def test_stop_skips_the_rest_of_the_model():
+    after = Counter()
+    model = nn.Sequential(nn.Linear(4, 4), Counter(), nn.Linear(4, 4), after)
+    with hs.record(model, ["0", "1"], stop=True) as rec:
+        model(torch.randn(2, 4))
+        pytest.fail("the block should end at the stop")
+    assert after.n == 0 and model[1].n == 1
+    assert rec["1"].tensor.shape == (2, 4)
+    assert_no_hooks(model)
+
+
+def test_stop_waits_for_every_labelled_call():
+    torch.manual_seed(0)
+    model = Shared()
+    rec = hs.record(model, ["block"], calls={"block": ["a", "b"]}, stop=True).run(
+        torch.randn(1, 4))
+    assert [c.label for c in rec.calls("block")] == ["a", "b"]  # stopped before the third
+
+
+def test_stop_from_inner_recorder_does_not_leak_to_outer(mlp):
+    with hs.record(mlp, ["4"]) as outer:
+        inner = hs.record(mlp, ["0"], stop=True).run(torch.randn(1, 4))
+        mlp(torch.randn(1, 4))
+    assert len(inner.calls("0")) == 1
+    assert outer.steps == 2 and len(outer.calls("4")) == 1  # the stopped pass never reached "4"
+
+
+def test_labels_mismatch_is_reported(mlp):
+    with pytest.raises(CallCountError, match=r"'0' ran 1 time\(s\) in step 0, but 2 labels"):
+        with hs.record(mlp, ["0"], calls={"0": ["premise", "hypothesis"]}) as rec:
+            mlp(torch.randn(1, 4))
+    assert len(rec.calls("0")) == 1  # the recording is still there, complete
+
+
+def test_several_forward_passes_are_steps(mlp):
+    xs = [torch.randn(2, 4) for _ in range(3)]
+    with hs.record(mlp, ["2"]) as rec:
+        for x in xs:
+            mlp(x)
+    assert rec.steps == 3 and [c.step for c in rec.calls("2")] == [0, 1, 2]
+    with pytest.raises(AmbiguousCallError, match=r"rec.step\(i\)"):
+        rec["2"]
+    with torch.no_grad():
+        assert torch.equal(rec.step(1)["2"].tensor, mlp[:3](xs[1]))
+        assert torch.equal(rec.step(-1)["2"].tensor, mlp[:3](xs[2]))
+
+
+def test_recorder_is_reusable(mlp):
+    recorder = hs.record(mlp, ["0"])
+    for _ in range(3):
+        with recorder as rec:
+            mlp(torch.randn(1, 4))
+        assert rec.steps == 1 and len(rec.calls("0")) == 1
+    assert_no_hooks(mlp)
+
+
+def test_module_that_never_ran_is_reported():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Branchy()
+    with hs.record(model, ["used", "unused"]) as rec:
+        model(torch.randn(1, 2))
+    assert "never ran" in repr(rec)
+    with pytest.raises(NotRecordedError, match="never ran"):
+        rec["unused"]
+
+
+def test_inputs_device_dtype_and_pick(mlp):
+    x = torch.randn(3, 4)
+    with hs.record(mlp, ["2"], inputs=True, device="cpu", dtype=torch.float16,
+                   pick={"2": lambda out: out[:, :2]}) as rec:
+        mlp(x)
+    cap = rec["2"]
+    with torch.no_grad():
+        hidden = mlp[:2](x)
+    assert cap.tensor.dtype == torch.float16 and cap.tensor.shape == (3, 2)
+    assert torch.equal(cap.tensor, mlp[2](hidden)[:, :2].detach().half())
+    assert torch.equal(cap.inputs[0], hidden.half()) and cap.kwargs == {}
+
+
+def test_inputs_are_recorded_before_the_module_changes_them():
+    class Scales(nn.Module):
+        def forward(self, x):
+            x.mul_(0)
+            return x
+
+    model, x = Scales(), torch.ones(2)
+    with hs.record(model, [""], inputs=True) as rec:
+        model(x)
+    assert torch.equal(rec[""].inputs[0], torch.ones(2))
+
+
+def test_integer_tensors_are_not_cast():
+    emb = nn.Embedding(10, 3)
+    with hs.record(emb, [""], inputs=True, dtype=torch.bfloat16) as rec:
+        emb(torch.tensor([[1, 2]]))
+    assert rec[""].inputs[0].dtype == torch.int64 and rec[""].tensor.dtype == torch.bfloat16
+    assert rec[""].numpy().dtype.name == "float32"
+
+
+def test_bad_arguments_are_clear(mlp):
+    with pytest.raises(TypeError, match="nn.Module"):
+        hs.record(mlp.state_dict(), ["0"])
+    with pytest.raises(ModuleSelectionError, match="No module named '5'.*'4'"):
+        hs.record(mlp, ["5"])
+    with pytest.raises(ModuleSelectionError, match="not among the recorded"):
+        hs.record(mlp, ["0"], calls={"2": ["a"]})
+    with pytest.raises(TypeError, match="list of str labels"):
+        hs.record(mlp, ["0"], calls={"0": "premise"})
+    with pytest.raises(TypeError, match="floating"):
+        hs.record(mlp, ["0"], dtype=torch.int8)
+    with pytest.raises(TypeError, match="callable"):
+        hs.record(mlp, ["0"], pick={"0": 3})
+    assert_no_hooks(mlp)
+
+
+def test_data_parallel_names_resolve_to_the_inner_model(mlp):
+    wrapped = nn.DataParallel(mlp)  # on CPU it simply calls the module
+    x = torch.randn(2, 4)
+    with hs.record(wrapped, ["2", "module.4"]) as rec:
+        y = wrapped(x)
+    with torch.no_grad():
+        assert torch.equal(rec["2"].tensor, mlp[:3](x))
+    assert torch.equal(rec["4"].tensor, y.detach())
+    assert_no_hooks(wrapped)
+
+
+def test_torch_compile_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(3, 4)
+    try:
+        compiled(x)
+    except Exception as exc:  # pragma: no cover - depends on the machine's toolchain
+        pytest.skip(f"torch.compile does not work here: {exc}")
+    with hs.record(compiled, ["0", "_orig_mod.2"]) as rec:
+        y = compiled(x)
+    with torch.no_grad():
+        assert torch.allclose(rec["0"].tensor, model[0](x))
+    assert torch.allclose(rec["2"].tensor, y.detach())
+    assert_no_hooks(model)
