@@ -81,7 +81,8 @@ def test_encoder_lengths_come_back_in_original_order(story_model, story_batch):
     prem, hypo = rec["encoder", "premise"], rec["encoder", "hypothesis"]
     orig_prem_lengths = story_batch.premise_lengths[story_batch.premise_orig_idx]
     assert torch.equal(prem.lengths, orig_prem_lengths)
-    assert torch.equal(hypo.lengths, story_batch.hypothesis_lengths[story_batch.hypothesis_orig_idx])
+    orig_hypo_lengths = story_batch.hypothesis_lengths[story_batch.hypothesis_orig_idx]
+    assert torch.equal(hypo.lengths, orig_hypo_lengths)
     # The mask says where the real tokens are; padding positions of the LSTM output are zero.
     out = prem.tensor
     assert prem.mask.shape == out.shape[:2]

@@ -1,0 +1,5 @@
+"""``python -m hookscope demo``."""
+
+from .cli import main
+
+raise SystemExit(main())

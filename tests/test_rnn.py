@@ -1,0 +1,73 @@
+"""PackedSequence outputs and inputs: padded back, original order, lengths known."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import hookscope as hs
+
+
+def _unsorted_batch(batch_first: bool):
+    torch.manual_seed(1)
+    lengths = torch.tensor([3, 7, 1, 5, 5, 2])
+    x = torch.randn(6, 7, 4)
+    x = x * (torch.arange(7)[None, :, None] < lengths[:, None, None])
+    return (x if batch_first else x.transpose(0, 1)), lengths
+
+
+@pytest.mark.parametrize("rnn_type", [nn.GRU, nn.LSTM])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_packed_output_padded_in_original_order(rnn_type, batch_first):
+    torch.manual_seed(0)
+    rnn = rnn_type(4, 5, num_layers=2, bidirectional=True, batch_first=batch_first).eval()
+    x, lengths = _unsorted_batch(batch_first)
+    packed = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
+    with torch.no_grad(), hs.record(rnn, [""]) as rec:
+        out, state = rnn(packed)
+    ref, ref_lengths = pad_packed_sequence(out, batch_first=True)
+    cap = rec[""]
+    assert torch.equal(cap.tensor, ref)
+    assert torch.equal(cap.lengths, ref_lengths) and torch.equal(cap.lengths, lengths)
+    # Hidden states are left as PyTorch returns them: already in the original batch order.
+    got_state = cap.output[1]
+    if rnn_type is nn.LSTM:
+        assert torch.equal(got_state[0], state[0]) and torch.equal(got_state[1], state[1])
+        h = state[0]
+    else:
+        assert torch.equal(got_state, state)
+        h = state
+    # ... which we check independently: example i's final forward state, run alone.
+    for i in (0, 2):
+        xi = x[i : i + 1, : lengths[i]] if batch_first else x[: lengths[i], i : i + 1]
+        with torch.no_grad():
+            _, state_i = rnn(xi)
+        hi = state_i[0] if rnn_type is nn.LSTM else state_i
+        assert torch.allclose(h[:, i], hi[:, 0], atol=1e-6)
+
+
+def test_unsort_on_rnn_applies_to_hidden_state_batch_dim():
+    torch.manual_seed(0)
+    rnn = nn.LSTM(4, 5, batch_first=True).eval()
+    x, lengths = _unsorted_batch(True)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    orig_idx = torch.argsort(order)
+    packed = pack_padded_sequence(x[order], lengths[order], batch_first=True)
+    with torch.no_grad(), hs.record(rnn, [""], unsort={"": orig_idx}) as rec:
+        out, (h, _c) = rnn(packed)
+    cap = rec[""]
+    assert torch.equal(cap.tensor, pad_packed_sequence(out, batch_first=True)[0][orig_idx])
+    assert torch.equal(cap.lengths, lengths)
+    assert torch.equal(cap.output[1][0], h[:, orig_idx])
+
+
+def test_unsort_unpacked_rnn_without_batch_first_uses_dim_1():
+    torch.manual_seed(0)
+    rnn = nn.GRU(4, 5).eval()  # (time, batch, feature); time == batch to tempt a guess
+    x = torch.randn(3, 3, 4)
+    perm = torch.tensor([1, 2, 0])
+    with torch.no_grad(), hs.record(rnn, [""], unsort={"": perm}) as rec:
+        out, h = rnn(x)
+    assert torch.equal(rec[""].tensor, out[:, perm]) and torch.equal(rec[""].output[1], h[:, perm])

@@ -1,0 +1,52 @@
+"""Module selection: names, globs, types, wrappers, helpful errors."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from hookscope.errors import ModuleSelectionError
+from hookscope.select import resolve_modules
+
+
+@pytest.fixture
+def layered():
+    layer = lambda: nn.ModuleDict({"attention": nn.Linear(2, 2), "output": nn.Linear(2, 2)})  # noqa: E731
+    return nn.ModuleDict({"encoder": nn.ModuleDict({"layer": nn.ModuleList([layer(), layer()])}),
+                          "pooler": nn.LSTM(2, 2)})
+
+
+def test_glob_star_is_one_segment(layered):
+    assert list(resolve_modules(layered, "encoder.layer.*.output")) == [
+        "encoder.layer.0.output", "encoder.layer.1.output"]
+    assert list(resolve_modules(layered, "encoder.**.attention")) == [
+        "encoder.layer.0.attention", "encoder.layer.1.attention"]
+    assert list(resolve_modules(layered, "encoder.layer.[1]")) == ["encoder.layer.1"]
+
+
+def test_types_and_mixes_keep_model_order_without_duplicates(layered):
+    got = resolve_modules(layered, ["pooler", nn.LSTM, "encoder.layer.1.output",
+                                    "encoder.layer.0"])
+    assert list(got) == ["encoder.layer.0", "encoder.layer.1.output", "pooler"]
+
+
+def test_unknown_name_suggests_close_ones(layered):
+    with pytest.raises(KeyError, match=r"encoder.layer.0.output"):
+        resolve_modules(layered, "encoder.layer.0.ouput")
+
+
+def test_empty_pattern_and_type_selections_are_errors(layered):
+    with pytest.raises(ModuleSelectionError, match="matches no module"):
+        resolve_modules(layered, "decoder.*")
+    with pytest.raises(ModuleSelectionError, match="No module of type GRU.*LSTM"):
+        resolve_modules(layered, nn.GRU)
+    with pytest.raises(ModuleSelectionError, match="No modules were selected"):
+        resolve_modules(layered, [])
+    with pytest.raises(TypeError, match="dotted name"):
+        resolve_modules(layered, [3])
+
+
+def test_ddp_style_prefix_is_looked_through(layered):
+    wrapped = nn.DataParallel(layered)
+    assert list(resolve_modules(wrapped, ["module.pooler", "encoder.layer.0.output"])) == [
+        "encoder.layer.0.output", "pooler"]
