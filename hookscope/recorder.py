@@ -39,24 +39,20 @@ class _Stop(BaseException):
 class _Plan:
     """Everything the hook of one module needs, decided once."""
 
-    __slots__ = ("batch_dim", "expected", "labels", "module", "name", "perms", "pick", "rnn",
-                 "rnn_states")
+    __slots__ = ("batch_dim", "expected", "labels", "module", "module_type", "name", "perms",
+                 "pick", "plain", "rnn", "rnn_states")
 
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
         self.module = module
+        self.module_type = type(module)
+        self.plain = False  # True: nothing to do to a tensor output but detach (and clone)
         self.pick: Callable[[Any], Any] | None = None
         self.labels: list[str] | None = None
         self.perms: list[Tensor] | Tensor | None = None  # list: one per call; Tensor: every call
         self.batch_dim: BatchDim | str = "auto"
         self.rnn = isinstance(module, nn.RNNBase)
-        # (layers * directions, hidden) of RNNs inside a wrapper such as the story's
-        # LSTMEncoder: a state leaf of exactly that shape has its batch in dim 1.
-        self.rnn_states = {
-            (m.num_layers * (2 if m.bidirectional else 1), size)
-            for m in module.modules() if isinstance(m, nn.RNNBase)
-            for size in {m.hidden_size, getattr(m, "proj_size", 0) or m.hidden_size}
-        }
+        self.rnn_states: set[tuple[int, int]] | None = None  # see _rnn_states(), on demand
         self.expected = 1  # calls per forward pass that stop=True waits for
 
     def perm(self, call: int) -> Tensor | None:
@@ -169,6 +165,14 @@ class Recorder:
                 raise TypeError(f"batch_dim= for {name!r} must be an int, None, or a mapping "
                                 f"of output path prefixes to dims; got {spec!r}.")
             self._plans[name].batch_dim = spec
+        for plan in self._plans.values():
+            plan.plain = (plan.pick is None and plan.perms is None and self.device is None
+                          and self.dtype is None)
+        # Made once: entering the recorder only registers these.
+        self._names = list(self._plans)
+        self._module_types = {n: p.module_type for n, p in self._plans.items()}
+        self._hooks = [(p.module, self._make_pre_hook(p) if inputs else None, self._make_hook(p))
+                       for p in self._plans.values()]
         inner, prefix = unwrap(model)
         self._model_type = type(inner).__name__
         # Hooks added after torch.compile are not seen by the compiled graph (dynamo skips
@@ -185,8 +189,7 @@ class Recorder:
     def __enter__(self) -> Recording:
         if self._rec is not None:
             raise HookscopeError("This recorder is already active; nest a new record() instead.")
-        module_types = {n: type(p.module) for n, p in self._plans.items()}
-        self._rec = Recording(list(self._plans), module_types, self._model_type)
+        self._rec = Recording(self._names, self._module_types, self._model_type)
         self._counts = {}
         self._remaining = len(self._plans)
         self._pending_inputs = {}
@@ -196,11 +199,10 @@ class Recorder:
                 self._stance.__enter__()
             add = self._handles.append
             add(self.model.register_forward_pre_hook(self._new_step))
-            for plan in self._plans.values():
-                if self.inputs:
-                    add(plan.module.register_forward_pre_hook(
-                        self._make_pre_hook(plan), with_kwargs=True))
-                add(plan.module.register_forward_hook(self._make_hook(plan), with_kwargs=True))
+            for module, pre_hook, hook in self._hooks:
+                if pre_hook is not None:
+                    add(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+                add(module.register_forward_hook(hook, with_kwargs=True))
         except BaseException:
             self._remove_hooks()
             raise
@@ -265,23 +267,33 @@ class Recorder:
         if rec.steps == 0:  # a module called without the model's own forward (model.encode)
             rec.steps = 1
         name = plan.name
-        call = self._counts.get(name, 0)
-        self._counts[name] = call + 1
+        counts = self._counts
+        call = counts.get(name, 0)
+        counts[name] = call + 1
         labels = plan.labels
         label = labels[call] if labels is not None and call < len(labels) else None
-        where = f"{name!r} call {call}" + (f" ({label!r})" if label else "")
-        value = plan.pick(output) if plan.pick is not None else output
-        perm = plan.perm(call) if plan.perms is not None else None
-        value, lengths, versions = self._convert(plan, value, perm, where)
-        if lengths is None:
-            lengths = self._input_lengths(args, kwargs, perm)
+        if plan.plain and type(output) is Tensor:  # the common case, without the tree walk
+            value = output.detach()
+            versions = None
+            if self.clone or value.is_inference():  # inference tensors have no version
+                value = value.clone()
+            else:
+                versions = [(value, value._version)]
+            lengths = self._input_lengths(args, kwargs, None)
+        else:
+            value = plan.pick(output) if plan.pick is not None else output
+            perm = plan.perm(call) if plan.perms is not None else None
+            where = f"{name!r} call {call}" + (f" ({label!r})" if label else "")
+            value, lengths, versions = self._convert(plan, value, perm, where)
+            if lengths is None:
+                lengths = self._input_lengths(args, kwargs, perm)
         inputs = kwargs_in = None
         if self.inputs:
             pending = self._pending_inputs.get(name)
             if pending:
                 inputs, kwargs_in = pending.pop()
         rec._captures[name].append(Capture(
-            name, rec.steps - 1, call, label, type(plan.module), value, inputs, kwargs_in,
+            name, rec.steps - 1, call, label, plan.module_type, value, inputs, kwargs_in,
             lengths, versions))
         if self.stop and call + 1 == plan.expected:
             self._remaining -= 1
@@ -313,7 +325,7 @@ class Recorder:
             if device is not None or (dtype is not None and x.is_floating_point()):
                 x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
             if x is own and not packed:  # still the model's memory: a later x.add_() would show
-                if clone:
+                if clone or x.is_inference():  # inference tensors have no version counter
                     x = x.clone()
                 else:
                     versions.append((x, x._version))
@@ -354,8 +366,8 @@ class Recorder:
             if path[0] == 0:  # the RNN's output sequence
                 return 0 if plan.module.batch_first else 1
             return 1  # h / (h, c): (layers * directions, batch, hidden) whatever batch_first says
-        if (plan.rnn_states and plan.pick is None and path[:1] == (1,) and x.ndim == 3
-                and x.shape[1] == n and (x.shape[0], x.shape[2]) in plan.rnn_states):
+        if (plan.pick is None and path[:1] == (1,) and x.ndim == 3 and x.shape[1] == n
+                and (x.shape[0], x.shape[2]) in self._rnn_states(plan)):
             return 1  # the wrapped RNN's (h, c), returned as the RNN returns them
         dim = find_batch_dim(x.shape, n, where, path)
         if dim is None and path == ():
@@ -364,17 +376,34 @@ class Recorder:
         return dim
 
     @staticmethod
+    def _rnn_states(plan: _Plan) -> set[tuple[int, int]]:
+        """(layers * directions, hidden) of RNNs inside a wrapper such as the story's
+        LSTMEncoder: a state leaf of exactly that shape has its batch in dim 1."""
+        if plan.rnn_states is None:
+            plan.rnn_states = {
+                (m.num_layers * (2 if m.bidirectional else 1), size)
+                for m in plan.module.modules() if isinstance(m, nn.RNNBase)
+                for size in {m.hidden_size, getattr(m, "proj_size", 0) or m.hidden_size}
+            }
+        return plan.rnn_states
+
+    @staticmethod
     def _input_lengths(args: tuple, kwargs: dict, perm: Tensor | None) -> Tensor | None:
         # The story's LSTMEncoder takes a PackedSequence and returns a padded tensor: the
-        # lengths live in the input's batch_sizes.
+        # lengths live in the input's batch_sizes.  (Plain loops: this runs on every call.)
+        packed = None
         for a in args:
             if isinstance(a, PackedSequence):
+                packed = a
                 break
-        else:
-            a = next((v for v in kwargs.values() if isinstance(v, PackedSequence)), None)
-            if a is None:
-                return None
-        lengths = packed_lengths(a)
+        if packed is None and kwargs:
+            for a in kwargs.values():
+                if isinstance(a, PackedSequence):
+                    packed = a
+                    break
+        if packed is None:
+            return None
+        lengths = packed_lengths(packed)
         return lengths[perm] if perm is not None and len(perm) == len(lengths) else lengths
 
     def _check_counts(self, rec: Recording) -> None:
@@ -464,7 +493,8 @@ def record(
         copy was made by padding, unsorting, moving or casting) is cloned, so a later in-place
         op (``nn.ReLU(inplace=True)``, ``x.add_()``) cannot change it.  ``False``: no copy;
         the tensor's version is remembered and reading a capture that was changed in place
-        raises :class:`~hookscope.errors.CaptureModifiedError`.
+        raises :class:`~hookscope.errors.CaptureModifiedError`.  Tensors made under
+        ``torch.inference_mode()`` have no version counter and are always cloned.
 
     Returns
     -------

@@ -179,13 +179,14 @@ class Recording:
 
     def __init__(self, names: list[str], module_types: dict[str, type], model_type: str) -> None:
         self._captures: dict[str, list[Capture]] = {n: [] for n in names}
+        # Shared with the recorder and other recordings: never mutated.
         self._module_types = module_types
         self.model_type = model_type
         self.steps = 0  # number of forward passes (steps) seen
 
     # -- mapping-like access -----------------------------------------------------------------
     def keys(self) -> list[str]:
-        """The selected module names, in ``named_modules()`` order (also those that never ran)."""
+        """The selected module names, in the order selected (also those that never ran)."""
         return list(self._captures)
 
     def __iter__(self) -> Iterator[str]:

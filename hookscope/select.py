@@ -20,7 +20,7 @@ __all__ = ["ModuleSpec", "resolve_modules", "unwrap"]
 
 ModuleSpec = str | type  # a dotted name, a glob pattern, or an nn.Module subclass
 
-_GLOB_CHARS = set("*?[")
+_GLOB = re.compile(r"[*?\[]")
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, str]:
@@ -34,7 +34,7 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, str]:
     while True:
         if isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
             model, prefix = model.module, prefix + "module."
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+        elif "_orig_mod" in model._modules:  # torch.compile's OptimizedModule
             model, prefix = model._orig_mod, prefix + "_orig_mod."
         else:
             return model, prefix
@@ -73,10 +73,22 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
 
 def _strip_wrapper_prefix(spec: str, prefix: str) -> str:
     # Users who copied a name from the wrapped model's named_modules() keep working.
+    if not prefix:
+        return spec
     for part in ("module.", "_orig_mod."):
         while spec.startswith(part) and (prefix and part in prefix):
             spec = spec[len(part):]
     return spec
+
+
+def _lookup(model: nn.Module, name: str) -> nn.Module | None:
+    module: nn.Module | None = model
+    if name:
+        for atom in name.split("."):
+            module = module._modules.get(atom)
+            if module is None:
+                return None
+    return module
 
 
 def _suggest(spec: str, names: Sequence[str]) -> str:
@@ -108,7 +120,8 @@ def resolve_modules(
     Returns
     -------
     dict
-        Selected modules in ``named_modules()`` order, each once.
+        Selected modules in the order of ``specs`` (a pattern or type expands in
+        ``named_modules()`` order), each once.
 
     Raises
     ------
@@ -137,9 +150,15 @@ def resolve_modules(
             "(hookscope.summary(model, example_input) lists the names)."
         )
     inner, prefix = unwrap(model)
+    specs = [_strip_wrapper_prefix(s, prefix) if isinstance(s, str) else s for s in specs]
+    if all(isinstance(s, str) and not _GLOB.search(s) for s in specs):
+        # Exact names only: look them up without walking every module of a large model.
+        found = {s: _lookup(inner, s) for s in specs}
+        if None not in found.values():
+            return found  # else fall through to the walk, which explains what is missing
     named = dict(inner.named_modules(remove_duplicate=False))
     names = list(named)
-    chosen: set[str] = set()
+    chosen: dict[str, None] = {}  # insertion-ordered set
     for spec in specs:
         if isinstance(spec, type) and issubclass(spec, nn.Module):
             hits = [n for n, m in named.items() if isinstance(m, spec)]
@@ -150,10 +169,9 @@ def resolve_modules(
                     f"Types present: {', '.join(types)}."
                 )
         elif isinstance(spec, str):
-            spec = _strip_wrapper_prefix(spec, prefix)
             if spec in named:
                 hits = [spec]
-            elif _GLOB_CHARS & set(spec):
+            elif _GLOB.search(spec):
                 rx = _glob_regex(spec)
                 hits = [n for n in names if rx.match(n)]
                 if not hits:
@@ -170,6 +188,5 @@ def resolve_modules(
                 f"Cannot select modules with {spec!r} ({type(spec).__name__}): use a dotted "
                 "name, a glob pattern, or an nn.Module subclass such as nn.LSTM."
             )
-        chosen.update(hits)
-    # Keep named_modules() order: it is the order a reader sees in print(model).
-    return {n: named[n] for n in names if n in chosen}
+        chosen.update(dict.fromkeys(hits))
+    return {n: named[n] for n in chosen}

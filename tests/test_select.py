@@ -24,15 +24,19 @@ def test_glob_star_is_one_segment(layered):
     assert list(resolve_modules(layered, "encoder.layer.[1]")) == ["encoder.layer.1"]
 
 
-def test_types_and_mixes_keep_model_order_without_duplicates(layered):
+def test_mixes_keep_the_order_given_without_duplicates(layered):
     got = resolve_modules(layered, ["pooler", nn.LSTM, "encoder.layer.1.output",
                                     "encoder.layer.0"])
-    assert list(got) == ["encoder.layer.0", "encoder.layer.1.output", "pooler"]
+    assert list(got) == ["pooler", "encoder.layer.1.output", "encoder.layer.0"]
+    assert list(resolve_modules(layered, ["encoder.layer.1", "encoder.layer.0"])) == [
+        "encoder.layer.1", "encoder.layer.0"]
 
 
 def test_unknown_name_suggests_close_ones(layered):
     with pytest.raises(KeyError, match=r"encoder.layer.0.output"):
         resolve_modules(layered, "encoder.layer.0.ouput")
+    with pytest.raises(KeyError, match=r"No module named 'pooler.weight_ih_l0'"):
+        resolve_modules(layered, "pooler.weight_ih_l0")  # a parameter, not a module
 
 
 def test_empty_pattern_and_type_selections_are_errors(layered):
@@ -49,4 +53,4 @@ def test_empty_pattern_and_type_selections_are_errors(layered):
 def test_ddp_style_prefix_is_looked_through(layered):
     wrapped = nn.DataParallel(layered)
     assert list(resolve_modules(wrapped, ["module.pooler", "encoder.layer.0.output"])) == [
-        "encoder.layer.0.output", "pooler"]
+        "pooler", "encoder.layer.0.output"]

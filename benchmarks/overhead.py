@@ -1,0 +1,190 @@
+"""Overhead of recording, as ratios to a plain forward measured in the same run.
+
+    python benchmarks/overhead.py            # full sizes (minutes on 2 CPU cores)
+    python benchmarks/overhead.py --quick    # tiny sizes, seconds (run by the test suite)
+
+Variants are interleaved (A B C A B C ...) within each repeat so that drift of the machine hits
+all of them alike; each repeat reports medians, and the table shows the median over repeats.
+Results go to stdout as a Markdown table and, with --json PATH, to a JSON file with machine info.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import hookscope as hs
+from hookscope.examples.nli import NLIBatch, build_model
+
+Variant = Callable[[], object]
+
+
+def interleaved(variants: dict[str, Variant], iterations: int, repeats: int,
+                warmup: int = 2) -> dict[str, list[float]]:
+    """Median seconds per call of each variant, one value per repeat."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    out: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(iterations):
+            for name, fn in variants.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        for name, ts in times.items():
+            out[name].append(statistics.median(ts))
+    return out
+
+
+def raw_hooks(model: nn.Module, names: list[str]) -> Callable[[Callable[[], object]], list]:
+    """The hand-written way: register_forward_hook (detach only), run, remove."""
+    modules = dict(model.named_modules())
+
+    def run(call: Callable[[], object]) -> list:
+        store: list = []
+        handles = [modules[n].register_forward_hook(
+            lambda m, i, o: store.append(o.detach() if torch.is_tensor(o) else o)) for n in names]
+        try:
+            call()
+        finally:
+            for h in handles:
+                h.remove()
+        return store
+
+    return run
+
+
+def nli_case(quick: bool) -> tuple[str, dict[str, Variant]]:
+    vocab, dim, hidden, batch = (500, 32, 32, 8) if quick else (20_000, 300, 300, 64)
+    model = build_model(vocab, dim, hidden, seed=0)
+    g = torch.Generator().manual_seed(0)
+
+    def side():
+        lengths = torch.randint(5, 41, (batch,), generator=g)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        ids = torch.randint(2, vocab, (batch, int(lengths.max())), generator=g)
+        ids = ids * (torch.arange(ids.shape[1]) < lengths[:, None])
+        return ids[order], lengths[order], torch.argsort(order)
+
+    b = NLIBatch(*side(), *side())
+    names = ["encoder", "pooling", "aggregation"]
+    raw = raw_hooks(model, names)
+    recorder = hs.record(model, names,
+                         calls={"encoder": ["premise", "hypothesis"],
+                                "pooling": ["premise", "hypothesis"]},
+                         unsort={"encoder": [b.premise_orig_idx, b.hypothesis_orig_idx]})
+    return (f"BiLSTM NLI (vocab {vocab}, dim {dim}, hidden {hidden}, batch {batch}, "
+            "lengths 5-40)", {
+                "plain forward": lambda: model(b),
+                "raw hooks (detach)": lambda: raw(lambda: model(b)),
+                "hookscope.record, 3 modules": lambda: recorder.run(b),
+            })
+
+
+def transformer_case(quick: bool) -> tuple[str, dict[str, Variant]]:
+    d, layers, batch, seq = (64, 6, 4, 16) if quick else (384, 6, 32, 128)
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d, nhead=6 if d % 6 == 0 else 4, dim_feedforward=4 * d,
+                                       batch_first=True)
+    model = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
+    x = torch.randn(batch, seq, d)
+    names = ["layers.0", "layers.3", "layers.5"]
+    raw = raw_hooks(model, names)
+    recorder = hs.record(model, names)
+    first = hs.record(model, ["layers.0"], stop=True)
+    return (f"TransformerEncoder ({layers} layers, d_model {d}, batch {batch} x {seq})", {
+        "plain forward": lambda: model(x),
+        "raw hooks (detach)": lambda: raw(lambda: model(x)),
+        "hookscope.record, 3 modules": lambda: recorder.run(x),
+        "hookscope stop=True, layer 0 of 6": lambda: first.run(x),
+    })
+
+
+def tiny_case(quick: bool) -> tuple[str, dict[str, Variant]]:
+    """Each measurement is a loop of LOOP calls (reported per call), so that the variant that
+    keeps one record block open across calls does not leave hooks on during the others."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)).eval()
+    x = torch.randn(4, 16)
+    names = ["0", "1", "2"]
+    raw = raw_hooks(model, names)
+    recorder = hs.record(model, names)
+
+    def loop(fn: Callable[[], object]) -> Variant:
+        def run() -> None:
+            for _ in range(TINY_LOOP):
+                fn()
+        return run
+
+    def new_record_per_call() -> None:
+        with hs.record(model, names):
+            model(x)
+
+    def one_block() -> None:  # one record block around the loop: each forward is a step
+        with hs.record(model, names) as rec:
+            for _ in range(TINY_LOOP):
+                model(x)
+        assert rec.steps == TINY_LOOP
+
+    return (f"tiny MLP (3 x Linear(16, 16), batch 4), per call, loops of {TINY_LOOP}", {
+        "plain forward": loop(lambda: model(x)),
+        "raw hooks registered+removed per call": loop(lambda: raw(lambda: model(x))),
+        "hookscope.record(...) per call": loop(new_record_per_call),
+        "one Recorder, run() per call": loop(lambda: recorder.run(x)),
+        "one record block, a step per call": one_block,
+    })
+
+
+TINY_LOOP = 100
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    iters = {"tiny": 5, "nli": 5, "transformer": 5} if args.quick else {
+        "tiny": 50, "nli": 15, "transformer": 8}
+    results = []
+    with torch.inference_mode():
+        for key, make in (("nli", nli_case), ("transformer", transformer_case),
+                          ("tiny", tiny_case)):
+            title, variants = make(args.quick)
+            times = interleaved(variants, iters[key], args.repeats)
+            if key == "tiny":
+                times = {k: [t / TINY_LOOP for t in v] for k, v in times.items()}
+            base = times["plain forward"]
+            print(f"\n### {title}\n\n| variant | median per call | ratio to plain (per repeat) |")
+            print("|---|---:|---|")
+            for name, ts in times.items():
+                ratios = [t / b for t, b in zip(ts, base, strict=True)]
+                med = statistics.median(ts)
+                unit = f"{med * 1e3:.2f} ms" if med > 1e-3 else f"{med * 1e6:.1f} µs"
+                print(f"| {name} | {unit} | {statistics.median(ratios):.3f}x "
+                      f"({', '.join(f'{r:.3f}' for r in ratios)}) |")
+                results.append({"case": title, "variant": name, "seconds": ts,
+                                "ratio_to_plain": ratios})
+    if args.json:
+        info = {"python": sys.version.split()[0], "torch": torch.__version__,
+                "threads": torch.get_num_threads(), "cpu": platform.processor() or
+                platform.machine(), "cores": os.cpu_count(), "quick": args.quick,
+                "hookscope": hs.__version__}
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
