@@ -23,6 +23,11 @@ __all__ = ["Recorder", "record"]
 
 BatchDim = int | Mapping[tuple, int | None] | None
 
+# A copy-on-write clone: O(1) now, and the data are copied only if the model later writes to
+# the tensor in place (then the write copies, and the capture keeps the old values).  Falls
+# back to an eager clone where this PyTorch lacks it.
+_safe_clone: Callable[[Tensor], Tensor] = getattr(torch, "_lazy_clone", None) or Tensor.clone
+
 
 class _Stop(BaseException):
     """Raised by a hook to end the forward pass early (``stop=True``).
@@ -276,7 +281,7 @@ class Recorder:
             value = output.detach()
             versions = None
             if self.clone or value.is_inference():  # inference tensors have no version
-                value = value.clone()
+                value = _safe_clone(value)
             else:
                 versions = [(value, value._version)]
             lengths = self._input_lengths(args, kwargs, None)
@@ -326,7 +331,7 @@ class Recorder:
                 x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
             if x is own and not packed:  # still the model's memory: a later x.add_() would show
                 if clone or x.is_inference():  # inference tensors have no version counter
-                    x = x.clone()
+                    x = _safe_clone(x)
                 else:
                     versions.append((x, x._version))
             return x
@@ -491,7 +496,9 @@ def record(
     clone : bool
         ``True`` (default): a captured tensor that still shares memory with the model (no
         copy was made by padding, unsorting, moving or casting) is cloned, so a later in-place
-        op (``nn.ReLU(inplace=True)``, ``x.add_()``) cannot change it.  ``False``: no copy;
+        op (``nn.ReLU(inplace=True)``, ``x.add_()``) cannot change it.  The clone is
+        copy-on-write (``torch._lazy_clone`` where PyTorch has it): no data are copied unless
+        the model really writes to the tensor later, and then only that tensor is copied.  ``False``: no copy;
         the tensor's version is remembered and reading a capture that was changed in place
         raises :class:`~hookscope.errors.CaptureModifiedError`.  Tensors made under
         ``torch.inference_mode()`` have no version counter and are always cloned.

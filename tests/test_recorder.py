@@ -359,3 +359,29 @@ def test_torch_compile_model():
         assert torch.allclose(rec["0"].tensor, model[0](x))
     assert torch.allclose(rec["2"].tensor, y.detach())
     assert_no_hooks(model)
+
+
+def test_clone_false_under_inference_mode_still_safe():
+    """Inference tensors have no version counter: they are cloned even with clone=False."""
+    model, x = AddsInPlace(), torch.randn(2, 3)
+    with torch.inference_mode():
+        expected = model.inner(x).clone()
+        with hs.record(model, ["inner"], clone=False) as rec:
+            model(x)
+    assert torch.equal(rec["inner"].tensor, expected)
+
+
+def test_compiled_model_still_compiled_after_the_block():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(2, 4)
+    try:
+        compiled(x)
+    except Exception as exc:  # pragma: no cover
+        pytest.skip(f"torch.compile does not work here: {exc}")
+    with hs.record(compiled, ["0"]) as rec:
+        compiled(x)
+    assert len(rec.calls("0")) == 1
+    assert torch.allclose(compiled(x), model(x))  # after the block: runs, no stale hook
+    assert len(rec.calls("0")) == 1
