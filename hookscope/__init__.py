@@ -8,6 +8,19 @@
 torch.Size([5, 3])
 """
 
+from .analysis import (
+    NeighborhoodOverlap,
+    cosine,
+    cosine_matrix,
+    last_state,
+    linear_cka,
+    masked_pool,
+    nearest_neighbors,
+    neighborhood_change,
+    neighborhood_overlap,
+    rsa,
+    similarity_matrix,
+)
 from .errors import (
     AmbiguousCallError,
     CallCountError,
@@ -17,6 +30,8 @@ from .errors import (
     NotRecordedError,
     UnsortError,
 )
+from .frame import recording_vectors
+from .io import load, save
 from .recorder import Recorder, record
 from .recording import Capture, Recording
 from .select import resolve_modules
@@ -31,13 +46,27 @@ __all__ = [
     "CaptureModifiedError",
     "HookscopeError",
     "ModuleSelectionError",
+    "NeighborhoodOverlap",
     "NotRecordedError",
     "Recorder",
     "Recording",
     "UnsortError",
     "__version__",
+    "cosine",
+    "cosine_matrix",
     "format_summary",
+    "last_state",
+    "linear_cka",
+    "load",
+    "masked_pool",
+    "nearest_neighbors",
+    "neighborhood_change",
+    "neighborhood_overlap",
     "record",
+    "recording_vectors",
     "resolve_modules",
+    "rsa",
+    "save",
+    "similarity_matrix",
     "summary",
 ]

@@ -135,6 +135,13 @@ class Capture:
             total += sum(t.numel() * t.element_size() for _, t in iter_tensors(part))
         return total
 
+    def to_frame(self, kind: str = "wide", *, reduce: Any = None, meta: Any = None,
+                 bidirectional: bool = False) -> pd.DataFrame:
+        """This capture as a DataFrame; see :meth:`Recording.to_frame`."""
+        from .frame import to_frame
+
+        return to_frame([self], kind, reduce=reduce, meta=meta, bidirectional=bidirectional)
+
     # -- display ----------------------------------------------------------------------------
     def _where(self) -> str:
         label = f" ({self.label!r})" if self.label is not None else ""
@@ -291,6 +298,46 @@ class Recording:
                 )
             return caps[which]
         raise TypeError(f"A call is an int index or a str label; got {which!r}.")
+
+    # -- export -----------------------------------------------------------------------------
+    def to_frame(self, kind: str = "wide", *, reduce: Any = None, meta: Any = None,
+                 bidirectional: bool = False) -> pd.DataFrame:
+        """The recording as a pandas DataFrame.
+
+        Parameters
+        ----------
+        kind : {"wide", "long"}
+            ``"wide"``: one row per example (index ``example``, continuing across steps),
+            columns ``MultiIndex(module, call, unit)``; ``call`` is the label, else the call
+            index as a string.  Values share memory with the recording where no reduction or
+            concatenation was needed, and are then read-only (``df.copy()`` to edit).
+            ``"long"``: tidy, one row per example x position x unit with columns
+            ``example, module, call, position, unit, value``; padded positions are left out
+            (using ``lengths``), per-example vectors have ``position`` <NA>; ``module`` and
+            ``call`` are categorical.
+        reduce : {"last", "mean", "max", "sum"} or callable, optional
+            Wide form only: how a ``(batch, time, features)`` capture becomes one vector per
+            example, length-aware (see :func:`hookscope.last_state` and
+            :func:`hookscope.masked_pool`).  Required for sequence captures.
+        meta : DataFrame or mapping of column -> values, optional
+            Per-example metadata (text, label), one row per example: extra index levels
+            (wide) or extra columns (long).
+        bidirectional : bool
+            For ``reduce="last"``: the features are ``[forward, backward]`` halves.
+
+        Examples
+        --------
+        >>> import torch, hookscope as hs
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+        >>> with hs.record(model, ["0"]) as rec:
+        ...     _ = model(torch.ones(4, 3))
+        >>> rec.to_frame(meta={"text": list("abcd")}).shape
+        (4, 2)
+        """
+        from .frame import to_frame
+
+        return to_frame(self.captures(), kind, reduce=reduce, meta=meta,
+                        bidirectional=bidirectional)
 
     # -- display ----------------------------------------------------------------------------
     def table(self) -> pd.DataFrame:
