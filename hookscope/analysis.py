@@ -74,10 +74,9 @@ def _as_matrix(x: ArrayLike, name: str, ndim: int = 2) -> Tensor:
             raise ValueError(f"{name} must be real-valued, got {t.dtype}.")
         t = t.double()
     if t.ndim != ndim:
-        raise ValueError(
-            f"{name} must be {ndim}-D ({'items x features' if ndim == 2 else 'batch x time x features'}),"
-            f" got shape {tuple(t.shape)}." + (" Use x.reshape(1, -1) for one item." if t.ndim == 1
-                                               and ndim == 2 else ""))
+        layout = "items x features" if ndim == 2 else "batch x time x features"
+        hint = " Use x.reshape(1, -1) for one item." if t.ndim == 1 and ndim == 2 else ""
+        raise ValueError(f"{name} must be {ndim}-D ({layout}), got shape {tuple(t.shape)}.{hint}")
     if t.shape[0] == 0 or t.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)}).")
     finite = torch.isfinite(t)
@@ -219,9 +218,8 @@ def nearest_neighbors(
     skip_self = self_search and exclude_self
     limit = n - 1 if skip_self else n
     if not isinstance(k, int | np.integer) or not 1 <= k <= limit:
-        raise ValueError(f"k must be an int in [1, {limit}] for {n} items"
-                         f"{' (each item is excluded from its own neighbours)' if skip_self else ''}"
-                         f", got {k!r}.")
+        why = " (each item is excluded from its own neighbours)" if skip_self else ""
+        raise ValueError(f"k must be an int in [1, {limit}] for {n} items{why}, got {k!r}.")
     if metric == "cosine":
         items = _unit_rows(items)
         q = items if self_search else _unit_rows(q)
@@ -466,7 +464,8 @@ def linear_cka(x: ArrayLike, y: ArrayLike, *, debiased: bool = False) -> float:
 
     >>> import numpy as np
     >>> x = np.random.default_rng(0).normal(size=(50, 8))
-    >>> round(linear_cka(x, 3 * x @ np.linalg.qr(np.random.default_rng(1).normal(size=(8, 8)))[0]), 6)
+    >>> rotation = np.linalg.qr(np.random.default_rng(1).normal(size=(8, 8)))[0]
+    >>> round(linear_cka(x, 3 * x @ rotation), 6)
     1.0
     """
     xs, ys = _as_matrix(x, "x"), _as_matrix(y, "y")

@@ -169,8 +169,8 @@ def _long(captures: list[Any], meta: Any) -> pd.DataFrame:
     step_offset = dict(zip(sorted({c.step for c in captures}), offsets, strict=False))
     module_names = list(dict.fromkeys(name for name, _ in groups))
     call_names = list(dict.fromkeys(call for _, call in groups))
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in
-                                          ("example", "module", "call", "position", "unit", "value")}
+    keys = ("example", "module", "call", "position", "unit", "value")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for (name, call), caps in groups.items():
         for cap in caps:
             t = cap.tensor.detach().cpu()

@@ -79,11 +79,9 @@ class _Writer:
         key = f"t{len(self.arrays)}"
         t = t.detach().cpu()
         dtype = str(t.dtype).removeprefix("torch.")
-        if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: keep the exact bits
-            arr = t.contiguous().view(torch.uint16).numpy()
-        else:
-            arr = t.numpy()
-        self.arrays[key] = arr
+        # NumPy has no bfloat16: keep the exact bits as uint16.
+        bits = t.dtype == torch.bfloat16
+        self.arrays[key] = t.contiguous().view(torch.uint16).numpy() if bits else t.numpy()
         return {"t": "tensor", "key": key, "dtype": dtype}
 
     def tree(self, obj: Any) -> dict[str, Any]:
@@ -180,8 +178,9 @@ class _Reader:
             raw = self.z.read(f"{node['key']}.npy")
             arr = np.lib.format.read_array(_io.BytesIO(raw), allow_pickle=False)
         except (KeyError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-            raise RecordingFileError(f"{self.path}: tensor {node.get('key')!r} is missing or "
-                                     f"damaged ({exc}); the file is truncated or corrupted.") from None
+            raise RecordingFileError(
+                f"{self.path}: tensor {node.get('key')!r} is missing or damaged ({exc}); the "
+                "file is truncated or corrupted.") from None
         t = torch.from_numpy(arr.copy())
         if node["dtype"] == "bfloat16":
             t = t.view(torch.bfloat16)
@@ -249,9 +248,9 @@ def load(path: str | os.PathLike) -> Recording:
                                      ) from None
         except (zipfile.BadZipFile, ValueError, EOFError) as exc:
             raise RecordingFileError(f"{path}: the manifest is damaged ({exc}).") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise RecordingFileError(f"{path} is not a hookscope recording (format "
-                                     f"{manifest.get('format') if isinstance(manifest, dict) else None!r}).")
+        fmt = manifest.get("format") if isinstance(manifest, dict) else None
+        if fmt != FORMAT:
+            raise RecordingFileError(f"{path} is not a hookscope recording (format {fmt!r}).")
         version = manifest.get("version")
         if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
             raise RecordingFileError(

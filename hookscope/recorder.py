@@ -498,9 +498,10 @@ def record(
         copy was made by padding, unsorting, moving or casting) is cloned, so a later in-place
         op (``nn.ReLU(inplace=True)``, ``x.add_()``) cannot change it.  The clone is
         copy-on-write (``torch._lazy_clone`` where PyTorch has it): no data are copied unless
-        the model really writes to the tensor later, and then only that tensor is copied.  ``False``: no copy;
-        the tensor's version is remembered and reading a capture that was changed in place
-        raises :class:`~hookscope.errors.CaptureModifiedError`.  Tensors made under
+        the model really writes to the tensor later, and then only that tensor is copied.
+        ``False``: no copy; the tensor's version is remembered and reading a capture that was
+        changed in place raises :class:`~hookscope.errors.CaptureModifiedError`.  Tensors made
+        under
         ``torch.inference_mode()`` have no version counter and are always cloned.
 
     Returns
