@@ -128,6 +128,8 @@ def to_frame(captures: Iterable[Any], kind: str = "wide", *, reduce: Reduce = No
              bidirectional: bool = False) -> pd.DataFrame:
     """Captures as a DataFrame; see :meth:`hookscope.Recording.to_frame`."""
     captures = list(captures)
+    if reduce is not None and not callable(reduce) and reduce not in _REDUCTIONS:
+        raise ValueError(f"reduce must be one of {_REDUCTIONS} or a callable, got {reduce!r}.")
     if not captures:
         raise ValueError("nothing to export: the recording holds no captures (did the model "
                          "run inside the with block?).")
@@ -144,17 +146,23 @@ def to_frame(captures: Iterable[Any], kind: str = "wide", *, reduce: Reduce = No
 def _wide(captures: list[Any], reduce: Reduce, meta: Any, bidirectional: bool) -> pd.DataFrame:
     groups, offsets = _grouped(captures)
     n = offsets[-1]
-    blocks, modules, calls, units = [], [], [], []
+    # Levels in recorded order (not sorted by name), so codes increase along the columns:
+    # the index stays lexsorted and selecting df["encoder", "premise"] is fast.
+    module_names = list(dict.fromkeys(name for name, _ in groups))
+    call_names = list(dict.fromkeys(call for _, call in groups))
+    blocks, module_codes, call_codes, units = [], [], [], []
     for (name, call), caps in groups.items():
         mats = [capture_matrix(c, reduce, bidirectional=bidirectional) for c in caps]
         m = mats[0] if len(mats) == 1 else np.concatenate(mats)
         blocks.append(m)
-        modules.append(np.full(m.shape[1], name, dtype=object))
-        calls.append(np.full(m.shape[1], call, dtype=object))
+        module_codes.append(np.full(m.shape[1], module_names.index(name)))
+        call_codes.append(np.full(m.shape[1], call_names.index(call)))
         units.append(np.arange(m.shape[1]))
     values = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
-    columns = pd.MultiIndex.from_arrays(
-        [np.concatenate(modules), np.concatenate(calls), np.concatenate(units)],
+    unit_codes = np.concatenate(units)
+    columns = pd.MultiIndex(
+        levels=[module_names, call_names, np.arange(unit_codes.max() + 1)],
+        codes=[np.concatenate(module_codes), np.concatenate(call_codes), unit_codes],
         names=["module", "call", "unit"])
     index = pd.RangeIndex(n, name="example")
     if meta is not None:
