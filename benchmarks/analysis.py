@@ -1,0 +1,172 @@
+"""Analysis and export speed, against the baselines they replace (measured in the same run).
+
+    python benchmarks/analysis.py            # full sizes (a few minutes on 2 CPU cores)
+    python benchmarks/analysis.py --quick    # tiny sizes, seconds (run by the test suite)
+
+- nearest_neighbors (cosine, k=10) vs the bare matrix products over the same query blocks (the
+  compute floor) and vs scipy ``cdist`` + ``argsort`` (timed on a slice of the queries and
+  scaled, since the full distance matrix would need 20 GB); peak RSS measured in a child
+  process.
+- linear_cka vs a plain NumPy formula.
+- Recording.to_frame("wide") vs ``pd.DataFrame(array)``; ``kind="long"`` in values per second
+  vs a naive pandas construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+import hookscope as hs
+from hookscope.analysis import _BLOCK_ELEMENTS
+
+
+def best_of(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _knn_child(n: int, d: int, k: int, queue) -> None:  # runs in a fresh process
+    x = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    hs.nearest_neighbors(x, k)
+    queue.put((time.perf_counter() - t0, before,
+               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+
+
+def knn(n: int, d: int, k: int, repeats: int) -> list[dict]:
+    from scipy.spatial.distance import cdist
+
+    x = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
+    xt = torch.from_numpy(x)
+    unit = torch.nn.functional.normalize(xt, dim=1)
+    block = max(1, _BLOCK_ELEMENTS // n)
+
+    def floor() -> None:  # the same matrix products, nothing else
+        for s in range(0, n, block):
+            unit[s : s + block] @ unit.T
+
+    ours = best_of(lambda: hs.nearest_neighbors(x, k), repeats)
+    bare = best_of(floor, repeats)
+    q = min(n, 1000)
+
+    def scipy_slice() -> None:
+        dist = cdist(x[:q], x, "cosine")
+        np.fill_diagonal(dist[:, :q], np.inf)
+        np.argsort(dist, axis=1)[:, :k]
+
+    scipy_time = best_of(scipy_slice, 1 if n > 10_000 else repeats) * n / q
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_knn_child, args=(n, d, k, queue))
+    child.start()
+    _, rss_before, rss_after = queue.get()
+    child.join()
+    return [
+        {"what": f"nearest_neighbors {n} x {d}, k={k}, cosine", "seconds": ours},
+        {"what": "bare matrix products, same blocks (floor)", "seconds": bare,
+         "ratio": ours / bare, "note": "hookscope / floor"},
+        {"what": f"scipy cdist + argsort (timed on {q} queries, scaled)", "seconds": scipy_time,
+         "ratio": scipy_time / ours, "note": "scipy / hookscope"},
+        {"what": "peak RSS of nearest_neighbors (child process)",
+         "seconds": None, "MiB": (rss_after - rss_before) / 1024,
+         "note": f"data itself {x.nbytes / 2**20:.0f} MiB"},
+    ]
+
+
+def cka(n: int, d: int, repeats: int) -> list[dict]:
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((n, d)), rng.standard_normal((n, d))
+
+    def numpy_cka() -> float:
+        xc, yc = x - x.mean(0), y - y.mean(0)
+        return np.linalg.norm(yc.T @ xc) ** 2 / (np.linalg.norm(xc.T @ xc)
+                                                 * np.linalg.norm(yc.T @ yc))
+
+    ours = best_of(lambda: hs.linear_cka(x, y), repeats)
+    ref = best_of(numpy_cka, repeats)
+    return [{"what": f"linear_cka {n} x {d} (float64)", "seconds": ours},
+            {"what": "plain NumPy formula", "seconds": ref, "ratio": ref / ours,
+             "note": "numpy / hookscope"}]
+
+
+def frames(rows: int, units: int, seq: tuple[int, int, int], repeats: int) -> list[dict]:
+    ident = torch.nn.Identity()
+    big = torch.randn(rows, units)
+    with hs.record(ident, [""]) as rec:
+        ident(big)
+    array = big.numpy()
+    wide = best_of(lambda: rec.to_frame(), repeats)
+    plain = best_of(lambda: pd.DataFrame(array), repeats)
+
+    b, t, u = seq
+    lstm_like = torch.randn(b, t, u)
+    lengths = torch.randint(5, t + 1, (b,))
+    packed = torch.nn.utils.rnn.pack_padded_sequence(lstm_like, lengths, batch_first=True,
+                                                     enforce_sorted=False)
+    with hs.record(ident, [""]) as seq_rec:
+        ident(packed)
+    cap = seq_rec[""]
+    values = int(lengths.sum()) * u
+    long_t = best_of(lambda: cap.to_frame(kind="long"), repeats)
+
+    def naive() -> pd.DataFrame:  # what one writes without hookscope: a row per value
+        arr = cap.tensor.numpy()
+        rows_ = [(i, p, j, arr[i, p, j]) for i in range(b) for p in range(int(lengths[i]))
+                 for j in range(u)]
+        return pd.DataFrame(rows_, columns=["example", "position", "unit", "value"])
+
+    naive_t = best_of(naive, 1)
+    return [
+        {"what": f"to_frame('wide') {rows} x {units} float32", "seconds": wide},
+        {"what": "pd.DataFrame(array) alone", "seconds": plain, "ratio": wide / plain,
+         "note": "hookscope / pandas"},
+        {"what": f"to_frame('long') {b} x {t} x {u} (padding excluded)", "seconds": long_t,
+         "values_per_s": values / long_t},
+        {"what": "naive pandas rows", "seconds": naive_t, "ratio": naive_t / long_t,
+         "note": "naive / hookscope"},
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    if args.quick:
+        results = knn(2_000, 64, 10, 2) + cka(500, 32, 2) + frames(2_000, 240, (8, 10, 16), 2)
+    else:
+        results = (knn(50_000, 600, 10, 2) + cka(10_000, 600, 3)
+                   + frames(100_000, 2_400, (64, 40, 600), 3))
+    print("| measurement | time | figure |\n|---|---:|---|")
+    for r in results:
+        secs = "" if r.get("seconds") is None else f"{r['seconds']:.3f} s"
+        figure = (f"{r['ratio']:.2f}x ({r['note']})" if "ratio" in r else
+                  f"{r['values_per_s'] / 1e6:.1f} M values/s" if "values_per_s" in r else
+                  f"{r['MiB']:.0f} MiB ({r['note']})" if "MiB" in r else "")
+        print(f"| {r['what']} | {secs} | {figure} |")
+    if args.json:
+        info = {"torch": torch.__version__, "numpy": np.__version__, "pandas": pd.__version__,
+                "threads": torch.get_num_threads(), "quick": args.quick}
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
