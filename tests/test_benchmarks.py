@@ -22,3 +22,17 @@ def test_overhead_benchmark_quick_mode(tmp_path, capsys):
     assert all(r["ratio_to_plain"][0] > 0 for r in data["results"])
     assert data["machine"]["torch"] == __import__("torch").__version__
     assert "| plain forward |" in capsys.readouterr().out
+
+
+def test_analysis_benchmark_quick_mode(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("analysis_bench",
+                                                  ROOT / "benchmarks" / "analysis.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "analysis.json"
+    assert bench.main(["--quick", "--json", str(out)]) == 0
+    whats = [r["what"] for r in json.loads(out.read_text())["results"]]
+    assert any(w.startswith("nearest_neighbors") for w in whats)
+    assert any("scipy cdist" in w for w in whats)
+    assert any("to_frame('long')" in w for w in whats)
+    assert "M values/s" in capsys.readouterr().out
