@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -38,20 +38,17 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() // 1024
-
-
-def _knn_child(n: int, d: int, k: int, queue) -> None:  # runs in a fresh process
-    x = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
-    hs.nearest_neighbors(x[:10], 2)  # load the libraries first
-    before = _rss_kib()
-    t0 = time.perf_counter()
-    hs.nearest_neighbors(x, k)
-    # ru_maxrss is the peak of the whole process (libraries and data included).
-    queue.put((time.perf_counter() - t0, before,
-               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+_CHILD = """
+import json, resource, sys, numpy as np, hookscope as hs
+n, d, k = map(int, sys.argv[1:])
+x = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
+hs.nearest_neighbors(x[:10], 2)  # load the libraries first
+with open("/proc/self/statm") as f:
+    before = int(f.read().split()[1]) * resource.getpagesize() // 1024
+hs.nearest_neighbors(x, k)
+# ru_maxrss: the peak of the whole process, libraries and data included (KiB on Linux)
+print(json.dumps([before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))
+"""
 
 
 def knn(n: int, d: int, k: int, repeats: int) -> list[dict]:
@@ -76,12 +73,9 @@ def knn(n: int, d: int, k: int, repeats: int) -> list[dict]:
         np.argsort(dist, axis=1)[:, :k]
 
     scipy_time = best_of(scipy_slice, 1 if n > 10_000 else repeats) * n / q
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    child = ctx.Process(target=_knn_child, args=(n, d, k, queue))
-    child.start()
-    _, rss_before, rss_after = queue.get()
-    child.join()
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(n), str(d), str(k)],
+                          capture_output=True, text=True, check=True)
+    rss_before, rss_after = json.loads(done.stdout.strip().splitlines()[-1])
     return [
         {"what": f"nearest_neighbors {n} x {d}, k={k}, cosine", "seconds": ours},
         {"what": "bare matrix products, same blocks (floor)", "seconds": bare,
