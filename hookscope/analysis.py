@@ -41,9 +41,9 @@ __all__ = [
 
 ArrayLike = Tensor | np.ndarray | pd.DataFrame | Sequence
 
-# Scores of one query block against all items are kept under this many elements (64 MiB of
+# Scores of one query block against all items are kept under this many elements (32 MiB of
 # float32): memory stays bounded whatever the number of items.
-_BLOCK_ELEMENTS = 1 << 24
+_BLOCK_ELEMENTS = 1 << 23
 
 
 def _from_numpy(arr: np.ndarray) -> Tensor:
@@ -79,9 +79,10 @@ def _as_matrix(x: ArrayLike, name: str, ndim: int = 2) -> Tensor:
         raise ValueError(f"{name} must be {ndim}-D ({layout}), got shape {tuple(t.shape)}.{hint}")
     if t.shape[0] == 0 or t.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)}).")
-    finite = torch.isfinite(t)
-    if not bool(finite.all()):
-        where = torch.nonzero(~finite)[0].tolist()
+    # A finite sum proves every element finite without a full-size mask; only a NaN, an
+    # infinity or an overflowing sum leads to the exact (allocating) check.
+    if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+        where = torch.nonzero(~torch.isfinite(t))[0].tolist()
         raise ValueError(f"{name} holds NaN or infinity (first at index {tuple(where)}); clean "
                          "or drop those items first.")
     return t
@@ -220,12 +221,16 @@ def nearest_neighbors(
     if not isinstance(k, int | np.integer) or not 1 <= k <= limit:
         why = " (each item is excluded from its own neighbours)" if skip_self else ""
         raise ValueError(f"k must be an int in [1, {limit}] for {n} items{why}, got {k!r}.")
+    inv_norms = None
     if metric == "cosine":
-        items = _unit_rows(items)
-        q = items if self_search else _unit_rows(q)
-        if bool(torch.isnan(items[:, 0]).any()) or bool(torch.isnan(q[:, 0]).any()):
+        # Scale the scores instead of copying the items into unit length: no second copy of
+        # a large x.
+        norms = torch.linalg.vector_norm(items, dim=1)
+        q_norms = norms if self_search else torch.linalg.vector_norm(q, dim=1)
+        if bool((norms == 0).any()) or bool((q_norms == 0).any()):
             raise ValueError("cosine neighbours of a zero vector are undefined: drop all-zero "
                              "rows or use metric='euclidean'.")
+        inv_norms, q_inv = 1 / norms, 1 / q_norms
     largest = metric != "euclidean"
     sq_items = (items * items).sum(1) if metric == "euclidean" else None
     block = block_size or max(1, _BLOCK_ELEMENTS // max(n, 1))
@@ -234,6 +239,8 @@ def nearest_neighbors(
     for start in range(0, q.shape[0], block):
         qb = q[start : start + block]
         scores = qb @ items.T
+        if inv_norms is not None:
+            scores.mul_(inv_norms).mul_(q_inv[start : start + block, None]).clamp_(-1, 1)
         if metric == "euclidean":
             # ||q - x||^2 = ||q||^2 - 2 q.x + ||x||^2, clamped at 0 against rounding.
             scores.mul_(-2).add_(sq_items).add_((qb * qb).sum(1, keepdim=True)).clamp_(min=0)
