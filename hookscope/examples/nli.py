@@ -9,9 +9,11 @@ copy-out-of-forward methods run on it unchanged.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,9 +28,16 @@ __all__ = [
     "NLIAggregationLayer",
     "NLIBatch",
     "NLIEncoderFeedforward",
+    "WEIGHTS",
     "Vectoriser",
+    "accuracy",
     "build_model",
+    "load_pretrained",
+    "save_pretrained",
 ]
+
+# Trained on the generated corpus by ``python -m hookscope.examples.train_nli``.
+WEIGHTS = Path(__file__).resolve().parent / "data" / "nli.npz"
 
 
 class EmbeddingLayer(nn.Module):
@@ -201,3 +210,45 @@ def build_model(vocab_size: int = 20_000, embedding_dim: int = 300, hidden_size:
     """The story's model with seeded random weights, in eval mode."""
     torch.manual_seed(seed)
     return NLIEncoderFeedforward(vocab_size, embedding_dim, hidden_size, **kwargs).eval()
+
+
+def save_pretrained(model: NLIEncoderFeedforward, vec: Vectoriser, path: str | Path,
+                    meta: dict) -> None:
+    """Write weights, vocabulary and metadata to one ``.npz`` (no pickle: plain arrays)."""
+    arrays = {f"param/{k}": v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    arrays["vocab"] = np.array(list(vec.index), dtype=str)
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez_compressed(path, **arrays)
+
+
+def load_pretrained(path: str | Path = WEIGHTS) -> tuple[NLIEncoderFeedforward, Vectoriser, dict]:
+    """The trained example model (eval mode), its vectoriser, and its training metadata
+    (``meta["dev_accuracy"]``: accuracy on held-out scenes)."""
+    with np.load(path, allow_pickle=False) as f:
+        meta = json.loads(str(f["meta"]))
+        vec = Vectoriser([str(w) for w in f["vocab"]])
+        state = {k.removeprefix("param/"): torch.from_numpy(f[k]) for k in f.files
+                 if k.startswith("param/")}
+    model = NLIEncoderFeedforward(len(vec), meta["embedding_dim"], meta["hidden_size"],
+                                  meta["ff_hidden"], num_classes=len(meta["labels"]))
+    model.load_state_dict(state)
+    return model.eval(), vec, meta
+
+
+@torch.no_grad()
+def accuracy(model: NLIEncoderFeedforward, vec: Vectoriser, pairs: Sequence,
+             batch_size: int = 512) -> float:
+    """Share of ``pairs`` (with ``premise``, ``hypothesis``, ``label``) predicted right."""
+    from .corpus import LABELS
+
+    was_training = model.training
+    model.eval()
+    right = 0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        batch = vec.batch_transform_nli_padded_sorted([q.premise for q in chunk],
+                                                      [q.hypothesis for q in chunk])
+        pred = model(batch).argmax(1)
+        right += int((pred == torch.tensor([LABELS.index(q.label) for q in chunk])).sum())
+    model.train(was_training)
+    return right / len(pairs)
