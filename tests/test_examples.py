@@ -31,6 +31,7 @@ def test_training_script_runs(tmp_path, capsys):
     out = tmp_path / "w.npz"
     assert train(["--epochs", "1", "--limit", "300", "--out", str(out)]) == 0
     model, vec, meta = load_pretrained(out)
+    assert len(vec) == model.embedding.word_embeddings.num_embeddings
     assert meta["train_pairs"] == 300 and 0 <= meta["dev_accuracy"] <= 1
     with np.load(out, allow_pickle=False) as f:  # plain arrays only
         assert all(f[k].dtype != object for k in f.files)

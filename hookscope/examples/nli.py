@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 __all__ = [
+    "WEIGHTS",
     "BidirectionalMaxPoolingLayer",
     "EmbeddingLayer",
     "FeedForward",
@@ -28,7 +29,6 @@ __all__ = [
     "NLIAggregationLayer",
     "NLIBatch",
     "NLIEncoderFeedforward",
-    "WEIGHTS",
     "Vectoriser",
     "accuracy",
     "build_model",
