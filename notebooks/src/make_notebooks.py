@@ -1,6 +1,7 @@
 import nbformat as nbf
 from nbclient import NotebookClient
 
+
 def nb(cells):
     n = nbf.v4.new_notebook()
     n.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
