@@ -20,7 +20,14 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-@pytest.mark.parametrize("page", ["index.md", "analysis.md"])
+PAGES = sorted(p.name for p in (ROOT / "docs").glob("*.md") if _blocks(p))
+
+
+def test_the_pages_with_code_are_all_run():
+    assert {"index.md", "recording.md", "analysis.md", "cookbook.md"} <= set(PAGES)
+
+
+@pytest.mark.parametrize("page", PAGES)
 def test_docs_examples_run(page, capsys):
     namespace: dict = {}
     for block in _blocks(ROOT / "docs" / page):
@@ -41,3 +48,18 @@ def test_readme_first_five_minutes_runs():
     with pytest.raises(hs.AmbiguousCallError):
         exec(compile(last, "README.md", "exec"), namespace)
     assert namespace["prem"].lengths.tolist() == [8, 8]
+
+
+@pytest.mark.skipif(not _has("mkdocs") or not _has("mkdocstrings"),
+                    reason="the docs extra is not installed (pip install -e '.[docs]')")
+def test_docs_site_builds_strictly(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir",
+                           str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ,
+                                            "NO_MKDOCS_2_WARNING": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    api = (tmp_path / "site" / "api" / "index.html").read_text()
+    assert "Exact k nearest neighbours" in api and "hookscope.record" in api
