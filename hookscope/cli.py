@@ -10,11 +10,13 @@ import torch
 
 __all__ = ["main"]
 
-def summary_command(path: str, trusted: bool, out=None) -> int:
-    """Load a saved model file and list its modules (no forward pass: no example input)."""
-    out = out or sys.stdout
+def summary_command(path: str, trusted: bool, input_shape: str | None = None,
+                    input_dtype: str = "float32", out=None) -> int:
+    """Load a saved model file and list its modules; with an example input shape, also how
+    often each runs and what it returns (``hookscope.summary``)."""
     import hookscope as hs
 
+    out = out or sys.stdout
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trusted)
     except Exception as exc:
@@ -23,18 +25,39 @@ def summary_command(path: str, trusted: bool, out=None) -> int:
         print(f"hookscope: cannot load {path!r}: {exc}.{hint}", file=sys.stderr)
         return 2
     if not isinstance(obj, torch.nn.Module):
-        tensors = {k: tuple(v.shape) for k, v in obj.items() if torch.is_tensor(v)} if isinstance(
-            obj, dict) else {}
-        print(f"{path}: a {type(obj).__name__} of {len(tensors)} tensors (a state dict?)",
+        tensors = ({k: tuple(v.shape) for k, v in obj.items() if torch.is_tensor(v)}
+                   if isinstance(obj, dict) else {})
+        print(f"{path}: a {type(obj).__name__} of {len(tensors)} tensors (a state dict: "
+              "module names are the keys' prefixes; load it into its model class to record)",
               file=out)
         for k, shape in tensors.items():
             print(f"  {k}: {shape}", file=out)
         return 0
-    rows = [(n, type(m).__name__, sum(p.numel() for p in m.parameters()))
-            for n, m in obj.named_modules()]
-    print(hs.format_summary(__import__("pandas").DataFrame(
-        [(n, t, "", "", "", p) for n, t, p in rows],
-        columns=["name", "type", "calls", "output_shape", "dtype", "params"])), file=out)
+    obj.eval()
+    if input_shape:
+        try:
+            shape = tuple(int(n) for n in input_shape.split(","))
+            dtype = getattr(torch, input_dtype)
+        except (ValueError, AttributeError):
+            print(f"hookscope: --input-shape wants integers like 2,16 and --input-dtype a torch "
+                  f"dtype; got {input_shape!r}, {input_dtype!r}.", file=sys.stderr)
+            return 2
+        example = (torch.zeros(shape, dtype=dtype) if not dtype.is_floating_point
+                   else torch.randn(shape).to(dtype))
+        try:
+            table = hs.summary(obj, example)
+        except Exception as exc:
+            print(f"hookscope: the model did not run on an input of shape {shape} "
+                  f"({input_dtype}): {exc}", file=sys.stderr)
+            return 2
+    else:
+        import pandas as pd
+
+        table = pd.DataFrame(
+            [(n, type(m).__name__, "", "(pass --input-shape)", "",
+              sum(p.numel() for p in m.parameters())) for n, m in obj.named_modules()],
+            columns=["name", "type", "calls", "output_shape", "dtype", "params"])
+    print(hs.format_summary(table), file=out)
     return 0
 
 
@@ -50,12 +73,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("path")
     s.add_argument("--trust-pickle", action="store_true",
                    help="load a whole pickled model (runs code from the file: trusted files only)")
+    s.add_argument("--input-shape", help="run one forward on an example input of this shape, "
+                                         "e.g. 2,16, to show call counts and output shapes")
+    s.add_argument("--input-dtype", default="float32",
+                   help="dtype of the example input (int64 for token ids: zeros)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         from .examples.demo import main as demo
 
         return demo(args.model, args.out)
-    return summary_command(args.path, args.trust_pickle)
+    return summary_command(args.path, args.trust_pickle, args.input_shape, args.input_dtype)
 
 
 if __name__ == "__main__":  # pragma: no cover

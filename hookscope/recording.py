@@ -162,6 +162,23 @@ class Capture:
             "lengths": self.lengths is not None,
         }
 
+    def _stats(self) -> dict[str, float | None]:
+        """Summary statistics of the primary tensor (over real positions where lengths are
+        known), for display."""
+        t = first_tensor(self.output)
+        if t is None or t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
+            return {"mean": None, "std": None, "min": None, "max": None}
+        mask = self.mask if self.lengths is not None and t.ndim > 2 else None
+        values = t.detach().float()
+        if mask is not None and mask.shape == t.shape[:2]:
+            values = values[mask.to(t.device)]
+        return {"mean": float(values.mean()), "std": float(values.std()) if values.numel() > 1
+                else 0.0, "min": float(values.min()), "max": float(values.max())}
+
+    def _repr_html_(self) -> str:
+        row = {**self._row(), **self._stats()}
+        return pd.DataFrame([row]).to_html(index=False, na_rep="", float_format="{:.4g}".format)
+
     def __repr__(self) -> str:
         r = self._row()
         lengths = ", lengths known" if r["lengths"] else ""
@@ -361,5 +378,19 @@ class Recording:
             return head + "\n" + self.table().to_string(index=False, na_rep="")
 
     def _repr_html_(self) -> str:
-        head = f"<p>Recording of {self.model_type}, {self.steps} step(s)</p>"
-        return head + self.table().to_html(index=False, na_rep="")
+        """The :meth:`table` with summary statistics of each capture, for Jupyter."""
+        head = (f"<p><b>Recording of {self.model_type}</b>: {len(self)} module(s), "
+                f"{sum(map(len, self._captures.values()))} capture(s), {self.steps} step(s)</p>")
+        table = self.table()
+        stats = [c._stats() for caps in self._captures.values() for c in caps] or []
+        ran = table["call"].notna().to_numpy()
+        for key in ("mean", "std", "min", "max"):
+            column = [None] * len(table)
+            values = iter(s[key] for s in stats)
+            for i, has in enumerate(ran):
+                if has:
+                    value = next(values)
+                    column[i] = None if value is None else f"{value:.4g}"
+            table[key] = column
+        shown = table.astype(object).where(table.notna(), "")  # blanks, not <NA>
+        return head + shown.to_html(index=False)

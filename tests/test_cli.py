@@ -60,3 +60,10 @@ def test_summary_of_state_dict_and_trusted_model(tmp_path, capsys):
     assert "--trust-pickle" in capsys.readouterr().err
     assert main(["summary", str(tmp_path / "model.pt"), "--trust-pickle"]) == 0
     assert "Linear" in capsys.readouterr().out
+    assert main(["summary", str(tmp_path / "model.pt"), "--trust-pickle",
+                 "--input-shape", "5,2"]) == 0
+    out = capsys.readouterr().out
+    assert "(5, 3)" in out and "1" in out.splitlines()[2]  # output shape, one call
+    assert main(["summary", str(tmp_path / "model.pt"), "--trust-pickle",
+                 "--input-shape", "5,7"]) == 2  # wrong shape: a clear message, no traceback
+    assert "did not run on an input of shape (5, 7)" in capsys.readouterr().err

@@ -150,13 +150,13 @@ def _write_outputs(out_dir: Path, rec: Any, story: pd.DataFrame, change: pd.Data
     except ImportError:
         pass
     else:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+        import hookscope.plot as hp
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
         for ax, (title, x) in zip(axes, (("final states", finals), ("after max pooling",
                                                                     pooled)), strict=True):
-            sim = hs.cosine_matrix(x[:20])
-            im = ax.imshow(sim, vmin=-1, vmax=1, cmap="RdBu_r")
-            ax.set_title(f"cosine, {title} (first 20 sentences)")
-        fig.colorbar(im, ax=axes, shrink=0.8)
+            hp.similarity_heatmap(hs.cosine_matrix(x[:20]), ax=ax,
+                                  title=f"cosine, {title} (first 20 sentences)")
         png = out_dir / "similarity.png"
         fig.savefig(png, dpi=100)
         plt.close(fig)

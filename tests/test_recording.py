@@ -1,0 +1,32 @@
+"""Recording and Capture: display in terminals and notebooks."""
+
+from __future__ import annotations
+
+import torch
+
+import hookscope as hs
+
+
+def test_html_and_text_display_of_recordings(story_model, story_batch):
+    from tests.test_story import first_five_minutes
+
+    rec, _ = first_five_minutes(story_model, story_batch)
+    html = rec._repr_html_()
+    assert "<table" in html and "hypothesis" in html and "mean" in html
+    cap = rec["encoder", "premise"]
+    stats = cap._stats()
+    real = cap.tensor[cap.mask]  # statistics over real tokens only, not padding
+    assert abs(stats["mean"] - float(real.mean())) < 1e-6
+    assert abs(stats["max"] - float(real.max())) < 1e-6
+    assert "<table" in cap._repr_html_()
+    text = repr(rec)
+    assert text.startswith("Recording of NLIEncoderFeedforward") and "premise" in text
+    assert "lengths known" in repr(cap)
+
+
+def test_html_display_with_a_module_that_never_ran():
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "b": torch.nn.Linear(2, 2)})
+    with hs.record(model, ["a", "b"]) as rec:
+        model["a"](torch.ones(1, 2))
+    html = rec._repr_html_()
+    assert "never ran" in html and html.count("<tr") == 3  # header + two modules
