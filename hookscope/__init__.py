@@ -21,6 +21,7 @@ from .analysis import (
     rsa,
     similarity_matrix,
 )
+from .dataset import DatasetView, open_dataset, record_dataset
 from .errors import (
     AmbiguousCallError,
     CallCountError,
@@ -44,6 +45,7 @@ __all__ = [
     "CallCountError",
     "Capture",
     "CaptureModifiedError",
+    "DatasetView",
     "HookscopeError",
     "ModuleSelectionError",
     "NeighborhoodOverlap",
@@ -60,9 +62,11 @@ __all__ = [
     "load",
     "masked_pool",
     "nearest_neighbors",
+    "open_dataset",
     "neighborhood_change",
     "neighborhood_overlap",
     "record",
+    "record_dataset",
     "recording_vectors",
     "resolve_modules",
     "rsa",

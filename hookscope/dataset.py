@@ -1,0 +1,481 @@
+"""Recording a whole dataset: captures streamed to Parquet shards, resumable, multi-process.
+
+``record_dataset`` runs the model's normal forward over an iterable of batches inside one
+reusable recorder, reduces each capture to per-example rows (or keeps each example's real
+positions), and writes them as Parquet shards with a JSON manifest.  Memory holds one shard at a
+time.  A shard is written to a temporary file and renamed into place, and only then registered
+in the manifest (itself replaced atomically), so a run killed at any moment resumes with
+``resume=True`` and produces the same dataset as an uninterrupted one.
+
+Under ``torchrun`` (``torch.distributed`` initialised) each rank records every
+``world_size``-th batch into its own shards; rank 0 merges the manifests after a barrier.
+
+pyarrow is an optional dependency (``pip install 'hookscope[parquet]'``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import HookscopeError
+from .frame import capture_matrix
+from .recorder import Recorder
+
+__all__ = ["DatasetError", "DatasetView", "open_dataset", "record_dataset"]
+
+FORMAT = "hookscope-dataset"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class DatasetError(HookscopeError, ValueError):
+    """A dataset folder cannot be written or read as asked."""
+
+
+def _arrow() -> tuple[Any, Any]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("record_dataset/open_dataset need pyarrow: pip install pyarrow "
+                          "(or pip install 'hookscope[parquet]').") from None
+    return pa, pq
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _describe(value: Any) -> Any:
+    """A JSON-able description that is the same in every run (callables by name, not id)."""
+    if isinstance(value, Mapping):
+        return {str(k): _describe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_describe(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return f"tensor{tuple(value.shape)}"
+    if isinstance(value, type):
+        return value.__qualname__
+    if callable(value):
+        return f"callable:{getattr(value, '__qualname__', type(value).__qualname__)}"
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def _fingerprint(model: torch.nn.Module, modules: Any, options: dict) -> str:
+    """Identifies the model (class, parameter names, shapes and a checksum of the values) and
+    the recording options, so that a changed setup never appends to an old dataset."""
+    h = hashlib.sha256()
+    h.update(type(model).__qualname__.encode())
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+            if p.is_floating_point() and p.numel():
+                h.update(f"{float(p.double().sum()):.10e}".encode())
+    h.update(json.dumps([str(m) for m in modules]).encode())
+    h.update(json.dumps(options, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def _column_names(rec: Any) -> dict[tuple[str, int], str]:
+    names = {}
+    for name in rec:
+        caps = rec.calls(name) if rec._captures[name] else []
+        for c in caps:
+            key = c.label if c.label is not None else str(c.call)
+            names[(name, c.call)] = name if len(caps) == 1 else f"{name}:{key}"
+    return names
+
+
+class _ShardWriter:
+    def __init__(self, out: Path, rank: int, manifest: dict) -> None:
+        self.out, self.rank, self.manifest = out, rank, manifest
+        self.rows: dict[str, list[np.ndarray | list]] = {}
+        self.n_buffered = 0
+        self.first_batch: int | None = None
+        self.bytes_written = 0
+
+    def add(self, columns: dict[str, Any], n: int, batch_index: int) -> None:
+        if self.first_batch is None:
+            self.first_batch = batch_index
+        for k, v in columns.items():
+            self.rows.setdefault(k, []).append(v)
+        self.n_buffered += n
+        self.last_batch = batch_index
+
+    def flush(self, manifest_path: Path) -> None:
+        if not self.n_buffered:
+            return
+        pa, pq = _arrow()
+        arrays, fields = [], []
+        for name, parts in self.rows.items():
+            spec = self.manifest["columns"].get(name)
+            if spec is None:  # meta, batch, row
+                values = np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [
+                    x for p in parts for x in p]
+                arr = pa.array(values)
+            elif spec["kind"] == "vector":
+                mat = np.concatenate(parts)
+                arr = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)), mat.shape[1])
+            else:  # sequence: each example's real positions, a list of fixed-size vectors
+                seqs = [s for p in parts for s in p]
+                lengths = np.array([len(s) for s in seqs])
+                flat = np.concatenate([s.reshape(-1) for s in seqs])
+                inner = pa.FixedSizeListArray.from_arrays(pa.array(flat), spec["units"])
+                offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+                arr = pa.ListArray.from_arrays(pa.array(offsets), inner)
+            arrays.append(arr)
+            fields.append(name)
+        table = pa.Table.from_arrays(arrays, names=fields)
+        index = len([s for s in self.manifest["shards"] if s["rank"] == self.rank])
+        name = f"part-r{self.rank:03d}-{index:06d}.parquet"
+        final = self.out / "shards" / name
+        tmp = final.with_name(f".{name}.tmp")
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise DatasetError(
+                f"writing shard {final} failed ({exc}); the {len(self.manifest['shards'])} "
+                "completed shards and the manifest are intact: free space or fix permissions, "
+                "then run again with resume=True.") from exc
+        self.bytes_written += final.stat().st_size
+        self.manifest["shards"].append({"file": f"shards/{name}", "rank": self.rank,
+                                        "rows": self.n_buffered,
+                                        "batches": [self.first_batch, self.last_batch + 1]})
+        _write_json_atomic(manifest_path, self.manifest)
+        self.rows, self.n_buffered, self.first_batch = {}, 0, None
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def record_dataset(
+    model: torch.nn.Module,
+    batches: Iterable[Any],
+    modules: Any,
+    out: str | os.PathLike,
+    *,
+    reduce: str | Callable | None = None,
+    forward: Callable[[torch.nn.Module, Any], Any] | None = None,
+    meta: Callable[[Any], Mapping[str, Any]] | None = None,
+    shard_rows: int = 10_000,
+    resume: bool = True,
+    progress: bool = True,
+    bidirectional: bool = False,
+    dtype: torch.dtype = torch.float32,
+    **record_options: Any,
+) -> Path:
+    """Record ``modules`` over every batch and stream the results to Parquet shards in ``out``.
+
+    Parameters
+    ----------
+    model, modules, **record_options
+        As for :func:`hookscope.record` (``calls=``, ``pick=`` ...), except that ``unsort=``
+        is a callable ``unsort(batch) -> {module: permutation(s)}``: each batch has its own
+        order.
+    batches : iterable
+        A DataLoader or any iterable of batches; iterated once, in order.
+    out : path
+        A new or empty folder, or one written by an earlier run with the same model, modules
+        and options (then completed batches are skipped when ``resume=True``).
+    reduce : {"last", "mean", "max", "sum"}, callable or None
+        Length-aware reduction of sequence captures to one vector per example (see
+        :meth:`hookscope.Recording.to_frame`).  ``None`` keeps per-example vectors as they are
+        and stores sequence captures as each example's real positions (a list of vectors).
+    forward : callable, optional
+        ``forward(model, batch)`` runs one batch; default ``model(batch)``.
+    meta : callable, optional
+        ``meta(batch) -> {column: values}`` with one value per example (ids, texts, labels),
+        stored beside the vectors.
+    shard_rows : int
+        Rows per shard (shards end at batch boundaries): the memory bound.
+    dtype : torch.float32 or torch.float16
+        Stored precision of the vectors.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out``.  Read it with :func:`open_dataset`, pandas, pyarrow or DuckDB.
+    """
+    _arrow()  # fail before any work if pyarrow is missing
+    if dtype not in (torch.float32, torch.float16):
+        raise TypeError(f"dtype must be torch.float32 or torch.float16, got {dtype!r}.")
+    if not isinstance(shard_rows, int) or shard_rows < 1:
+        raise ValueError(f"shard_rows must be a positive int, got {shard_rows!r}.")
+    out = Path(out)
+    rank, world = _dist()
+    per_batch_unsort = record_options.pop("unsort", None)
+    if per_batch_unsort is not None and not callable(per_batch_unsort):
+        raise TypeError("record_dataset: unsort= must be a callable batch -> {module: "
+                        "permutation(s)}, since every batch has its own order (e.g. lambda b: "
+                        "{'encoder': [b.premise_orig_idx, b.hypothesis_orig_idx]}).")
+    recorder = Recorder(model, modules, **record_options)
+    options = _describe({"reduce": reduce, "dtype": dtype, "bidirectional": bidirectional,
+                         "world_size": world, "record": record_options,
+                         "unsort": per_batch_unsort})
+    fingerprint = _fingerprint(model, modules, options)
+    manifest_path = out / (MANIFEST if world == 1 else f"manifest-r{rank:03d}.json")
+    manifest = _open_for_writing(out, manifest_path, fingerprint, resume, rank)
+    manifest.update(fingerprint=fingerprint, model=type(model).__qualname__,
+                    options=options, rank=rank, world_size=world)
+    from . import __version__
+
+    manifest["hookscope"] = __version__
+    done = {b for s in manifest["shards"] for b in range(*s["batches"])}
+    writer = _ShardWriter(out, rank, manifest)
+    run = forward or (lambda m, b: m(b))
+    bar = _progress_bar(progress, rank)
+    t0, rows_total = time.perf_counter(), 0
+    np_dtype = np.float16 if dtype == torch.float16 else np.float32
+    with torch.no_grad():
+        for index, batch in enumerate(batches):
+            if index % world != rank or index in done:
+                continue
+            active = recorder if per_batch_unsort is None else Recorder(
+                model, modules, unsort=per_batch_unsort(batch), **record_options)
+            with active as rec:
+                run(model, batch)
+            columns, n = _batch_columns(rec, reduce, bidirectional, np_dtype, manifest, index)
+            if meta is not None:
+                for k, v in meta(batch).items():
+                    values = v.tolist() if isinstance(v, torch.Tensor | np.ndarray) else list(v)
+                    if len(values) != n:
+                        raise DatasetError(f"batch {index}: meta column {k!r} has "
+                                           f"{len(values)} values but the captures have {n} "
+                                           "examples.")
+                    columns[k] = values
+            columns["batch"] = np.full(n, index, dtype=np.int64)
+            columns["row"] = np.arange(n, dtype=np.int64)
+            writer.add(columns, n, index)
+            rows_total += n
+            if bar is not None:
+                bar.update(n)
+                bar.set_postfix(MB=f"{writer.bytes_written / 2**20:.1f}")
+            if writer.n_buffered >= shard_rows:
+                writer.flush(manifest_path)
+    writer.flush(manifest_path)
+    manifest["complete"] = True
+    _write_json_atomic(manifest_path, manifest)
+    if bar is not None:
+        bar.close()
+    if world > 1:
+        torch.distributed.barrier()
+        if rank == 0:
+            _merge_manifests(out, world)
+        torch.distributed.barrier()
+    if progress and rank == 0:
+        total = sum(s["rows"] for s in json.loads((out / MANIFEST).read_text())["shards"])
+        size = sum((out / s["file"]).stat().st_size
+                   for s in json.loads((out / MANIFEST).read_text())["shards"])
+        print(f"hookscope: {total} rows in {len(list((out / 'shards').glob('*.parquet')))} "
+              f"shards, {size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s -> {out}",
+              file=sys.stderr)
+    return out
+
+
+def _progress_bar(progress: bool, rank: int) -> Any:
+    if not progress:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(unit=" rows", desc=f"recording (rank {rank})", position=rank, file=sys.stderr,
+                mininterval=1.0)
+
+
+def _open_for_writing(out: Path, manifest_path: Path, fingerprint: str, resume: bool,
+                      rank: int) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "shards").mkdir(exist_ok=True)
+    if manifest_path.exists():
+        manifest = _read_manifest(manifest_path)
+        if manifest["fingerprint"] != fingerprint:
+            raise DatasetError(
+                f"{out} holds a dataset recorded with another model, module list or options "
+                f"(model {manifest.get('model')!r}); use a new folder, or delete this one to "
+                "start again.")
+        if not resume:
+            raise DatasetError(f"{out} already holds a dataset; pass resume=True to continue "
+                               "it, or use a new folder.")
+        # Shards written but not registered (killed between rename and manifest) are redone.
+        known = {Path(s["file"]).name for s in manifest["shards"]}
+        for f in (out / "shards").glob(f"part-r{rank:03d}-*.parquet"):
+            if f.name not in known:
+                f.unlink()
+        manifest["complete"] = False
+        return manifest
+    foreign = [p.name for p in out.iterdir()
+               if p.name != "shards" and not p.name.startswith((".", "manifest"))]
+    foreign += [f"shards/{p.name}" for p in (out / "shards").iterdir()
+                if not p.name.startswith((".", "part-r"))]
+    if foreign:
+        raise DatasetError(f"{out} holds other files ({', '.join(sorted(foreign)[:5])}): record "
+                           "a dataset into a new or empty folder.")
+    for f in (out / "shards").glob(f"part-r{rank:03d}-*.parquet"):
+        f.unlink()  # written by a run killed before it registered its first shard
+    return {"format": FORMAT, "version": FORMAT_VERSION, "columns": {}, "shards": [],
+            "complete": False}
+
+
+def _batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, manifest: dict,
+                   index: int) -> tuple[dict[str, Any], int]:
+    columns: dict[str, Any] = {}
+    n = None
+    names = _column_names(rec)
+    for cap in rec.captures():
+        col = names[(cap.name, cap.call)]
+        t = cap.tensor
+        if reduce is None and t.ndim == 3:
+            lengths = cap.lengths.tolist() if cap.lengths is not None else [t.shape[1]] * len(t)
+            arr = t.detach().cpu().float().numpy().astype(np_dtype, copy=False)
+            value: Any = [arr[i, :length] for i, length in enumerate(lengths)]
+            kind, units, rows = "sequence", arr.shape[2], len(value)
+        else:
+            value = capture_matrix(cap, reduce, bidirectional=bidirectional).astype(np_dtype)
+            kind, units, rows = "vector", value.shape[1], value.shape[0]
+        spec = {"module": cap.name, "call": cap.label if cap.label is not None else cap.call,
+                "kind": kind, "units": int(units), "dtype": np.dtype(np_dtype).name}
+        known = manifest["columns"].setdefault(col, spec)
+        if known != spec:
+            raise DatasetError(
+                f"batch {index}: {col!r} now gives {spec['kind']} of {spec['units']} units, "
+                f"earlier batches gave {known['kind']} of {known['units']}; a module's output "
+                "must keep its shape (only sequence lengths may vary).")
+        if n is None:
+            n = rows
+        elif rows != n:
+            raise DatasetError(f"batch {index}: {col!r} has {rows} examples, other captures "
+                               f"have {n}; select modules that see the same examples.")
+        columns[col] = value
+    if n is None:
+        raise DatasetError(f"batch {index}: no selected module ran.")
+    return columns, n
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read {path}: {exc}") from None
+    if manifest.get("format") != FORMAT:
+        raise DatasetError(f"{path} is not a hookscope dataset manifest.")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise DatasetError(f"{path} is hookscope dataset format version "
+                           f"{manifest.get('version')!r}; this hookscope reads version "
+                           f"{FORMAT_VERSION}. Use a matching hookscope version.")
+    return manifest
+
+
+def _merge_manifests(out: Path, world: int) -> None:
+    parts = [_read_manifest(out / f"manifest-r{r:03d}.json") for r in range(world)]
+    merged = {**parts[0], "rank": None,
+              "shards": sorted((s for p in parts for s in p["shards"]),
+                               key=lambda s: s["batches"][0]),
+              "complete": all(p["complete"] for p in parts)}
+    for p in parts[1:]:
+        for col, spec in p["columns"].items():
+            merged["columns"].setdefault(col, spec)
+    _write_json_atomic(out / MANIFEST, merged)
+
+
+class DatasetView:
+    """A lazy view of a recorded dataset (see :func:`open_dataset`)."""
+
+    def __init__(self, path: Path, manifest: dict) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.columns = list(manifest["columns"])
+
+    def __len__(self) -> int:
+        return sum(s["rows"] for s in self.manifest["shards"])
+
+    def __repr__(self) -> str:
+        return (f"DatasetView({str(self.path)!r}: {len(self)} rows, "
+                f"{len(self.manifest['shards'])} shards, columns {self.columns})")
+
+    def _table(self, columns: list[str] | None = None) -> Any:
+        pa, pq = _arrow()
+        wanted = None if columns is None else ["batch", "row", *columns]
+        tables = [pq.read_table(self.path / s["file"], columns=wanted)
+                  for s in self.manifest["shards"]]
+        if not tables:
+            raise DatasetError(f"{self.path} holds no rows yet.")
+        table = pa.concat_tables(tables)
+        order = np.lexsort((table["row"].to_numpy(), table["batch"].to_numpy()))
+        return table.take(pa.array(order))
+
+    def numpy(self, column: str) -> np.ndarray:
+        """A vector column as one ``(rows, units)`` array, in example order."""
+        spec = self._spec(column)
+        if spec["kind"] != "vector":
+            raise DatasetError(f"{column!r} holds sequences; use to_frame() or iter_chunks().")
+        col = self._table([column])[column].combine_chunks()
+        return col.values.to_numpy(zero_copy_only=False).reshape(-1, spec["units"])
+
+    def _spec(self, column: str) -> dict:
+        try:
+            return self.manifest["columns"][column]
+        except KeyError:
+            raise DatasetError(f"no column {column!r}; columns: {self.columns}.") from None
+
+    def meta(self) -> pd.DataFrame:
+        """The metadata columns (and ``batch``, ``row``), indexed by example id."""
+        pa, pq = _arrow()
+        schema = pq.read_schema(self.path / self.manifest["shards"][0]["file"])
+        extra = [n for n in schema.names if n not in self.manifest["columns"]
+                 and n not in ("batch", "row")]
+        frame = self._table(extra).to_pandas()
+        frame.index.name = "example"
+        return frame
+
+    def to_frame(self, columns: list[str] | None = None) -> pd.DataFrame:
+        """Wide DataFrame: one row per example, ``(column, unit)`` columns, metadata first."""
+        columns = self.columns if columns is None else columns
+        parts = [self.meta()]
+        for c in columns:
+            m = self.numpy(c)
+            parts.append(pd.DataFrame(m, columns=pd.MultiIndex.from_product([[c], range(
+                m.shape[1])]), copy=False))
+        frame = pd.concat(parts, axis=1)
+        frame.index.name = "example"
+        return frame
+
+    def iter_chunks(self, column: str, rows: int = 10_000) -> Any:
+        """Yield ``(first_example_id, array)`` chunks of a vector column."""
+        data = self.numpy(column)
+        for start in range(0, len(data), rows):
+            yield start, data[start : start + rows]
+
+
+def open_dataset(path: str | os.PathLike) -> DatasetView:
+    """Open a dataset written by :func:`record_dataset` (complete or not)."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        raise DatasetError(f"{path} has no {MANIFEST}: not a hookscope dataset (or a "
+                           "multi-process run that did not finish).")
+    return DatasetView(path, _read_manifest(manifest_path))
