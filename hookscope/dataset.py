@@ -444,7 +444,7 @@ class DatasetView:
 
     def meta(self) -> pd.DataFrame:
         """The metadata columns (and ``batch``, ``row``), indexed by example id."""
-        pa, pq = _arrow()
+        _pa, pq = _arrow()
         schema = pq.read_schema(self.path / self.manifest["shards"][0]["file"])
         extra = [n for n in schema.names if n not in self.manifest["columns"]
                  and n not in ("batch", "row")]

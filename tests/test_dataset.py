@@ -130,7 +130,7 @@ def test_killed_run_resumes_to_the_same_dataset(tmp_path, clean_run):
 @pytest.mark.slow
 def test_two_processes_under_torchrun_match_one(tmp_path, clean_run):
     job = _job(str(tmp_path / "dist"), torchrun=True)
-    stdout, stderr = job.communicate(timeout=300)
+    _stdout, stderr = job.communicate(timeout=300)
     assert job.returncode == 0, stderr[-3000:]
     dist = open_dataset(tmp_path / "dist")
     ranks = {s["rank"] for s in dist.manifest["shards"]}
