@@ -106,12 +106,21 @@ def _column_names(rec: Any) -> dict[tuple[str, int], str]:
 
 
 class _ShardWriter:
-    def __init__(self, out: Path, rank: int, manifest: dict) -> None:
-        self.out, self.rank, self.manifest = out, rank, manifest
-        self.rows: dict[str, list[np.ndarray | list]] = {}
+    """Buffers rows; writes each full shard on a background thread (Parquet encoding and disk
+    I/O release the GIL, so they overlap the next batches' forward passes).  At most one write
+    is pending: memory stays at about two shards."""
+
+    def __init__(self, out: Path, rank: int, manifest: dict, manifest_path: Path) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.out, self.rank, self.manifest, self.manifest_path = out, rank, manifest, manifest_path
+        self.rows: dict[str, list[Any]] = {}
         self.n_buffered = 0
         self.first_batch: int | None = None
         self.bytes_written = 0
+        self.next_index = len([s for s in manifest["shards"] if s["rank"] == rank])
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hookscope-shards")
+        self.pending: tuple[Any, dict] | None = None
 
     def add(self, columns: dict[str, Any], n: int, batch_index: int) -> None:
         if self.first_batch is None:
@@ -121,11 +130,9 @@ class _ShardWriter:
         self.n_buffered += n
         self.last_batch = batch_index
 
-    def flush(self, manifest_path: Path) -> None:
-        if not self.n_buffered:
-            return
-        pa, pq = _arrow()
-        arrays, fields = [], []
+    def _table(self) -> Any:
+        pa, _ = _arrow()
+        arrays, names = [], []
         for name, parts in self.rows.items():
             spec = self.manifest["columns"].get(name)
             if spec is None:  # meta, batch, row
@@ -143,14 +150,35 @@ class _ShardWriter:
                 offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
                 arr = pa.ListArray.from_arrays(pa.array(offsets), inner)
             arrays.append(arr)
-            fields.append(name)
-        table = pa.Table.from_arrays(arrays, names=fields)
-        index = len([s for s in self.manifest["shards"] if s["rank"] == self.rank])
-        name = f"part-r{self.rank:03d}-{index:06d}.parquet"
+            names.append(name)
+        return pa.Table.from_arrays(arrays, names=names)
+
+    def flush(self) -> None:
+        """Hand the buffered rows to the writer thread (after the previous write finished)."""
+        if not self.n_buffered:
+            return
+        table = self._table()
+        name = f"part-r{self.rank:03d}-{self.next_index:06d}.parquet"
+        entry = {"file": f"shards/{name}", "rank": self.rank, "rows": self.n_buffered,
+                 "batches": [self.first_batch, self.last_batch + 1]}
+        self.rows, self.n_buffered, self.first_batch = {}, 0, None
+        self.wait()
+        self.next_index += 1
+        snapshot = json.dumps({**self.manifest, "shards": [*self.manifest["shards"], entry]},
+                              indent=1)
+        self.pending = (self.pool.submit(self._write, table, name, snapshot), entry)
+
+    def _write(self, table: Any, name: str, manifest_text: str) -> int:
+        _, pq = _arrow()
         final = self.out / "shards" / name
         tmp = final.with_name(f".{name}.tmp")
+        vectors = set(self.manifest["columns"])
+        other = [c for c in table.column_names if c not in vectors]
         try:
-            pq.write_table(table, tmp)
+            # Floats do not compress: store vectors plain (fast), compress the rest.
+            pq.write_table(table, tmp, compression={c: "none" if c in vectors else "snappy"
+                                                    for c in table.column_names},
+                           use_dictionary=other, write_statistics=other)
             os.replace(tmp, final)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
@@ -158,12 +186,25 @@ class _ShardWriter:
                 f"writing shard {final} failed ({exc}); the {len(self.manifest['shards'])} "
                 "completed shards and the manifest are intact: free space or fix permissions, "
                 "then run again with resume=True.") from exc
-        self.bytes_written += final.stat().st_size
-        self.manifest["shards"].append({"file": f"shards/{name}", "rank": self.rank,
-                                        "rows": self.n_buffered,
-                                        "batches": [self.first_batch, self.last_batch + 1]})
-        _write_json_atomic(manifest_path, self.manifest)
-        self.rows, self.n_buffered, self.first_batch = {}, 0, None
+        manifest_tmp = self.manifest_path.with_name(f".{self.manifest_path.name}.tmp")
+        manifest_tmp.write_text(manifest_text)
+        os.replace(manifest_tmp, self.manifest_path)  # registered only once complete
+        return final.stat().st_size
+
+    def wait(self) -> None:
+        """Wait for the pending write; register its shard (or raise its error)."""
+        if self.pending is None:
+            return
+        future, entry = self.pending
+        self.pending = None
+        self.bytes_written += future.result()
+        self.manifest["shards"].append(entry)
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 def _dist() -> tuple[int, int]:
@@ -181,6 +222,7 @@ def record_dataset(
     reduce: str | Callable | None = None,
     forward: Callable[[torch.nn.Module, Any], Any] | None = None,
     meta: Callable[[Any], Mapping[str, Any]] | None = None,
+    lengths: Callable[[Any], Any] | None = None,
     shard_rows: int = 10_000,
     resume: bool = True,
     progress: bool = True,
@@ -210,6 +252,10 @@ def record_dataset(
     meta : callable, optional
         ``meta(batch) -> {column: values}`` with one value per example (ids, texts, labels),
         stored beside the vectors.
+    lengths : callable, optional
+        ``lengths(batch) -> (batch,)`` sequence lengths for captures that do not know theirs
+        (no ``PackedSequence``), e.g. ``lambda b: b["attention_mask"].sum(1)`` for a
+        right-padded Hugging Face batch; used by ``reduce`` and for sequences.
     shard_rows : int
         Rows per shard (shards end at batch boundaries): the memory bound.
     dtype : torch.float32 or torch.float16
@@ -234,6 +280,7 @@ def record_dataset(
                         "{'encoder': [b.premise_orig_idx, b.hypothesis_orig_idx]}).")
     recorder = Recorder(model, modules, **record_options)
     options = _describe({"reduce": reduce, "dtype": dtype, "bidirectional": bidirectional,
+                         "lengths": lengths,
                          "world_size": world, "record": record_options,
                          "unsort": per_batch_unsort})
     fingerprint = _fingerprint(model, modules, options)
@@ -245,38 +292,18 @@ def record_dataset(
 
     manifest["hookscope"] = __version__
     done = {b for s in manifest["shards"] for b in range(*s["batches"])}
-    writer = _ShardWriter(out, rank, manifest)
+    writer = _ShardWriter(out, rank, manifest, manifest_path)
     run = forward or (lambda m, b: m(b))
     bar = _progress_bar(progress, rank)
-    t0, rows_total = time.perf_counter(), 0
+    t0 = time.perf_counter()
     np_dtype = np.float16 if dtype == torch.float16 else np.float32
-    with torch.no_grad():
-        for index, batch in enumerate(batches):
-            if index % world != rank or index in done:
-                continue
-            active = recorder if per_batch_unsort is None else Recorder(
-                model, modules, unsort=per_batch_unsort(batch), **record_options)
-            with active as rec:
-                run(model, batch)
-            columns, n = _batch_columns(rec, reduce, bidirectional, np_dtype, manifest, index)
-            if meta is not None:
-                for k, v in meta(batch).items():
-                    values = v.tolist() if isinstance(v, torch.Tensor | np.ndarray) else list(v)
-                    if len(values) != n:
-                        raise DatasetError(f"batch {index}: meta column {k!r} has "
-                                           f"{len(values)} values but the captures have {n} "
-                                           "examples.")
-                    columns[k] = values
-            columns["batch"] = np.full(n, index, dtype=np.int64)
-            columns["row"] = np.arange(n, dtype=np.int64)
-            writer.add(columns, n, index)
-            rows_total += n
-            if bar is not None:
-                bar.update(n)
-                bar.set_postfix(MB=f"{writer.bytes_written / 2**20:.1f}")
-            if writer.n_buffered >= shard_rows:
-                writer.flush(manifest_path)
-    writer.flush(manifest_path)
+    try:
+        _record_batches(model, batches, modules, recorder, per_batch_unsort, record_options,
+                        run, meta, lengths, reduce, bidirectional, np_dtype, manifest, done,
+                        writer, bar, rank, world, shard_rows)
+        writer.flush()
+    finally:
+        writer.close()  # a started shard is finished and registered, whatever happened
     manifest["complete"] = True
     _write_json_atomic(manifest_path, manifest)
     if bar is not None:
@@ -294,6 +321,45 @@ def record_dataset(
               f"shards, {size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s -> {out}",
               file=sys.stderr)
     return out
+
+
+def _record_batches(model: torch.nn.Module, batches: Iterable[Any], modules: Any,
+                    recorder: Recorder, per_batch_unsort: Callable | None,
+                    record_options: dict, run: Callable, meta: Callable | None,
+                    lengths: Callable | None, reduce: Any, bidirectional: bool, np_dtype: Any,
+                    manifest: dict, done: set[int], writer: _ShardWriter, bar: Any, rank: int,
+                    world: int, shard_rows: int) -> None:
+    with torch.no_grad():
+        for index, batch in enumerate(batches):
+            if index % world != rank or index in done:
+                continue
+            active = recorder if per_batch_unsort is None else Recorder(
+                model, modules, unsort=per_batch_unsort(batch), **record_options)
+            with active as rec:
+                run(model, batch)
+            if lengths is not None:
+                known = torch.as_tensor(lengths(batch)).to("cpu", torch.int64)
+                for cap in rec.captures():
+                    if cap.lengths is None and cap.tensor.ndim == 3 and len(cap.tensor) == len(
+                            known):
+                        cap.lengths = known
+            columns, n = _batch_columns(rec, reduce, bidirectional, np_dtype, manifest, index)
+            if meta is not None:
+                for k, v in meta(batch).items():
+                    values = v.tolist() if isinstance(v, torch.Tensor | np.ndarray) else list(v)
+                    if len(values) != n:
+                        raise DatasetError(f"batch {index}: meta column {k!r} has "
+                                           f"{len(values)} values but the captures have {n} "
+                                           "examples.")
+                    columns[k] = values
+            columns["batch"] = np.full(n, index, dtype=np.int64)
+            columns["row"] = np.arange(n, dtype=np.int64)
+            writer.add(columns, n, index)
+            if bar is not None:
+                bar.update(n)
+                bar.set_postfix(MB=f"{writer.bytes_written / 2**20:.1f}")
+            if writer.n_buffered >= shard_rows:
+                writer.flush()
 
 
 def _progress_bar(progress: bool, rank: int) -> Any:

@@ -36,3 +36,16 @@ def test_analysis_benchmark_quick_mode(tmp_path, capsys):
     assert any("scipy cdist" in w for w in whats)
     assert any("to_frame('long')" in w for w in whats)
     assert "M values/s" in capsys.readouterr().out
+
+
+def test_dataset_benchmark_quick_mode(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("dataset_bench",
+                                                  ROOT / "benchmarks" / "dataset.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "dataset.json"
+    assert bench.main(["--quick", "--json", str(out)]) == 0
+    whats = [r["what"] for r in json.loads(out.read_text())["results"]]
+    assert any("record_dataset" in w for w in whats)
+    assert any(w.startswith("peak RSS") for w in whats)
+    assert "rows/s" in capsys.readouterr().out

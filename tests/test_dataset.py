@@ -190,3 +190,16 @@ def test_disk_full_keeps_completed_shards_and_resumes(tmp_path, monkeypatch):
     with torch.no_grad():
         expected = model(torch.cat(data)).numpy()
     assert np.array_equal(open_dataset(tmp_path / "full").numpy(""), expected)
+
+
+def test_lengths_from_the_batch_for_padded_models(tmp_path):
+    """A model without PackedSequence: lengths come from the batch (an attention mask)."""
+    embed = torch.nn.Embedding(10, 3)
+    ids = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
+    batch = {"ids": ids, "attention_mask": (ids > 0).long()}
+    out = record_dataset(embed, [batch], [""], tmp_path / "hf", reduce="mean",
+                         forward=lambda m, b: m(b["ids"]),
+                         lengths=lambda b: b["attention_mask"].sum(1), progress=False)
+    with torch.no_grad():
+        expected = torch.stack([embed(ids[0, :3]).mean(0), embed(ids[1, :2]).mean(0)])
+    assert np.allclose(open_dataset(out).numpy(""), expected.numpy())
