@@ -34,7 +34,7 @@ JOB = textwrap.dedent('''
     from hookscope.examples.corpus import generate
     from hookscope.examples.nli import load_pretrained
 
-    out, n_pairs, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    out, n_pairs, threads, shard_rows = sys.argv[1], *map(int, sys.argv[2:5])
     torch.set_num_threads(threads)
     distributed = "RANK" in os.environ
     if distributed:
@@ -43,19 +43,22 @@ JOB = textwrap.dedent('''
     pairs = generate(0)
     pairs = (pairs * (n_pairs // len(pairs) + 1))[:n_pairs]
 
-    def batches(size=64):  # made lazily: the input never sits in memory as a whole
-        for i in range(0, len(pairs), size):
-            chunk = pairs[i : i + size]
+    class Batches:  # built on access: a rank builds only its own batches
+        def __len__(self):
+            return (len(pairs) + 63) // 64
+
+        def __getitem__(self, i):
+            chunk = pairs[i * 64 : (i + 1) * 64]
             b = vec.batch_transform_nli_padded_sorted([p.premise for p in chunk],
                                                       [p.hypothesis for p in chunk])
             b.texts = [p.premise for p in chunk]
-            yield b
+            return b
 
     with open("/proc/self/status") as f:
         start = next(int(l.split()[1]) for l in f if l.startswith("VmRSS"))
     t0 = time.perf_counter()
-    hs.record_dataset(model, batches(), ["encoder", "pooling", "aggregation"], out,
-                      reduce="max", progress=False, shard_rows=4096,
+    hs.record_dataset(model, Batches(), ["encoder", "pooling", "aggregation"], out,
+                      reduce="max", progress=False, shard_rows=shard_rows,
                       calls={"encoder": ["premise", "hypothesis"],
                              "pooling": ["premise", "hypothesis"]},
                       unsort=lambda b: {"encoder": [b.premise_orig_idx, b.hypothesis_orig_idx]},
@@ -129,8 +132,10 @@ def bilstm(n_pairs: int, repeats: int) -> list[dict]:
 
 def memory(small: int, large: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        a = _job([f"{tmp}/small", str(small), "2"])
-        b = _job([f"{tmp}/large", str(large), "2"])
+        # Shards of 512 rows: both runs write several, so both hold the same at most two
+        # shards (one filling, one being written) and the comparison is of growth alone.
+        a = _job([f"{tmp}/small", str(small), "2", "512"])
+        b = _job([f"{tmp}/large", str(large), "2", "512"])
     growth = (b["peak_kib"] - a["peak_kib"]) / a["peak_kib"]
     return [{"what": f"peak RSS recording {small} pairs", "MiB": a["peak_kib"] / 1024},
             {"what": f"peak RSS recording {large} pairs", "MiB": b["peak_kib"] / 1024,
@@ -139,8 +144,8 @@ def memory(small: int, large: int) -> list[dict]:
 
 def scaling(n_pairs: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        one = _job([f"{tmp}/one", str(n_pairs), "2"])
-        two = _job([f"{tmp}/two", str(n_pairs), "1"], torchrun=True)
+        one = _job([f"{tmp}/one", str(n_pairs), "2", "4096"])
+        two = _job([f"{tmp}/two", str(n_pairs), "1", "4096"], torchrun=True)
     return [{"what": f"1 process, 2 threads, {n_pairs} pairs", "seconds": one["seconds"],
              "rows_per_s": n_pairs / one["seconds"]},
             {"what": "torchrun, 2 processes x 1 thread", "seconds": two["seconds"],

@@ -238,8 +238,11 @@ def record_dataset(
         As for :func:`hookscope.record` (``calls=``, ``pick=`` ...), except that ``unsort=``
         is a callable ``unsort(batch) -> {module: permutation(s)}``: each batch has its own
         order.
-    batches : iterable
-        A DataLoader or any iterable of batches; iterated once, in order.
+    batches : iterable or sequence
+        A DataLoader or any iterable of batches, iterated once in order (every rank iterates
+        it and skips the others' batches).  A sequence (``__len__`` and ``__getitem__``, e.g.
+        one that builds batch ``i`` on access) is indexed instead: each rank then builds only
+        its own batches, and a resumed run only the missing ones.
     out : path
         A new or empty folder, or one written by an earlier run with the same model, modules
         and options (then completed batches are skipped when ``resume=True``).
@@ -329,13 +332,17 @@ def _record_batches(model: torch.nn.Module, batches: Iterable[Any], modules: Any
                     lengths: Callable | None, reduce: Any, bidirectional: bool, np_dtype: Any,
                     manifest: dict, done: set[int], writer: _ShardWriter, bar: Any, rank: int,
                     world: int, shard_rows: int) -> None:
+    if hasattr(batches, "__getitem__") and hasattr(batches, "__len__"):
+        # A sequence: build only this rank's batches, and not the ones already written.
+        mine = (i for i in range(len(batches)) if i % world == rank and i not in done)
+        items: Iterable[tuple[int, Any]] = ((i, batches[i]) for i in mine)
+    else:
+        items = ((i, b) for i, b in enumerate(batches) if i % world == rank and i not in done)
     with torch.no_grad():
-        for index, batch in enumerate(batches):
-            if index % world != rank or index in done:
-                continue
-            active = recorder if per_batch_unsort is None else Recorder(
-                model, modules, unsort=per_batch_unsort(batch), **record_options)
-            with active as rec:
+        for index, batch in items:
+            if per_batch_unsort is not None:
+                recorder._set_unsort(per_batch_unsort(batch))  # this batch's order
+            with recorder as rec:
                 run(model, batch)
             if lengths is not None:
                 known = torch.as_tensor(lengths(batch)).to("cpu", torch.int64)

@@ -144,7 +144,38 @@ class Recorder:
                 raise ValueError(f"calls= labels for {name!r} repeat: {labels!r}.")
             self._plans[name].labels = list(labels)
             self._plans[name].expected = len(labels)
-        for name, spec in _per_module("unsort", unsort or {}, model, selected).items():
+        self._selected = selected
+        self._set_unsort(unsort)
+        for name, spec in _per_module("batch_dim", batch_dim or {}, model, selected).items():
+            if not (spec is None or isinstance(spec, int | Mapping)):
+                raise TypeError(f"batch_dim= for {name!r} must be an int, None, or a mapping "
+                                f"of output path prefixes to dims; got {spec!r}.")
+            self._plans[name].batch_dim = spec
+        self._update_plain()
+        # Made once: entering the recorder only registers these.
+        self._names = list(self._plans)
+        self._module_types = {n: p.module_type for n, p in self._plans.items()}
+        self._hooks = [(p.module, self._make_pre_hook(p) if inputs else None, self._make_hook(p))
+                       for p in self._plans.values()]
+        inner, prefix = unwrap(model)
+        self._model_type = type(inner).__name__
+        # Hooks added after torch.compile are not seen by the compiled graph (dynamo skips
+        # hook guards), which would give an empty recording: run eagerly inside the block.
+        self._compiled = "_orig_mod." in prefix
+        self._stance: Any = None
+        self._handles: list[Any] = []
+        self._rec: Recording | None = None
+        self._counts: dict[str, int] = {}
+        self._remaining = 0
+        self._pending_inputs: dict[str, list[tuple[tuple, dict]]] = {}
+
+    def _set_unsort(self, unsort: Mapping[ModuleSpec, Any] | None) -> None:
+        """(Re)set the ``unsort=`` permutations, validated; used once per batch by
+        ``record_dataset``, where every batch has its own order."""
+        for plan in self._plans.values():
+            plan.perms = None
+            plan.expected = len(plan.labels) if plan.labels is not None else 1
+        for name, spec in _per_module("unsort", unsort or {}, self.model, self._selected).items():
             plan = self._plans[name]
             if _is_one_perm(spec):
                 plan.perms = as_permutation(spec, f"{name!r} (every call)")
@@ -165,30 +196,12 @@ class Recorder:
                         f"unsort= gives {name!r} {len(plan.perms)} permutation(s) but calls= "
                         f"gives {len(plan.labels)} label(s); give one per call.")
                 plan.expected = max(plan.expected, len(plan.perms))
-        for name, spec in _per_module("batch_dim", batch_dim or {}, model, selected).items():
-            if not (spec is None or isinstance(spec, int | Mapping)):
-                raise TypeError(f"batch_dim= for {name!r} must be an int, None, or a mapping "
-                                f"of output path prefixes to dims; got {spec!r}.")
-            self._plans[name].batch_dim = spec
+        self._update_plain()
+
+    def _update_plain(self) -> None:
         for plan in self._plans.values():
             plan.plain = (plan.pick is None and plan.perms is None and self.device is None
                           and self.dtype is None)
-        # Made once: entering the recorder only registers these.
-        self._names = list(self._plans)
-        self._module_types = {n: p.module_type for n, p in self._plans.items()}
-        self._hooks = [(p.module, self._make_pre_hook(p) if inputs else None, self._make_hook(p))
-                       for p in self._plans.values()]
-        inner, prefix = unwrap(model)
-        self._model_type = type(inner).__name__
-        # Hooks added after torch.compile are not seen by the compiled graph (dynamo skips
-        # hook guards), which would give an empty recording: run eagerly inside the block.
-        self._compiled = "_orig_mod." in prefix
-        self._stance: Any = None
-        self._handles: list[Any] = []
-        self._rec: Recording | None = None
-        self._counts: dict[str, int] = {}
-        self._remaining = 0
-        self._pending_inputs: dict[str, list[tuple[tuple, dict]]] = {}
 
     # -- entering and leaving ---------------------------------------------------------------
     def __enter__(self) -> Recording:

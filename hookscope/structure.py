@@ -43,7 +43,16 @@ def map_leaves(obj: Any, fn: LeafFn, path: Path = ()) -> Any:
     >>> map_leaves({"a": (torch.ones(1), 2)}, lambda p, t: p)
     {'a': (('a', 0), 2)}
     """
-    if isinstance(obj, Tensor | PackedSequence):
+    kind = type(obj)
+    if kind is Tensor or kind is PackedSequence or isinstance(obj, Tensor):
+        return fn(path, obj)
+    if kind is tuple:  # the common containers first, by exact type: this runs on every call
+        return tuple([map_leaves(v, fn, (*path, i)) for i, v in enumerate(obj)])
+    if kind is dict:
+        return {k: map_leaves(v, fn, (*path, k)) for k, v in obj.items()}
+    if kind is list:
+        return [map_leaves(v, fn, (*path, i)) for i, v in enumerate(obj)]
+    if isinstance(obj, PackedSequence):
         return fn(path, obj)
     if isinstance(obj, tuple):
         items = [map_leaves(v, fn, (*path, i)) for i, v in enumerate(obj)]

@@ -203,3 +203,29 @@ def test_lengths_from_the_batch_for_padded_models(tmp_path):
     with torch.no_grad():
         expected = torch.stack([embed(ids[0, :3]).mean(0), embed(ids[1, :2]).mean(0)])
     assert np.allclose(open_dataset(out).numpy(""), expected.numpy())
+
+
+def test_sequences_of_batches_are_indexed_and_resume_builds_nothing_twice(tmp_path):
+    class Lazy:
+        def __init__(self) -> None:
+            self.built: list[int] = []
+            torch.manual_seed(0)
+            self.data = [torch.randn(4, 3) for _ in range(6)]
+
+        def __len__(self) -> int:
+            return len(self.data)
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            self.built.append(i)
+            return self.data[i]
+
+    model = torch.nn.Linear(3, 2)
+    first = Lazy()
+    record_dataset(model, first, [""], tmp_path / "lazy", shard_rows=4, progress=False)
+    assert first.built == [0, 1, 2, 3, 4, 5]
+    again = Lazy()
+    record_dataset(model, again, [""], tmp_path / "lazy", shard_rows=4, progress=False)
+    assert again.built == []  # everything was written: nothing rebuilt
+    with torch.no_grad():
+        assert np.array_equal(open_dataset(tmp_path / "lazy").numpy(""),
+                              model(torch.cat(first.data)).numpy())
