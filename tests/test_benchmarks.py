@@ -6,32 +6,33 @@ import importlib.util
 import json
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _quick_run(name: str, tmp_path: Path, *extra: str) -> dict:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}",
+                                                  ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / f"{name}.json"
+    assert module.main(["--quick", *extra, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
 def test_overhead_benchmark_quick_mode(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("overhead", ROOT / "benchmarks" / "overhead.py")
-    overhead = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(overhead)
-    out = tmp_path / "overhead.json"
-    assert overhead.main(["--quick", "--repeats", "1", "--json", str(out)]) == 0
-    data = json.loads(out.read_text())
+    data = _quick_run("overhead", tmp_path, "--repeats", "1")
     variants = {(r["case"].split(" (")[0], r["variant"]) for r in data["results"]}
     assert ("TransformerEncoder", "hookscope stop=True, layer 0 of 6") in variants
     assert ("BiLSTM NLI", "hookscope.record, 3 modules") in variants
     assert all(r["ratio_to_plain"][0] > 0 for r in data["results"])
-    assert data["machine"]["torch"] == __import__("torch").__version__
+    assert data["machine"]["torch"] == torch.__version__
     assert "| plain forward |" in capsys.readouterr().out
 
 
 def test_analysis_benchmark_quick_mode(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("analysis_bench",
-                                                  ROOT / "benchmarks" / "analysis.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = tmp_path / "analysis.json"
-    assert bench.main(["--quick", "--json", str(out)]) == 0
-    whats = [r["what"] for r in json.loads(out.read_text())["results"]]
+    whats = [r["what"] for r in _quick_run("analysis", tmp_path)["results"]]
     assert any(w.startswith("nearest_neighbors") for w in whats)
     assert any("scipy cdist" in w for w in whats)
     assert any("to_frame('long')" in w for w in whats)
@@ -39,13 +40,7 @@ def test_analysis_benchmark_quick_mode(tmp_path, capsys):
 
 
 def test_dataset_benchmark_quick_mode(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("dataset_bench",
-                                                  ROOT / "benchmarks" / "dataset.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = tmp_path / "dataset.json"
-    assert bench.main(["--quick", "--json", str(out)]) == 0
-    whats = [r["what"] for r in json.loads(out.read_text())["results"]]
+    whats = [r["what"] for r in _quick_run("dataset", tmp_path)["results"]]
     assert any("record_dataset" in w for w in whats)
     assert any(w.startswith("peak RSS") for w in whats)
     assert "rows/s" in capsys.readouterr().out
