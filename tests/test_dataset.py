@@ -229,3 +229,18 @@ def test_sequences_of_batches_are_indexed_and_resume_builds_nothing_twice(tmp_pa
     with torch.no_grad():
         assert np.array_equal(open_dataset(tmp_path / "lazy").numpy(""),
                               model(torch.cat(first.data)).numpy())
+
+
+def test_rows_and_streaming_chunks(clean_run):
+    whole = clean_run.numpy("aggregation")
+    assert np.array_equal(clean_run.numpy("aggregation", rows=slice(100, 110)), whole[100:110])
+    picked = np.array([5, 900, 17])
+    assert np.array_equal(clean_run.numpy("aggregation", rows=picked), whole[picked])
+    frame = clean_run.to_frame(["pooling:premise"], rows=picked)
+    assert list(frame.index) == [5, 900, 17] and frame["text"].iloc[1] == \
+        clean_run.meta()["text"].iloc[900]
+    seen = np.zeros(len(clean_run), dtype=bool)
+    for ids, chunk in clean_run.iter_chunks("aggregation"):  # one shard at a time
+        assert len(chunk) <= 96 and np.array_equal(chunk, whole[ids])
+        seen[ids] = True
+    assert seen.all()
