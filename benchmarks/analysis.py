@@ -76,6 +76,17 @@ def knn(n: int, d: int, k: int, repeats: int) -> list[dict]:
         np.argsort(dist, axis=1)[:, :k]
 
     scipy_time = best_of(scipy_slice, 1 if n > 10_000 else repeats) * n / q
+    sklearn_rows = []
+    try:
+        from sklearn.neighbors import NearestNeighbors
+
+        index = NearestNeighbors(n_neighbors=k + 1, algorithm="brute", metric="cosine").fit(x)
+        sk_time = best_of(lambda: index.kneighbors(x[:q]), 1 if n > 10_000 else repeats) * n / q
+        sklearn_rows = [{"what": f"scikit-learn brute NearestNeighbors (timed on {q} queries, "
+                                 "scaled)", "seconds": sk_time, "ratio": sk_time / ours,
+                         "note": "scikit-learn / hookscope"}]
+    except ImportError:
+        sklearn_rows = [{"what": "scikit-learn: not installed, skipped", "seconds": None}]
     done = subprocess.run([sys.executable, "-c", _CHILD, str(n), str(d), str(k)],
                           capture_output=True, text=True, check=True)
     rss_before, rss_after = json.loads(done.stdout.strip().splitlines()[-1])
@@ -85,6 +96,7 @@ def knn(n: int, d: int, k: int, repeats: int) -> list[dict]:
          "ratio": ours / bare, "note": "hookscope / floor"},
         {"what": f"scipy cdist + argsort (timed on {q} queries, scaled)", "seconds": scipy_time,
          "ratio": scipy_time / ours, "note": "scipy / hookscope"},
+        *sklearn_rows,
         {"what": "peak RSS of a process running only nearest_neighbors", "seconds": None,
          "MiB": rss_after / 1024,
          "note": f"before the call {rss_before / 1024:.0f} MiB with libraries and the "

@@ -44,3 +44,13 @@ def test_dataset_benchmark_quick_mode(tmp_path, capsys):
     assert any("record_dataset" in w for w in whats)
     assert any(w.startswith("peak RSS") for w in whats)
     assert "rows/s" in capsys.readouterr().out
+
+
+def test_peers_benchmark_quick_mode(tmp_path, capsys, recwarn):
+    data = _quick_run("peers", tmp_path)
+    ours = data["correctness"]["hookscope"]
+    assert ours == {"shared": "both calls", "packed": "padded, original order",
+                    "inplace": "intact", "exception": "clean"}
+    assert data["correctness"]["hand-written hooks (reference)"]["shared"] == "both calls"
+    assert any(t["tool"] == "hookscope" and "ratio" in t for t in data["timing"])
+    assert "## Correctness" in capsys.readouterr().out
