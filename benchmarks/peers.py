@@ -307,11 +307,65 @@ def _values_match(got: dict, ref: dict) -> bool:
     return True
 
 
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+
+def memory_child(tool_name: str, model_index: int, quick: bool) -> None:
+    """In a fresh process: peak RSS added by one recorded forward (VmHWM - VmRSS before)."""
+    _, model, names, margs = timing_models(quick)[model_index]
+    with torch.no_grad():
+        model(*margs)  # warm: allocator pools and lazy initialisation are paid before
+        before = _status_kib("VmRSS:")
+        if tool_name == "plain forward":
+            model(*margs)
+        else:
+            tools = {"hand-written hooks (reference)": raw, **TOOLS}
+            kept = tools[tool_name](model, names, margs)  # noqa: F841 - held while measured
+        peak = _status_kib("VmHWM:")
+    print(json.dumps({"added_mib": (peak - before) / 1024}))
+
+
+def memory(tools: list[str], n_models: int, quick: bool) -> dict[tuple[int, str], float | str]:
+    import subprocess
+
+    out: dict[tuple[int, str], float | str] = {}
+    for i in range(n_models):
+        for name in ["plain forward", *tools]:
+            done = subprocess.run(
+                [sys.executable, "-W", "ignore", __file__, "--memory-child", name, str(i),
+                 *(["--quick"] if quick else [])], capture_output=True, text=True,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            try:
+                out[(i, name)] = json.loads(done.stdout.strip().splitlines()[-1])["added_mib"]
+            except (IndexError, ValueError):
+                out[(i, name)] = "fails"
+    return out
+
+
+def floor(model: nn.Module, names: list[str], margs: tuple) -> tuple[float, float]:
+    """MB captured, and ms to copy them once at memory bandwidth (the cost of cloning)."""
+    caps = [t for calls in raw(model, names, margs).values() for t in calls
+            if torch.is_tensor(t)]
+    total = sum(t.numel() * t.element_size() for t in caps)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        [t.clone() for t in caps]
+        best = min(best, time.perf_counter() - t0)
+    return total / 2**20, best * 1e3
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json")
+    p.add_argument("--memory-child", nargs=2, metavar=("TOOL", "MODEL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.memory_child:
+        memory_child(args.memory_child[0], int(args.memory_child[1]), args.quick)
+        return 0
     tools = {"hand-written hooks (reference)": raw}
     skipped = {}
     for name, fn in TOOLS.items():
@@ -333,8 +387,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, why in skipped.items():
         print(f"| {name} | skipped: {why} | | | |")
     iterations, repeats = (3, 1) if args.quick else (5, 3)
+    models = timing_models(args.quick)
+    # A fresh process per tool and model: quick mode measures only the first model's two
+    # hook-based baselines, to stay fast.
+    peaks = (memory(list(tools)[:2], 1, True) if args.quick
+             else memory(list(tools), len(models), False))
+    results["memory_mib"] = {f"{models[i][0]} | {t}": v for (i, t), v in peaks.items()}
     with torch.no_grad():
-        for title, model, names, margs in timing_models(args.quick):
+        for index, (title, model, names, margs) in enumerate(models):
             ref = raw(model, names, margs)
             variants = {"plain forward": lambda m=model, a=margs: m(*a)}
             notes = {}
@@ -351,16 +411,27 @@ def main(argv: list[str] | None = None) -> int:
                 variants[name] = lambda f=fn, m=model, nm=names, a=margs: f(m, nm, a)
             times = interleaved(variants, iterations, repeats)
             base = times["plain forward"]
-            print(f"\n## {title}\n\n| tool | median per forward | ratio to plain |")
-            print("|---|---:|---:|")
+            mib, copy_ms = floor(model, names, margs)
+            print(f"\n## {title}\n\nFloor: the plain forward; copying the {mib:.1f} MiB "
+                  f"captured takes {copy_ms:.2f} ms ({copy_ms / 1e3 / statistics.median(base):.1%}"
+                  " of it).\n\n| tool | median per forward | ratio to plain | peak RSS added |")
+            print("|---|---:|---:|---:|")
+
+            def peak(name: str, index: int = index) -> str:
+                v = peaks.get((index, name))
+                return f"{v:.1f} MiB" if isinstance(v, float) else str(v or "")
+
             for name, ts in times.items():
                 ratio = statistics.median([t / b for t, b in zip(ts, base, strict=True)])
-                print(f"| {name} | {statistics.median(ts) * 1e3:.2f} ms | {ratio:.3f}x |")
+                print(f"| {name} | {statistics.median(ts) * 1e3:.2f} ms | {ratio:.3f}x | "
+                      f"{peak(name)} |")
                 results["timing"].append({"model": title, "tool": name, "seconds": ts,
                                           "ratio": ratio})
             for name, why in notes.items():
-                print(f"| {name} | {why} | |")
+                print(f"| {name} | {why} | | {peak(name)} |")
                 results["timing"].append({"model": title, "tool": name, "note": why})
+            results["timing"].append({"model": title, "floor_copy_ms": copy_ms,
+                                      "captured_mib": mib})
     if args.json:
         results["machine"] = {"python": sys.version.split()[0], "torch": torch.__version__,
                               "numpy": np.__version__, "threads": torch.get_num_threads(),
