@@ -184,8 +184,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['MiB']:.0f} MiB ({r['note']})" if "MiB" in r else "")
         print(f"| {r['what']} | {secs} | {figure} |")
     if args.json:
+        import os
+        import platform
+
         info = {"torch": torch.__version__, "numpy": np.__version__, "pandas": pd.__version__,
-                "threads": torch.get_num_threads(), "quick": args.quick}
+                "threads": torch.get_num_threads(), "quick": args.quick,
+                "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                "python": sys.version.split()[0]}
         with open(args.json, "w") as f:
             json.dump({"machine": info, "results": results}, f, indent=1)
     return 0

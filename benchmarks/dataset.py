@@ -205,7 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['what']} | {secs} | {figure} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": {"torch": torch.__version__, "cores": os.cpu_count()},
+            import platform
+
+            json.dump({"machine": {"torch": torch.__version__, "cores": os.cpu_count(),
+                                   "cpu": platform.processor() or platform.machine(),
+                                   "threads": torch.get_num_threads(),
+                                   "python": sys.version.split()[0]},
                        "results": results}, f, indent=1)
     return 0
 
