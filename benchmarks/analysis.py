@@ -24,6 +24,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 import torch
+from _common import print_table  # benchmarks/ is on sys.path when run
 
 import hookscope as hs
 from hookscope.analysis import _BLOCK_ELEMENTS
@@ -176,13 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         results = (knn(50_000, 600, 10, 2) + cka(10_000, 600, 3)
                    + frames(100_000, 2_400, (64, 40, 600), 3))
-    print("| measurement | time | figure |\n|---|---:|---|")
-    for r in results:
-        secs = "" if r.get("seconds") is None else f"{r['seconds']:.3f} s"
-        figure = (f"{r['ratio']:.2f}x ({r['note']})" if "ratio" in r else
-                  f"{r['values_per_s'] / 1e6:.1f} M values/s" if "values_per_s" in r else
-                  f"{r['MiB']:.0f} MiB ({r['note']})" if "MiB" in r else "")
-        print(f"| {r['what']} | {secs} | {figure} |")
+    print_table(results)
     if args.json:
         import os
         import platform

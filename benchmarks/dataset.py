@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import print_table  # benchmarks/ is on sys.path when run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -196,13 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         results = (bilstm(20_000, 3) + memory(2_000, 20_000) + scaling(20_000)
                    + minilm(5_000))
-    print("| measurement | time | figure |\n|---|---:|---|")
-    for r in results:
-        secs = f"{r['seconds']:.2f} s" if "seconds" in r else ""
-        figure = (f"{r['ratio']:.2f}x ({r['note']})" if "ratio" in r else
-                  f"{r['rows_per_s']:.0f} rows/s" if "rows_per_s" in r else
-                  f"{r['MiB']:.0f} MiB" if "MiB" in r else "")
-        print(f"| {r['what']} | {secs} | {figure} |")
+    print_table(results)
     if args.json:
         with open(args.json, "w") as f:
             import platform

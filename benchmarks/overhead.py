@@ -16,35 +16,16 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
+from _common import interleaved  # benchmarks/ is on sys.path when run
 from torch import nn
 
 import hookscope as hs
 from hookscope.examples.nli import NLIBatch, build_model
 
 Variant = Callable[[], object]
-
-
-def interleaved(variants: dict[str, Variant], iterations: int, repeats: int,
-                warmup: int = 2) -> dict[str, list[float]]:
-    """Median seconds per call of each variant, one value per repeat."""
-    for fn in variants.values():
-        for _ in range(warmup):
-            fn()
-    out: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(iterations):
-            for name, fn in variants.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-        for name, ts in times.items():
-            out[name].append(statistics.median(ts))
-    return out
 
 
 def raw_hooks(model: nn.Module, names: list[str]) -> Callable[[Callable[[], object]], list]:

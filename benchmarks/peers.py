@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import interleaved  # benchmarks/ is on sys.path when run
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -277,23 +278,6 @@ def timing_models(quick: bool) -> list[tuple[str, nn.Module, list[str], tuple]]:
     except ImportError:
         pass
     return models
-
-
-def interleaved(variants: dict[str, Callable[[], Any]], iterations: int, repeats: int
-                ) -> dict[str, list[float]]:
-    for fn in variants.values():
-        fn()
-    out: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(repeats):
-        times: dict[str, list[float]] = {k: [] for k in variants}
-        for _ in range(iterations):
-            for k, fn in variants.items():
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
-        for k, ts in times.items():
-            out[k].append(statistics.median(ts))
-    return out
 
 
 def _values_match(got: dict, ref: dict) -> bool:

@@ -12,16 +12,15 @@ from .analysis import (
     NeighborhoodOverlap,
     cosine,
     cosine_matrix,
-    last_state,
     linear_cka,
-    masked_pool,
     nearest_neighbors,
     neighborhood_change,
     neighborhood_overlap,
     rsa,
     similarity_matrix,
 )
-from .dataset import DatasetView, open_dataset, record_dataset
+from .dataset import record_dataset
+from .dataset_view import DatasetView, open_dataset
 from .errors import (
     AmbiguousCallError,
     CallCountError,
@@ -33,6 +32,7 @@ from .errors import (
 )
 from .frame import recording_vectors
 from .io import load, save
+from .pooling import last_state, masked_pool
 from .recorder import Recorder, record
 from .recording import Capture, Recording
 from .select import resolve_modules

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .analysis import last_state, masked_pool
+from .pooling import last_state, masked_pool
 
 __all__ = ["capture_matrix", "recording_vectors", "to_frame"]
 

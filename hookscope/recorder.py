@@ -2,7 +2,7 @@
 
 The hook is the hot path (it runs on every call of a selected module), so everything that can
 be decided once — which module, its labels, its permutations, what to do with each leaf — is
-decided in :class:`Recorder.__init__` and kept in a ``_Plan`` per module.
+decided in :class:`Recorder.__init__` and kept in a ``Plan`` per module.
 """
 
 from __future__ import annotations
@@ -14,14 +14,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .errors import CallCountError, HookscopeError, ModuleSelectionError, UnsortError
+from .errors import CallCountError, HookscopeError, UnsortError
+from .plan import BatchDim, Plan, make_plans, mark_plain, set_unsort
 from .recording import Capture, Recording
 from .select import ModuleSpec, resolve_modules, unwrap
-from .structure import as_permutation, find_batch_dim, map_leaves, packed_lengths, pad_packed
+from .structure import find_batch_dim, map_leaves, packed_lengths, pad_packed
 
 __all__ = ["Recorder", "record"]
-
-BatchDim = int | Mapping[tuple, int | None] | None
 
 # A copy-on-write clone: O(1) now, and the data are copied only if the model later writes to
 # the tensor in place (then the write copies, and the capture keeps the old values).  Falls
@@ -39,63 +38,6 @@ class _Stop(BaseException):
     def __init__(self, recorder: Recorder) -> None:
         super().__init__("hookscope: forward pass stopped after the last recorded module")
         self.recorder = recorder
-
-
-class _Plan:
-    """Everything the hook of one module needs, decided once."""
-
-    __slots__ = ("batch_dim", "expected", "labels", "module", "module_type", "name", "perms",
-                 "pick", "plain", "rnn", "rnn_states")
-
-    def __init__(self, name: str, module: nn.Module) -> None:
-        self.name = name
-        self.module = module
-        self.module_type = type(module)
-        self.plain = False  # True: nothing to do to a tensor output but detach (and clone)
-        self.pick: Callable[[Any], Any] | None = None
-        self.labels: list[str] | None = None
-        self.perms: list[Tensor] | Tensor | None = None  # list: one per call; Tensor: every call
-        self.batch_dim: BatchDim | str = "auto"
-        self.rnn = isinstance(module, nn.RNNBase)
-        self.rnn_states: set[tuple[int, int]] | None = None  # see _rnn_states(), on demand
-        self.expected = 1  # calls per forward pass that stop=True waits for
-
-    def perm(self, call: int) -> Tensor | None:
-        if isinstance(self.perms, list):
-            return self.perms[call] if call < len(self.perms) else None
-        return self.perms
-
-
-def _per_module(
-    option: str, value: Any, model: nn.Module, selected: dict[str, nn.Module]
-) -> dict[str, Any]:
-    """Spread a per-module option ``{name or pattern or type: value}`` over selected names."""
-    if not isinstance(value, Mapping):
-        raise TypeError(
-            f"{option}= must map module names to values, e.g. {option}={{'encoder': ...}}; "
-            f"got {type(value).__name__}."
-        )
-    out: dict[str, Any] = {}
-    for key, v in value.items():
-        try:
-            hits = resolve_modules(model, key)
-        except ModuleSelectionError as exc:
-            raise ModuleSelectionError(f"{option}= key {key!r}: {exc}") from None
-        missing = [n for n in hits if n not in selected]
-        if missing:
-            raise ModuleSelectionError(
-                f"{option}= names {missing[0]!r}, which is not among the recorded modules "
-                f"({', '.join(map(repr, selected))}); add it to the modules to record."
-            )
-        out.update(dict.fromkeys(hits, v))
-    return out
-
-
-def _is_one_perm(value: Any) -> bool:
-    """A single permutation (tensor, array, list of ints) rather than a list of them."""
-    if isinstance(value, list | tuple):
-        return not value or isinstance(value[0], int)
-    return True
 
 
 class Recorder:
@@ -128,30 +70,9 @@ class Recorder:
         self.dtype = dtype
         self.stop = stop
         self.clone = clone
-        self._plans = {name: _Plan(name, m) for name, m in selected.items()}
-        if pick is not None:
-            picks = (_per_module("pick", pick, model, selected) if isinstance(pick, Mapping)
-                     else dict.fromkeys(selected, pick))
-            for name, fn in picks.items():
-                if not callable(fn):
-                    raise TypeError(f"pick= for {name!r} must be callable, got {fn!r}.")
-                self._plans[name].pick = fn
-        for name, labels in _per_module("calls", calls or {}, model, selected).items():
-            if isinstance(labels, str) or not all(isinstance(x, str) for x in labels):
-                raise TypeError(f"calls= for {name!r} must be a list of str labels, one per "
-                                f"call, e.g. ['premise', 'hypothesis']; got {labels!r}.")
-            if len(set(labels)) != len(labels):
-                raise ValueError(f"calls= labels for {name!r} repeat: {labels!r}.")
-            self._plans[name].labels = list(labels)
-            self._plans[name].expected = len(labels)
         self._selected = selected
+        self._plans = make_plans(model, selected, pick=pick, calls=calls, batch_dim=batch_dim)
         self._set_unsort(unsort)
-        for name, spec in _per_module("batch_dim", batch_dim or {}, model, selected).items():
-            if not (spec is None or isinstance(spec, int | Mapping)):
-                raise TypeError(f"batch_dim= for {name!r} must be an int, None, or a mapping "
-                                f"of output path prefixes to dims; got {spec!r}.")
-            self._plans[name].batch_dim = spec
-        self._update_plain()
         # Made once: entering the recorder only registers these.
         self._names = list(self._plans)
         self._module_types = {n: p.module_type for n, p in self._plans.items()}
@@ -172,36 +93,8 @@ class Recorder:
     def _set_unsort(self, unsort: Mapping[ModuleSpec, Any] | None) -> None:
         """(Re)set the ``unsort=`` permutations, validated; used once per batch by
         ``record_dataset``, where every batch has its own order."""
-        for plan in self._plans.values():
-            plan.perms = None
-            plan.expected = len(plan.labels) if plan.labels is not None else 1
-        for name, spec in _per_module("unsort", unsort or {}, self.model, self._selected).items():
-            plan = self._plans[name]
-            if _is_one_perm(spec):
-                plan.perms = as_permutation(spec, f"{name!r} (every call)")
-            else:
-                if isinstance(spec, Mapping):  # {label: perm}
-                    if plan.labels is None:
-                        raise CallCountError(f"unsort= for {name!r} is keyed by labels, but "
-                                             f"calls= gives {name!r} no labels.")
-                    unknown = set(spec) - set(plan.labels)
-                    if unknown:
-                        raise CallCountError(f"unsort= for {name!r} names unknown labels "
-                                             f"{sorted(unknown)}; labels: {plan.labels}.")
-                    spec = [spec.get(lab) for lab in plan.labels]
-                plan.perms = [None if p is None else as_permutation(p, f"{name!r} call {i}")
-                              for i, p in enumerate(spec)]
-                if plan.labels is not None and len(plan.perms) != len(plan.labels):
-                    raise CallCountError(
-                        f"unsort= gives {name!r} {len(plan.perms)} permutation(s) but calls= "
-                        f"gives {len(plan.labels)} label(s); give one per call.")
-                plan.expected = max(plan.expected, len(plan.perms))
-        self._update_plain()
-
-    def _update_plain(self) -> None:
-        for plan in self._plans.values():
-            plan.plain = (plan.pick is None and plan.perms is None and self.device is None
-                          and self.dtype is None)
+        set_unsort(self._plans, self.model, self._selected, unsort)
+        mark_plain(self._plans, self.device, self.dtype)
 
     # -- entering and leaving ---------------------------------------------------------------
     def __enter__(self) -> Recording:
@@ -264,13 +157,13 @@ class Recorder:
         self._remaining = len(self._plans)
         self._pending_inputs.clear()
 
-    def _make_hook(self, plan: _Plan) -> Callable[..., None]:
+    def _make_hook(self, plan: Plan) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             self._record_call(plan, args, kwargs, output)
 
         return hook
 
-    def _make_pre_hook(self, plan: _Plan) -> Callable[..., None]:
+    def _make_pre_hook(self, plan: Plan) -> Callable[..., None]:
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             where = f"{plan.name!r} inputs"
             args, kwargs = self._convert(plan, (args, kwargs), None, where)[0]
@@ -278,7 +171,7 @@ class Recorder:
 
         return pre_hook
 
-    def _record_call(self, plan: _Plan, args: tuple, kwargs: dict, output: Any) -> None:
+    def _record_call(self, plan: Plan, args: tuple, kwargs: dict, output: Any) -> None:
         rec = self._rec
         if rec is None:  # a stale call after the block ended (e.g. from a cached graph)
             return
@@ -320,7 +213,7 @@ class Recorder:
 
     # -- values -----------------------------------------------------------------------------
     def _convert(
-        self, plan: _Plan, value: Any, perm: Tensor | None, where: str
+        self, plan: Plan, value: Any, perm: Tensor | None, where: str
     ) -> tuple[Any, Tensor | None, list | None]:
         """Detach, pad packed sequences, unsort, move/cast, and clone what still aliases the
         model's memory.  Returns (value, lengths, versions-for-clone=False)."""
@@ -356,7 +249,7 @@ class Recorder:
         return value, lengths, versions
 
     def _batch_dim(
-        self, plan: _Plan, path: tuple, x: Tensor, packed: bool, n: int, where: str
+        self, plan: Plan, path: tuple, x: Tensor, packed: bool, n: int, where: str
     ) -> int | None:
         spec = plan.batch_dim
         if isinstance(spec, Mapping):
@@ -394,7 +287,7 @@ class Recorder:
         return dim
 
     @staticmethod
-    def _rnn_states(plan: _Plan) -> set[tuple[int, int]]:
+    def _rnn_states(plan: Plan) -> set[tuple[int, int]]:
         """(layers * directions, hidden) of RNNs inside a wrapper such as the story's
         LSTMEncoder: a state leaf of exactly that shape has its batch in dim 1."""
         if plan.rnn_states is None:

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import hookscope as hs
-from hookscope.dataset import DatasetError, open_dataset, record_dataset
+from hookscope.dataset import DatasetError, record_dataset
+from hookscope.dataset_view import open_dataset
 from tests import dataset_job
 
 pa = pytest.importorskip("pyarrow")
