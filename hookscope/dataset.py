@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -300,9 +301,9 @@ def record_dataset(
     t0 = time.perf_counter()
     np_dtype = np.float16 if dtype == torch.float16 else np.float32
     try:
-        _record_batches(model, batches, modules, recorder, per_batch_unsort, record_options,
-                        run, meta, lengths, reduce, bidirectional, np_dtype, manifest, done,
-                        writer, bar, rank, world, shard_rows)
+        job = _Job(model, recorder, run, per_batch_unsort, meta, lengths, reduce, bidirectional,
+                   np_dtype, manifest, writer, bar, shard_rows)
+        _record_batches(job, _batches_to_do(batches, done, rank, world))
         writer.flush()
     finally:
         writer.close()  # a started shard is finished and registered, whatever happened
@@ -325,33 +326,52 @@ def record_dataset(
     return out
 
 
-def _record_batches(model: torch.nn.Module, batches: Iterable[Any], modules: Any,
-                    recorder: Recorder, per_batch_unsort: Callable | None,
-                    record_options: dict, run: Callable, meta: Callable | None,
-                    lengths: Callable | None, reduce: Any, bidirectional: bool, np_dtype: Any,
-                    manifest: dict, done: set[int], writer: _ShardWriter, bar: Any, rank: int,
-                    world: int, shard_rows: int) -> None:
+@dataclass
+class _Job:
+    """What every batch of one ``record_dataset`` call shares."""
+
+    model: torch.nn.Module
+    recorder: Recorder
+    run: Callable[[torch.nn.Module, Any], Any]
+    unsort: Callable[[Any], Any] | None
+    meta: Callable[[Any], Mapping[str, Any]] | None
+    lengths: Callable[[Any], Any] | None
+    reduce: Any
+    bidirectional: bool
+    np_dtype: Any
+    manifest: dict
+    writer: _ShardWriter
+    bar: Any
+    shard_rows: int
+
+
+def _batches_to_do(batches: Iterable[Any], done: set[int], rank: int,
+                   world: int) -> Iterable[tuple[int, Any]]:
+    """``(index, batch)`` for this rank's batches not yet written."""
     if hasattr(batches, "__getitem__") and hasattr(batches, "__len__"):
         # A sequence: build only this rank's batches, and not the ones already written.
         mine = (i for i in range(len(batches)) if i % world == rank and i not in done)
-        items: Iterable[tuple[int, Any]] = ((i, batches[i]) for i in mine)
-    else:
-        items = ((i, b) for i, b in enumerate(batches) if i % world == rank and i not in done)
+        return ((i, batches[i]) for i in mine)
+    return ((i, b) for i, b in enumerate(batches) if i % world == rank and i not in done)
+
+
+def _record_batches(job: _Job, items: Iterable[tuple[int, Any]]) -> None:
     with torch.no_grad():
         for index, batch in items:
-            if per_batch_unsort is not None:
-                recorder._set_unsort(per_batch_unsort(batch))  # this batch's order
-            with recorder as rec:
-                run(model, batch)
-            if lengths is not None:
-                known = torch.as_tensor(lengths(batch)).to("cpu", torch.int64)
+            if job.unsort is not None:
+                job.recorder._set_unsort(job.unsort(batch))  # this batch's order
+            with job.recorder as rec:
+                job.run(job.model, batch)
+            if job.lengths is not None:
+                known = torch.as_tensor(job.lengths(batch)).to("cpu", torch.int64)
                 for cap in rec.captures():
                     if cap.lengths is None and cap.tensor.ndim == 3 and len(cap.tensor) == len(
                             known):
                         cap.lengths = known
-            columns, n = _batch_columns(rec, reduce, bidirectional, np_dtype, manifest, index)
-            if meta is not None:
-                for k, v in meta(batch).items():
+            columns, n = _batch_columns(rec, job.reduce, job.bidirectional, job.np_dtype,
+                                        job.manifest, index)
+            if job.meta is not None:
+                for k, v in job.meta(batch).items():
                     values = v.tolist() if isinstance(v, torch.Tensor | np.ndarray) else list(v)
                     if len(values) != n:
                         raise DatasetError(f"batch {index}: meta column {k!r} has "
@@ -360,12 +380,12 @@ def _record_batches(model: torch.nn.Module, batches: Iterable[Any], modules: Any
                     columns[k] = values
             columns["batch"] = np.full(n, index, dtype=np.int64)
             columns["row"] = np.arange(n, dtype=np.int64)
-            writer.add(columns, n, index)
-            if bar is not None:
-                bar.update(n)
-                bar.set_postfix(MB=f"{writer.bytes_written / 2**20:.1f}")
-            if writer.n_buffered >= shard_rows:
-                writer.flush()
+            job.writer.add(columns, n, index)
+            if job.bar is not None:
+                job.bar.update(n)
+                job.bar.set_postfix(MB=f"{job.writer.bytes_written / 2**20:.1f}")
+            if job.writer.n_buffered >= job.shard_rows:
+                job.writer.flush()
 
 
 def _progress_bar(progress: bool, rank: int) -> Any:
