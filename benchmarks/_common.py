@@ -39,3 +39,26 @@ def print_table(results: list[dict]) -> None:
                   f"{r['MiB']:.0f} MiB" + (f" ({r['note']})" if "note" in r else "")
                   if "MiB" in r else "")
         print(f"| {r['what']} | {secs} | {figure} |")
+
+
+def story_batch(quick: bool) -> tuple[Any, Any, str]:
+    """The story's BiLSTM NLI model at benchmark size (vocab 20k, dim 300, hidden 300,
+    batch 64) with a random batch of lengths 5-40, sorted by length as the story's vectoriser
+    does.  Returns (model, batch, description)."""
+    import torch
+
+    from hookscope.examples.nli import NLIBatch, build_model
+
+    vocab, dim, hidden, batch = (500, 32, 32, 8) if quick else (20_000, 300, 300, 64)
+    model = build_model(vocab, dim, hidden, seed=0)
+    g = torch.Generator().manual_seed(0)
+
+    def side() -> tuple:
+        lengths = torch.randint(5, 41, (batch,), generator=g)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        ids = torch.randint(2, vocab, (batch, int(lengths.max())), generator=g)
+        ids = ids * (torch.arange(ids.shape[1]) < lengths[:, None])
+        return ids[order], lengths[order], torch.argsort(order)
+
+    sizes = f"vocab {vocab}, dim {dim}, hidden {hidden}, batch {batch}"
+    return model, NLIBatch(*side(), *side()), sizes

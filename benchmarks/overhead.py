@@ -19,11 +19,10 @@ import sys
 from collections.abc import Callable
 
 import torch
-from _common import interleaved  # benchmarks/ is on sys.path when run
+from _common import interleaved, story_batch  # benchmarks/ is on sys.path when run
 from torch import nn
 
 import hookscope as hs
-from hookscope.examples.nli import NLIBatch, build_model
 
 Variant = Callable[[], object]
 
@@ -47,26 +46,14 @@ def raw_hooks(model: nn.Module, names: list[str]) -> Callable[[Callable[[], obje
 
 
 def nli_case(quick: bool) -> tuple[str, dict[str, Variant]]:
-    vocab, dim, hidden, batch = (500, 32, 32, 8) if quick else (20_000, 300, 300, 64)
-    model = build_model(vocab, dim, hidden, seed=0)
-    g = torch.Generator().manual_seed(0)
-
-    def side():
-        lengths = torch.randint(5, 41, (batch,), generator=g)
-        order = torch.argsort(lengths, descending=True, stable=True)
-        ids = torch.randint(2, vocab, (batch, int(lengths.max())), generator=g)
-        ids = ids * (torch.arange(ids.shape[1]) < lengths[:, None])
-        return ids[order], lengths[order], torch.argsort(order)
-
-    b = NLIBatch(*side(), *side())
+    model, b, sizes = story_batch(quick)
     names = ["encoder", "pooling", "aggregation"]
     raw = raw_hooks(model, names)
     recorder = hs.record(model, names,
                          calls={"encoder": ["premise", "hypothesis"],
                                 "pooling": ["premise", "hypothesis"]},
                          unsort={"encoder": [b.premise_orig_idx, b.hypothesis_orig_idx]})
-    return (f"BiLSTM NLI (vocab {vocab}, dim {dim}, hidden {hidden}, batch {batch}, "
-            "lengths 5-40)", {
+    return (f"BiLSTM NLI ({sizes}, lengths 5-40)", {
                 "plain forward": lambda: model(b),
                 "raw hooks (detach)": lambda: raw(lambda: model(b)),
                 "hookscope.record, 3 modules": lambda: recorder.run(b),

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import interleaved  # benchmarks/ is on sys.path when run
+from _common import interleaved, story_batch  # benchmarks/ is on sys.path when run
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -241,22 +241,9 @@ def correctness(tool: Capture) -> dict[str, str]:
 # --- timing -----------------------------------------------------------------------------------
 
 def timing_models(quick: bool) -> list[tuple[str, nn.Module, list[str], tuple]]:
-    from hookscope.examples.nli import NLIBatch, build_model
-
-    vocab, dim, hidden, batch = (500, 32, 32, 8) if quick else (20_000, 300, 300, 64)
-    nli = build_model(vocab, dim, hidden, seed=0)
-    g = torch.Generator().manual_seed(0)
-
-    def side():
-        lengths = torch.randint(5, 41, (batch,), generator=g)
-        order = torch.argsort(lengths, descending=True, stable=True)
-        ids = torch.randint(2, vocab, (batch, int(lengths.max())), generator=g)
-        ids = ids * (torch.arange(ids.shape[1]) < lengths[:, None])
-        return ids[order], lengths[order], torch.argsort(order)
-
-    models = [(f"BiLSTM NLI (vocab {vocab}, hidden {hidden}, batch {batch}; encoder called "
-               "twice)", nli, ["encoder", "pooling", "aggregation"], (NLIBatch(*side(),
-                                                                                *side()),))]
+    nli, batch, sizes = story_batch(quick)
+    models = [(f"BiLSTM NLI ({sizes}; encoder called twice)", nli,
+               ["encoder", "pooling", "aggregation"], (batch,))]
     d, seq, b = (64, 16, 4) if quick else (384, 128, 32)
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(d, nhead=4 if quick else 6, dim_feedforward=4 * d,
