@@ -79,7 +79,7 @@ def _job(args: list[str], torchrun: bool = False) -> dict:
         f.write(JOB)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     prefix = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-               "--master_port=29531"] if torchrun else [sys.executable])
+               "--standalone"] if torchrun else [sys.executable])
     done = subprocess.run([*prefix, f.name, *args], capture_output=True, text=True, env=env,
                           check=True)
     os.unlink(f.name)

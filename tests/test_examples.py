@@ -24,7 +24,10 @@ def test_corpus_is_deterministic_and_dev_words_are_unseen():
 def test_shipped_weights_reach_their_documented_dev_accuracy():
     model, vec, meta = load_pretrained()
     dev = [p for p in generate(meta["seed"]) if p.split == "dev"]
-    assert round(accuracy(model, vec, dev), 4) == meta["dev_accuracy"] > 0.9
+    # Within two examples of the figure measured when training: a pair whose two top scores
+    # are within a rounding error may be decided differently by another CPU's kernels.
+    assert meta["dev_accuracy"] > 0.9
+    assert abs(accuracy(model, vec, dev) - meta["dev_accuracy"]) <= 2 / len(dev) + 5e-5
     assert meta["labels"] == list(LABELS)
 
 

@@ -334,8 +334,12 @@ def test_bad_arguments_are_clear(mlp):
 
 
 def test_data_parallel_names_resolve_to_the_inner_model(mlp):
-    wrapped = nn.DataParallel(mlp)  # on CPU it simply calls the module
-    x = torch.randn(2, 4)
+    # Where CUDA is available, DataParallel wants its module on cuda:0; one device id keeps
+    # it to one replica (no threads).  Without CUDA it simply calls the module.
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    mlp = mlp.to(device)
+    wrapped = nn.DataParallel(mlp, device_ids=[0] if device.type == "cuda" else None)
+    x = torch.randn(2, 4, device=device)
     with hs.record(wrapped, ["2", "module.4"]) as rec:
         y = wrapped(x)
     with torch.no_grad():
