@@ -29,6 +29,7 @@ from .errors import (
     ModuleSelectionError,
     NotRecordedError,
     UnsortError,
+    UnsupportedModelError,
 )
 from .frame import recording_vectors
 from .io import load, save
@@ -53,6 +54,7 @@ __all__ = [
     "Recorder",
     "Recording",
     "UnsortError",
+    "UnsupportedModelError",
     "__version__",
     "cosine",
     "cosine_matrix",

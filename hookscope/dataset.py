@@ -358,9 +358,9 @@ def _batches_to_do(batches: Iterable[Any], done: set[int], rank: int,
 def _record_batches(job: _Job, items: Iterable[tuple[int, Any]]) -> None:
     with torch.no_grad():
         for index, batch in items:
-            if job.unsort is not None:
-                job.recorder._set_unsort(job.unsort(batch))  # this batch's order
-            with job.recorder as rec:
+            recorder = job.recorder if job.unsort is None else \
+                job.recorder.with_unsort(job.unsort(batch))  # this batch's order
+            with recorder as rec:
                 job.run(job.model, batch)
             if job.lengths is not None:
                 known = torch.as_tensor(job.lengths(batch)).to("cpu", torch.int64)

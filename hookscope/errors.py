@@ -15,6 +15,7 @@ __all__ = [
     "ModuleSelectionError",
     "NotRecordedError",
     "UnsortError",
+    "UnsupportedModelError",
 ]
 
 
@@ -50,3 +51,7 @@ class UnsortError(HookscopeError, ValueError):
 
 class CaptureModifiedError(HookscopeError, RuntimeError):
     """A capture recorded with ``clone=False`` was changed in place after it was recorded."""
+
+
+class UnsupportedModelError(HookscopeError, TypeError):
+    """The model (or a selected module) cannot be hooked, e.g. a TorchScript module."""

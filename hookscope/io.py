@@ -265,7 +265,7 @@ def load(path: str | os.PathLike) -> Recording:
         rec.steps = manifest["steps"]
         for c in manifest["captures"]:
             lengths = None if c["lengths"] is None else reader.tensor(c["lengths"])
-            rec._captures[c["name"]].append(Capture(
+            rec._add(Capture(
                 c["name"], c["step"], c["call"], c["label"], types[c["name"]],
                 reader.tree(c["output"]), reader.tree(c["inputs"]), reader.tree(c["kwargs"]),
                 lengths))

@@ -7,40 +7,45 @@ validated here, against the selected modules, before any hook exists.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .errors import CallCountError, ModuleSelectionError
 from .select import resolve_modules
 from .structure import as_permutation
 
-__all__ = ["BatchDim", "Plan", "make_plans", "mark_plain", "set_unsort"]
+__all__ = ["BatchDim", "Plan", "build_plans"]
 
 BatchDim = int | Mapping[tuple, int | None] | None
 
 
+@dataclass(frozen=True, slots=True)
 class Plan:
-    """Everything the hook of one module needs, decided once."""
+    """Everything the hook of one module needs, decided once (immutable: a recorder that
+    records another batch order makes new plans, see :func:`build_plans`)."""
 
-    __slots__ = ("batch_dim", "expected", "labels", "module", "module_type", "name", "perms",
-                 "pick", "plain", "rnn", "rnn_states")
-
-    def __init__(self, name: str, module: nn.Module) -> None:
-        self.name = name
-        self.module = module
-        self.module_type = type(module)
-        self.plain = False  # True: nothing to do to a tensor output but detach (and clone)
-        self.pick: Callable[[Any], Any] | None = None
-        self.labels: list[str] | None = None
-        self.perms: list[Tensor] | Tensor | None = None  # list: one per call; Tensor: every call
-        self.batch_dim: BatchDim | str = "auto"
-        self.rnn = isinstance(module, nn.RNNBase)
-        self.rnn_states: set[tuple[int, int]] | None = None  # see _rnn_states(), on demand
-        self.expected = 1  # calls per forward pass that stop=True waits for
+    name: str
+    module: nn.Module
+    module_type: type
+    pick: Callable[[Any], Any] | None = None
+    labels: tuple[str, ...] | None = None
+    perms: tuple[Tensor | None, ...] | Tensor | None = None  # tuple: per call; Tensor: every
+    batch_dim: Any = "auto"
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+    clone: Any = True
+    rnn: bool = False
+    # (layers * directions, hidden) of RNNs inside this module (a wrapper such as the story's
+    # LSTMEncoder): their (h, c) are found by identity when unsort= is given.
+    inner_rnns: tuple[nn.RNNBase, ...] = ()
+    expected: int = 1  # calls per forward pass that stop=True waits for
+    plain: bool = False  # True: nothing to do to a tensor output but detach and snapshot
 
     def perm(self, call: int) -> Tensor | None:
-        if isinstance(self.perms, list):
+        if isinstance(self.perms, tuple):
             return self.perms[call] if call < len(self.perms) else None
         return self.perms
 
@@ -77,66 +82,66 @@ def _is_one_perm(value: Any) -> bool:
     return True
 
 
-def make_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any = None,
-               calls: Mapping[Any, list[str]] | None = None,
-               batch_dim: Mapping[Any, BatchDim] | None = None) -> dict[str, Plan]:
-    """A validated ``Plan`` per selected module from ``pick=``, ``calls=`` and
-    ``batch_dim=`` (``unsort=`` is set by :func:`set_unsort`, as it may change per batch)."""
-    plans = {name: Plan(name, m) for name, m in selected.items()}
+def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any = None,
+                calls: Mapping[Any, list[str]] | None = None,
+                unsort: Mapping[Any, Any] | None = None,
+                batch_dim: Mapping[Any, BatchDim] | None = None,
+                device: torch.device | None = None, dtype: torch.dtype | None = None,
+                clone: Any = True) -> dict[str, Plan]:
+    """A validated, immutable ``Plan`` per selected module from ``record()``'s options."""
+    fields: dict[str, dict[str, Any]] = {
+        name: {"name": name, "module": m, "module_type": type(m), "device": device,
+               "dtype": dtype, "clone": clone, "rnn": isinstance(m, nn.RNNBase),
+               "inner_rnns": tuple(x for x in m.modules()
+                                   if isinstance(x, nn.RNNBase) and x is not m)}
+        for name, m in selected.items()}
     if pick is not None:
         picks = (_per_module("pick", pick, model, selected) if isinstance(pick, Mapping)
                  else dict.fromkeys(selected, pick))
         for name, fn in picks.items():
             if not callable(fn):
                 raise TypeError(f"pick= for {name!r} must be callable, got {fn!r}.")
-            plans[name].pick = fn
+            fields[name]["pick"] = fn
     for name, labels in _per_module("calls", calls or {}, model, selected).items():
         if isinstance(labels, str) or not all(isinstance(x, str) for x in labels):
             raise TypeError(f"calls= for {name!r} must be a list of str labels, one per "
                             f"call, e.g. ['premise', 'hypothesis']; got {labels!r}.")
         if len(set(labels)) != len(labels):
             raise ValueError(f"calls= labels for {name!r} repeat: {labels!r}.")
-        plans[name].labels = list(labels)
-        plans[name].expected = len(labels)
+        fields[name]["labels"] = tuple(labels)
+        fields[name]["expected"] = len(labels)
     for name, spec in _per_module("batch_dim", batch_dim or {}, model, selected).items():
         if not (spec is None or isinstance(spec, int | Mapping)):
             raise TypeError(f"batch_dim= for {name!r} must be an int, None, or a mapping "
                             f"of output path prefixes to dims; got {spec!r}.")
-        plans[name].batch_dim = spec
-    return plans
-
-
-def set_unsort(plans: dict[str, Plan], model: nn.Module, selected: dict[str, nn.Module],
-               unsort: Mapping[Any, Any] | None) -> None:
-    """(Re)set every plan's ``unsort=`` permutations, validated."""
-    for plan in plans.values():
-        plan.perms = None
-        plan.expected = len(plan.labels) if plan.labels is not None else 1
+        fields[name]["batch_dim"] = spec
     for name, spec in _per_module("unsort", unsort or {}, model, selected).items():
-        plan = plans[name]
-        if _is_one_perm(spec):
-            plan.perms = as_permutation(spec, f"{name!r} (every call)")
-            continue
-        if isinstance(spec, Mapping):  # {label: perm}
-            if plan.labels is None:
-                raise CallCountError(f"unsort= for {name!r} is keyed by labels, but "
-                                     f"calls= gives {name!r} no labels.")
-            unknown = set(spec) - set(plan.labels)
-            if unknown:
-                raise CallCountError(f"unsort= for {name!r} names unknown labels "
-                                     f"{sorted(unknown)}; labels: {plan.labels}.")
-            spec = [spec.get(lab) for lab in plan.labels]
-        plan.perms = [None if p is None else as_permutation(p, f"{name!r} call {i}")
-                      for i, p in enumerate(spec)]
-        if plan.labels is not None and len(plan.perms) != len(plan.labels):
-            raise CallCountError(
-                f"unsort= gives {name!r} {len(plan.perms)} permutation(s) but calls= "
-                f"gives {len(plan.labels)} label(s); give one per call.")
-        plan.expected = max(plan.expected, len(plan.perms))
-
-
-def mark_plain(plans: dict[str, Plan], device: Any, dtype: Any) -> None:
-    """Flag the plans whose tensor outputs need nothing but detaching (the hook's fast path)."""
-    for plan in plans.values():
-        plan.plain = (plan.pick is None and plan.perms is None and device is None
+        _unsort_fields(name, spec, fields[name])
+    for f in fields.values():
+        f["plain"] = (f.get("pick") is None and f.get("perms") is None and device is None
                       and dtype is None)
+    return {name: Plan(**f) for name, f in fields.items()}
+
+
+def _unsort_fields(name: str, spec: Any, f: dict[str, Any]) -> None:
+    labels = f.get("labels")
+    if _is_one_perm(spec):
+        f["perms"] = as_permutation(spec, f"{name!r} (every call)")
+        return
+    if isinstance(spec, Mapping):  # {label: perm}
+        if labels is None:
+            raise CallCountError(f"unsort= for {name!r} is keyed by labels, but "
+                                 f"calls= gives {name!r} no labels.")
+        unknown = set(spec) - set(labels)
+        if unknown:
+            raise CallCountError(f"unsort= for {name!r} names unknown labels "
+                                 f"{sorted(unknown)}; labels: {list(labels)}.")
+        spec = [spec.get(lab) for lab in labels]
+    perms = tuple(None if p is None else as_permutation(p, f"{name!r} call {i}")
+                  for i, p in enumerate(spec))
+    if labels is not None and len(perms) != len(labels):
+        raise CallCountError(
+            f"unsort= gives {name!r} {len(perms)} permutation(s) but calls= "
+            f"gives {len(labels)} label(s); give one per call.")
+    f["perms"] = perms
+    f["expected"] = max(f.get("expected", 1), len(perms))

@@ -1,12 +1,17 @@
 """``record()``: forward hooks on, capture every call, hooks off.
 
+The flow: selection (:mod:`~hookscope.select`) → an immutable plan per module
+(:mod:`~hookscope.plan`) → hooks, whose per-block state lives in a :class:`_Session` →
+the pure conversion step (:mod:`~hookscope.convert`) → a :class:`~hookscope.Recording`.
+
 The hook is the hot path (it runs on every call of a selected module), so everything that can
-be decided once — which module, its labels, its permutations, what to do with each leaf — is
-decided in :class:`Recorder.__init__` and kept in a ``Plan`` per module.
+be decided once is decided in :class:`Recorder.__init__` and kept in the plans.
 """
 
 from __future__ import annotations
 
+import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -14,30 +19,51 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .errors import CallCountError, HookscopeError, UnsortError
-from .plan import BatchDim, Plan, make_plans, mark_plain, set_unsort
+from .convert import CloneMode, convert, permute_lengths, snapshot_tensor, state_keys
+from .errors import CallCountError, HookscopeError, UnsupportedModelError
+from .plan import BatchDim, Plan, build_plans
 from .recording import Capture, Recording
 from .select import ModuleSpec, resolve_modules, unwrap
-from .structure import find_batch_dim, map_leaves, packed_lengths, pad_packed
+from .structure import first_tensor, packed_lengths
 
 __all__ = ["Recorder", "record"]
 
-# A copy-on-write clone: O(1) now, and the data are copied only if the model later writes to
-# the tensor in place (then the write copies, and the capture keeps the old values).  Falls
-# back to an eager clone where this PyTorch lacks it.
-_safe_clone: Callable[[Tensor], Tensor] = getattr(torch, "_lazy_clone", None) or Tensor.clone
+_get_ident = threading.get_ident
+
+# Recorders that asked to stop the forward pass, per thread; the last hookscope hook of the
+# module raises (so that a nested recorder's hook on the same module still records first).
+_PENDING_STOPS: dict[int, set[Recorder]] = {}
 
 
 class _Stop(BaseException):
     """Raised by a hook to end the forward pass early (``stop=True``).
 
-    A ``BaseException`` so that a model's own ``except Exception`` cannot swallow it; the
-    recorder that raised it swallows it in ``__exit__``.
+    A ``BaseException`` so that a model's own ``except Exception`` cannot swallow it; each
+    recorder that asked for it takes itself off ``recorders`` in ``__exit__``, and the last
+    one swallows it.
     """
 
-    def __init__(self, recorder: Recorder) -> None:
+    def __init__(self, recorders: set[Recorder]) -> None:
         super().__init__("hookscope: forward pass stopped after the last recorded module")
-        self.recorder = recorder
+        self.recorders = recorders
+
+
+class _Session:
+    """The state of one entered block: the recording, call counters, handles."""
+
+    __slots__ = ("counts", "handles", "mask", "pending_inputs", "rec", "remaining",
+                 "rnn_keys", "stance", "thread")
+
+    def __init__(self, rec: Recording, n_plans: int, thread: int | None) -> None:
+        self.rec = rec
+        self.thread = thread  # None: every thread's calls are recorded
+        self.counts: dict[str, int] = {}
+        self.remaining = n_plans
+        self.pending_inputs: dict[str, list[tuple[tuple, dict]]] = {}
+        self.handles: list[Any] = []
+        self.stance: Any = None
+        self.mask: Tensor | None = None  # the model call's attention mask, if any
+        self.rnn_keys: set[tuple] = set()  # (h, c) returned by RNNs inside wrappers
 
 
 class Recorder:
@@ -58,270 +84,254 @@ class Recorder:
         unsort: Mapping[ModuleSpec, Any] | None = None,
         batch_dim: Mapping[ModuleSpec, BatchDim] | None = None,
         stop: bool = False,
-        clone: bool = True,
+        clone: CloneMode = True,
+        threads: str = "own",
+        mask_from: str | None = "attention_mask",
     ) -> None:
+        _check_scriptable(model)
         selected = resolve_modules(model, modules)
-        self.model = model
-        self.inputs = inputs
-        self.device = torch.device(device) if device is not None else None
+        for name, m in selected.items():
+            _check_scriptable(m, name)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype= must be a floating torch.dtype such as torch.float16; "
                             f"got {dtype!r}. (Integer tensors are never cast.)")
-        self.dtype = dtype
+        if clone not in (True, False, "lazy"):
+            raise ValueError(f"clone= must be True, False or 'lazy'; got {clone!r}.")
+        if threads not in ("own", "all"):
+            raise ValueError(f"threads= must be 'own' (the thread that enters the block) or "
+                             f"'all'; got {threads!r}.")
+        if mask_from is not None and not isinstance(mask_from, str):
+            raise TypeError(f"mask_from= must be a keyword name such as 'attention_mask', or "
+                            f"None; got {mask_from!r}.")
+        self.model = model
+        self.inputs = inputs
         self.stop = stop
-        self.clone = clone
+        self.threads = threads
+        self.mask_from = mask_from
         self._selected = selected
-        self._plans = make_plans(model, selected, pick=pick, calls=calls, batch_dim=batch_dim)
-        self._set_unsort(unsort)
-        # Made once: entering the recorder only registers these.
+        self._options = {"pick": pick, "calls": calls, "batch_dim": batch_dim, "clone": clone,
+                         "device": torch.device(device) if device is not None else None,
+                         "dtype": dtype}
+        self._plans = build_plans(model, selected, unsort=unsort, **self._options)
+        inner, prefix = unwrap(model)
+        self._model_type = type(inner).__name__
+        self._prefix = prefix
         self._names = list(self._plans)
         self._module_types = {n: p.module_type for n, p in self._plans.items()}
         self._hooks = [(p.module, self._make_pre_hook(p) if inputs else None, self._make_hook(p))
                        for p in self._plans.values()]
-        inner, prefix = unwrap(model)
-        self._model_type = type(inner).__name__
+        self._state_hooks = [(rnn, self._make_state_hook()) for p in self._plans.values()
+                             if p.perms is not None and not p.rnn for rnn in p.inner_rnns]
         # Hooks added after torch.compile are not seen by the compiled graph (dynamo skips
         # hook guards), which would give an empty recording: run eagerly inside the block.
-        self._compiled = "_orig_mod." in prefix
-        self._stance: Any = None
-        self._handles: list[Any] = []
-        self._rec: Recording | None = None
-        self._counts: dict[str, int] = {}
-        self._remaining = 0
-        self._pending_inputs: dict[str, list[tuple[tuple, dict]]] = {}
+        self._wrapped_compiled = "_orig_mod." in prefix
+        self._session: _Session | None = None
 
-    def _set_unsort(self, unsort: Mapping[ModuleSpec, Any] | None) -> None:
-        """(Re)set the ``unsort=`` permutations, validated; used once per batch by
-        ``record_dataset``, where every batch has its own order."""
-        set_unsort(self._plans, self.model, self._selected, unsort)
-        mark_plain(self._plans, self.device, self.dtype)
+    @property
+    def device(self) -> torch.device | None:
+        return self._options["device"]
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self._options["dtype"]
+
+    @property
+    def clone(self) -> CloneMode:
+        return self._options["clone"]
+
+    def with_unsort(self, unsort: Mapping[ModuleSpec, Any] | None) -> Recorder:
+        """The same recorder for a batch with another order: a new :class:`Recorder` with
+        these ``unsort=`` permutations (validated) and every other option kept.
+
+        ``record_dataset`` uses it once per batch; ``run(..., unsort=...)`` is the shortcut.
+        """
+        new = object.__new__(Recorder)
+        new.__dict__.update(self.__dict__)
+        new._plans = build_plans(self.model, self._selected, unsort=unsort, **self._options)
+        new._hooks = [(p.module, new._make_pre_hook(p) if new.inputs else None,
+                       new._make_hook(p)) for p in new._plans.values()]
+        new._state_hooks = [(rnn, new._make_state_hook()) for p in new._plans.values()
+                            if p.perms is not None and not p.rnn for rnn in p.inner_rnns]
+        new._session = None
+        return new
 
     # -- entering and leaving ---------------------------------------------------------------
     def __enter__(self) -> Recording:
-        if self._rec is not None:
+        if self._session is not None:
             raise HookscopeError("This recorder is already active; nest a new record() instead.")
-        self._rec = Recording(self._names, self._module_types, self._model_type)
-        self._counts = {}
-        self._remaining = len(self._plans)
-        self._pending_inputs = {}
+        rec = Recording(self._names, self._module_types, self._model_type, prefix=self._prefix)
+        s = _Session(rec, len(self._plans), _get_ident() if self.threads == "own" else None)
         try:
-            if self._compiled:
-                self._stance = torch.compiler.set_stance("force_eager")
-                self._stance.__enter__()
-            add = self._handles.append
-            add(self.model.register_forward_pre_hook(self._new_step))
+            if self._needs_eager():
+                s.stance = torch.compiler.set_stance("force_eager")
+                s.stance.__enter__()
+            add = s.handles.append
+            add(self.model.register_forward_pre_hook(self._new_step, with_kwargs=True))
+            for rnn, hook in self._state_hooks:
+                add(rnn.register_forward_hook(hook))
             for module, pre_hook, hook in self._hooks:
                 if pre_hook is not None:
                     add(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
                 add(module.register_forward_hook(hook, with_kwargs=True))
+            self._session = s
         except BaseException:
-            self._remove_hooks()
+            _close(s)
             raise
-        return self._rec
+        return rec
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        rec = self._rec
-        self._remove_hooks()
-        stopped = isinstance(exc, _Stop) and exc.recorder is self
-        if rec is not None and (exc is None or stopped):
-            self._check_counts(rec)  # nothing else went wrong: report label/call mismatches
+        s, self._session = self._session, None  # the hooks are inert from here on
+        if s is not None:
+            _close(s)
+        _PENDING_STOPS.pop(_get_ident(), None) if exc is not None else None
+        stopped = False
+        if isinstance(exc, _Stop) and self in exc.recorders:
+            exc.recorders.discard(self)
+            stopped = not exc.recorders  # the outermost stopping recorder swallows it
+            if not stopped:
+                return False
+        if s is not None and (exc is None or isinstance(exc, _Stop)):
+            self._check_counts(s.rec)  # nothing else went wrong: report label/call mismatches
         return stopped
 
-    def _remove_hooks(self) -> None:
-        handles, self._handles = self._handles, []
-        for h in handles:
-            h.remove()
-        if self._stance is not None:
-            stance, self._stance = self._stance, None
-            stance.__exit__(None, None, None)
-        self._rec = None
-        self._pending_inputs = {}
-
-    def run(self, *args: Any, **kwargs: Any) -> Recording:
+    def run(self, *args: Any, unsort: Mapping[ModuleSpec, Any] | None = None,
+            **kwargs: Any) -> Recording:
         """Call the model once inside this recorder and return the recording.
 
         Convenient with ``stop=True`` (nothing after the stop is skipped in your own code) and
         in loops: the modules are resolved once, only hooks are added and removed per call.
+        ``unsort=`` gives this call's own permutations (see :meth:`with_unsort`).
         """
-        with self as rec:
+        recorder = self if unsort is None else self.with_unsort(unsort)
+        with recorder as rec:
             self.model(*args, **kwargs)
         return rec
 
+    def _needs_eager(self) -> bool:
+        """Whether a compiled graph could hide the hooks: the model is wrapped by
+        ``torch.compile``, or anything was compiled in this process (a compiled submodule,
+        ``model.compile()``, a compiled function that calls the model)."""
+        if self._wrapped_compiled:
+            return True
+        dynamo = sys.modules.get("torch._dynamo")
+        if dynamo is None:
+            return False
+        try:
+            frames = dynamo.utils.counters["frames"]
+            if frames.get("total", 0) or frames.get("ok", 0):
+                return True
+        except Exception:  # pragma: no cover - a PyTorch without these counters
+            return True
+        return any(getattr(m, "_compiled_call_impl", None) is not None
+                   for m in self.model.modules())
+
     # -- hooks ------------------------------------------------------------------------------
-    def _new_step(self, module: nn.Module, args: Any) -> None:
-        rec = self._rec
-        if rec is None:
+    def _own(self) -> _Session | None:
+        s = self._session
+        if s is None or (s.thread is not None and s.thread != _get_ident()):
+            return None
+        return s
+
+    def _new_step(self, module: nn.Module, args: Any, *rest: Any) -> None:
+        s = self._own()
+        if s is None:
             return
-        rec.steps += 1
-        self._counts.clear()
-        self._remaining = len(self._plans)
-        self._pending_inputs.clear()
+        s.rec.steps += 1
+        s.counts.clear()
+        s.remaining = len(self._plans)
+        s.pending_inputs.clear()
+        s.rnn_keys.clear()
+        s.mask = None
+        if self.mask_from and rest and isinstance(rest[0], dict):
+            mask = rest[0].get(self.mask_from)
+            if isinstance(mask, Tensor) and mask.ndim == 2 and not mask.is_floating_point():
+                s.mask = mask.detach().to("cpu") != 0
 
     def _make_hook(self, plan: Plan) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            self._record_call(plan, args, kwargs, output)
+        def hook(module: nn.Module, args: tuple, *rest: Any) -> None:
+            # (kwargs, output) with kwargs; (output,) in the instant of a registration that
+            # another thread's forward sees half-done: never break that forward.
+            s = self._own()
+            if s is not None:
+                kwargs, output = rest if len(rest) == 2 else ({}, rest[0])
+                self._record_call(s, plan, args, kwargs, output)
+            if _PENDING_STOPS:
+                _raise_pending_stop(module, hook)
 
+        hook._hookscope = True  # type: ignore[attr-defined]
         return hook
 
     def _make_pre_hook(self, plan: Plan) -> Callable[..., None]:
-        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        def pre_hook(module: nn.Module, args: tuple, *rest: Any) -> None:
+            s = self._own()
+            if s is None:
+                return
+            kwargs = rest[0] if rest else {}
             where = f"{plan.name!r} inputs"
-            args, kwargs = self._convert(plan, (args, kwargs), None, where)[0]
-            self._pending_inputs.setdefault(plan.name, []).append((args, kwargs))
+            converted = convert((args, kwargs), plan, where=where)
+            s.pending_inputs.setdefault(plan.name, []).append(
+                (converted.value, converted.versions))
 
         return pre_hook
 
-    def _record_call(self, plan: Plan, args: tuple, kwargs: dict, output: Any) -> None:
-        rec = self._rec
-        if rec is None:  # a stale call after the block ended (e.g. from a cached graph)
-            return
+    def _make_state_hook(self) -> Callable[..., None]:
+        def state_hook(module: nn.Module, args: tuple, output: Any) -> None:
+            s = self._own()
+            if s is not None:
+                s.rnn_keys.update(state_keys(output))
+
+        return state_hook
+
+    def _record_call(self, s: _Session, plan: Plan, args: tuple, kwargs: dict,
+                     output: Any) -> None:
+        rec = s.rec
         if rec.steps == 0:  # a module called without the model's own forward (model.encode)
             rec.steps = 1
         name = plan.name
-        counts = self._counts
+        counts = s.counts
         call = counts.get(name, 0)
         counts[name] = call + 1
         labels = plan.labels
         label = labels[call] if labels is not None and call < len(labels) else None
+        live: list[str] = []
+        perm = None
         if plan.plain and type(output) is Tensor:  # the common case, without the tree walk
-            value = output.detach()
-            versions = None
-            if self.clone or value.is_inference():  # inference tensors have no version
-                value = _safe_clone(value)
-            else:
-                versions = [(value, value._version)]
-            lengths = self._input_lengths(args, kwargs, None)
+            value, version = snapshot_tensor(output.detach(), plan.clone)
+            versions = None if version is None else [version]
+            lengths = None
         else:
             value = plan.pick(output) if plan.pick is not None else output
             perm = plan.perm(call) if plan.perms is not None else None
             where = f"{name!r} call {call}" + (f" ({label!r})" if label else "")
-            value, lengths, versions = self._convert(plan, value, perm, where)
-            if lengths is None:
-                lengths = self._input_lengths(args, kwargs, perm)
+            converted = convert(value, plan, perm=perm, where=where, rnn_state_keys=s.rnn_keys)
+            value, lengths, versions, live = (converted.value, converted.lengths,
+                                              converted.versions, converted.live)
+            if s.rnn_keys and not plan.rnn:
+                s.rnn_keys.clear()
+        if lengths is None and (args or kwargs):
+            lengths = _input_lengths(args, kwargs, perm, name)
+        mask = None
+        if lengths is None:
+            lengths, mask = _nested_lengths_or_mask(value, s.mask, perm)
         inputs = kwargs_in = None
         if self.inputs:
-            pending = self._pending_inputs.get(name)
+            pending = s.pending_inputs.get(name)
             if pending:
-                inputs, kwargs_in = pending.pop()
-        rec._captures[name].append(Capture(
-            name, rec.steps - 1, call, label, plan.module_type, value, inputs, kwargs_in,
-            lengths, versions))
+                (inputs, kwargs_in), in_versions = pending.pop()
+                if in_versions:
+                    versions = [*(versions or []), *in_versions]
+        rec._add(Capture(name, rec.steps - 1, call, label, plan.module_type, value, inputs,
+                         kwargs_in, lengths, versions, mask=mask, live=tuple(live)))
         if self.stop and call + 1 == plan.expected:
-            self._remaining -= 1
-            if self._remaining == 0:
-                raise _Stop(self)
-
-    # -- values -----------------------------------------------------------------------------
-    def _convert(
-        self, plan: Plan, value: Any, perm: Tensor | None, where: str
-    ) -> tuple[Any, Tensor | None, list | None]:
-        """Detach, pad packed sequences, unsort, move/cast, and clone what still aliases the
-        model's memory.  Returns (value, lengths, versions-for-clone=False)."""
-        found: list[Tensor] = []
-        versions: list[tuple[Tensor, int]] | None = None if self.clone else []
-        device, dtype, clone = self.device, self.dtype, self.clone
-
-        def leaf(path: tuple, x: Any) -> Tensor:
-            packed = isinstance(x, PackedSequence)
-            if packed:
-                x, lens = pad_packed(x)
-                found.append(lens)
-            else:
-                x = x.detach()
-            own = x
-            if perm is not None:
-                dim = self._batch_dim(plan, path, x, packed, len(perm), where)
-                if dim is not None:
-                    x = x.index_select(dim, perm.to(x.device, non_blocking=True))
-            if device is not None or (dtype is not None and x.is_floating_point()):
-                x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
-            if x is own and not packed:  # still the model's memory: a later x.add_() would show
-                if clone or x.is_inference():  # inference tensors have no version counter
-                    x = _safe_clone(x)
-                else:
-                    versions.append((x, x._version))
-            return x
-
-        value = map_leaves(value, leaf)
-        lengths = found[0] if found else None
-        if lengths is not None and perm is not None:
-            lengths = lengths[perm]
-        return value, lengths, versions
-
-    def _batch_dim(
-        self, plan: Plan, path: tuple, x: Tensor, packed: bool, n: int, where: str
-    ) -> int | None:
-        spec = plan.batch_dim
-        if isinstance(spec, Mapping):
-            best = None
-            for prefix, dim in spec.items():
-                prefix = prefix if isinstance(prefix, tuple) else (prefix,)
-                if path[: len(prefix)] == prefix and (best is None or len(prefix) > len(best[0])):
-                    best = (prefix, dim)
-            if best is not None:
-                spec = best[1]
-                if spec is None:
-                    return None
-            else:
-                spec = "auto"
-        if isinstance(spec, int):
-            if x.ndim <= spec or x.shape[spec] != n:
-                raise UnsortError(f"unsort for {where}: batch_dim {spec} of a leaf with shape "
-                                  f"{tuple(x.shape)} is not of the permutation's length {n}.")
-            return spec
-        if spec is None:
-            return None
-        if packed:
-            return 0  # padded batch-first by us
-        if plan.rnn and plan.pick is None and path:
-            if path[0] == 0:  # the RNN's output sequence
-                return 0 if plan.module.batch_first else 1
-            return 1  # h / (h, c): (layers * directions, batch, hidden) whatever batch_first says
-        if (plan.pick is None and path[:1] == (1,) and x.ndim == 3 and x.shape[1] == n
-                and (x.shape[0], x.shape[2]) in self._rnn_states(plan)):
-            return 1  # the wrapped RNN's (h, c), returned as the RNN returns them
-        dim = find_batch_dim(x.shape, n, where, path)
-        if dim is None and path == ():
-            raise UnsortError(f"unsort for {where}: the output has shape {tuple(x.shape)}, "
-                              f"with no dimension of the permutation's length {n}.")
-        return dim
-
-    @staticmethod
-    def _rnn_states(plan: Plan) -> set[tuple[int, int]]:
-        """(layers * directions, hidden) of RNNs inside a wrapper such as the story's
-        LSTMEncoder: a state leaf of exactly that shape has its batch in dim 1."""
-        if plan.rnn_states is None:
-            plan.rnn_states = {
-                (m.num_layers * (2 if m.bidirectional else 1), size)
-                for m in plan.module.modules() if isinstance(m, nn.RNNBase)
-                for size in {m.hidden_size, getattr(m, "proj_size", 0) or m.hidden_size}
-            }
-        return plan.rnn_states
-
-    @staticmethod
-    def _input_lengths(args: tuple, kwargs: dict, perm: Tensor | None) -> Tensor | None:
-        # The story's LSTMEncoder takes a PackedSequence and returns a padded tensor: the
-        # lengths live in the input's batch_sizes.  (Plain loops: this runs on every call.)
-        packed = None
-        for a in args:
-            if isinstance(a, PackedSequence):
-                packed = a
-                break
-        if packed is None and kwargs:
-            for a in kwargs.values():
-                if isinstance(a, PackedSequence):
-                    packed = a
-                    break
-        if packed is None:
-            return None
-        lengths = packed_lengths(packed)
-        return lengths[perm] if perm is not None and len(perm) == len(lengths) else lengths
+            s.remaining -= 1
+            if s.remaining == 0:
+                _PENDING_STOPS.setdefault(_get_ident(), set()).add(self)
 
     def _check_counts(self, rec: Recording) -> None:
         problems = []
         for name, plan in self._plans.items():
             n_expected = len(plan.labels) if plan.labels is not None else (
-                len(plan.perms) if isinstance(plan.perms, list) else None)
+                len(plan.perms) if isinstance(plan.perms, tuple) else None)
             if n_expected is None:
                 continue
             per_step: dict[int, int] = {}
@@ -339,6 +349,94 @@ class Recorder:
                 "match the number of calls per forward pass.")
 
 
+def _close(s: _Session) -> None:
+    """Remove every hook and leave the compile stance, whatever arrives meanwhile (a Ctrl-C
+    in the middle must not leave hooks behind: it is re-raised once all are gone)."""
+    interrupted: BaseException | None = None
+    handles = s.handles
+    while handles or s.stance is not None:
+        try:
+            while handles:
+                handles[-1].remove()  # idempotent: safe to repeat after an interruption
+                handles.pop()
+            if s.stance is not None:
+                stance = s.stance
+                stance.__exit__(None, None, None)
+                s.stance = None
+        except BaseException as exc:  # finish the removal, then re-raise
+            interrupted = interrupted or exc
+            if s.stance is not None and not handles and not isinstance(exc, KeyboardInterrupt):
+                s.stance = None  # a failing stance exit must not loop forever
+    if interrupted is not None:
+        raise interrupted
+
+
+def _raise_pending_stop(module: nn.Module, hook: Callable) -> None:
+    """Raise the pending stop of this thread from the last hookscope hook of ``module``."""
+    pending = _PENDING_STOPS.get(_get_ident())
+    if not pending:
+        return
+    later = False
+    seen = False
+    for h in list(module._forward_hooks.values()):
+        if h is hook:
+            seen = True
+        elif seen and getattr(h, "_hookscope", False):
+            later = True
+            break
+    if not later:
+        del _PENDING_STOPS[_get_ident()]
+        raise _Stop(pending)
+
+
+def _check_scriptable(model: Any, name: str | None = None) -> None:
+    if isinstance(model, torch.jit.ScriptModule):
+        what = "The model" if name is None else f"Module {name!r}"
+        raise UnsupportedModelError(
+            f"{what} is a TorchScript module ({type(model).__name__}): TorchScript runs "
+            "compiled code that calls no Python hooks, so hookscope cannot record inside it. "
+            "Record the eager nn.Module it was scripted from (torch.jit.script/trace keep "
+            "no link to it), or return the values you need from forward().")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"record() needs an nn.Module, got {type(model).__name__}.")
+
+
+def _input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str) -> Tensor | None:
+    # The story's LSTMEncoder takes a PackedSequence and returns a padded tensor: the
+    # lengths live in the input's batch_sizes.  (Plain loops: this runs on every call.)
+    packed = None
+    for a in args:
+        if isinstance(a, PackedSequence):
+            packed = a
+            break
+    if packed is None and kwargs:
+        for a in kwargs.values():
+            if isinstance(a, PackedSequence):
+                packed = a
+                break
+    if packed is None:
+        return None
+    lengths = packed_lengths(packed)
+    return lengths if perm is None else permute_lengths(lengths, perm, f"{name!r} lengths")
+
+
+def _nested_lengths_or_mask(value: Any, mask: Tensor | None,
+                            perm: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Lengths of a nested tensor's sequences, or the model call's attention mask where the
+    primary tensor is ``(batch, time, ...)`` of the mask's shape."""
+    t = first_tensor(value)
+    if t is None:
+        return None, None
+    if t.is_nested:
+        try:
+            return torch.tensor([c.shape[0] for c in t.unbind()], dtype=torch.int64), None
+        except Exception:
+            return None, None
+    if mask is None or t.ndim < 2 or tuple(t.shape[:2]) != tuple(mask.shape):
+        return None, None
+    return None, mask if perm is None else mask[perm]
+
+
 def record(
     model: nn.Module,
     modules: ModuleSpec | Iterable[ModuleSpec],
@@ -351,23 +449,26 @@ def record(
     unsort: Mapping[ModuleSpec, Any] | None = None,
     batch_dim: Mapping[ModuleSpec, BatchDim] | None = None,
     stop: bool = False,
-    clone: bool = True,
+    clone: CloneMode = True,
+    threads: str = "own",
+    mask_from: str | None = "attention_mask",
 ) -> Recorder:
     """Record what the selected submodules return during the model's own forward pass.
 
     Use it as a context manager around ordinary model calls; it yields a
     :class:`~hookscope.Recording` that fills during the block.  Every hook is removed when the
-    block ends, however it ends.
+    block ends, however it ends (an exception, ``stop=True``, even a Ctrl-C during removal).
 
     Parameters
     ----------
     model : nn.Module
         The model (``DataParallel``/``DistributedDataParallel``/``torch.compile`` wrappers are
-        looked through: use the inner model's names).  A ``torch.compile``d model runs eagerly
-        inside the block (``torch.compiler.set_stance("force_eager")``): a compiled graph does
-        not see hooks added after it was compiled, and a recording must not silently miss them.
-        ``nn.DataParallel`` over several GPUs runs replicas in threads: record the inner
-        model, or use ``DistributedDataParallel`` (one process per GPU).
+        looked through: use the inner model's names, or the wrapper's — both work for
+        selection and for ``rec[name]``).  Where anything was compiled with ``torch.compile``
+        (the model, a submodule, ``model.compile()``), the block runs eagerly
+        (``torch.compiler.set_stance("force_eager")``): a compiled graph does not see hooks
+        added after it was compiled, and a recording must not silently miss them.
+        TorchScript modules cannot be hooked: an error says so.
     modules : str, type, or list of them
         Exact dotted names from ``model.named_modules()``, glob patterns
         (``"encoder.layer.*.output"``; ``*`` is one name segment, ``**`` several), or module
@@ -381,7 +482,8 @@ def record(
     dtype : torch.dtype, optional
         Cast captured floating-point tensors (integer tensors are left alone).
     pick : callable or {module: callable}, optional
-        Keep only part of a structured output, e.g. ``lambda out: out[0]``.
+        Keep only part of a structured output, e.g. ``lambda out: out[0]``.  A small view of a
+        large tensor (``lambda out: out[:, 0]``) is stored compactly.
     calls : {module: [label, ...]}, optional
         Labels for the calls of a module within one forward pass, e.g.
         ``{"encoder": ["premise", "hypothesis"]}``.  A module that runs a different number of
@@ -389,26 +491,41 @@ def record(
     unsort : {module: permutation or [permutation per call] or {label: permutation}}, optional
         Restore the original batch order of a batch the caller sorted by length: each leaf's
         batch dimension is indexed with the permutation (``captured = output[perm]``), and so
-        are ``lengths``.  Validated: 1-D, integer, a permutation of ``range(batch)``.
+        are ``lengths``.  Validated: 1-D, integer, a permutation of ``range(batch)``, of the
+        batch size of every leaf it is applied to (else :class:`~hookscope.errors.UnsortError`).
     batch_dim : {module: int or {path prefix: dim or None}}, optional
         Where the batch dimension is, for ``unsort=``.  By default it is found per leaf: the
         only dimension with the batch size (RNN hidden states: dim 1; sequences padded from a
         ``PackedSequence``: dim 0); several candidates raise ``UnsortError`` instead of guessing.
     stop : bool
-        End the forward pass right after the last selected module ran its last expected call
-        (its number of ``calls=`` labels, else once): no compute is spent on the rest of the
-        model.  The ``with`` block then ends at the model call (use :meth:`Recorder.run` to
-        keep going in your own code).
-    clone : bool
-        ``True`` (default): a captured tensor that still shares memory with the model (no
-        copy was made by padding, unsorting, moving or casting) is cloned, so a later in-place
-        op (``nn.ReLU(inplace=True)``, ``x.add_()``) cannot change it.  The clone is
-        copy-on-write (``torch._lazy_clone`` where PyTorch has it): no data are copied unless
-        the model really writes to the tensor later, and then only that tensor is copied.
-        ``False``: no copy; the tensor's version is remembered and reading a capture that was
-        changed in place raises :class:`~hookscope.errors.CaptureModifiedError`.  Tensors made
-        under
-        ``torch.inference_mode()`` have no version counter and are always cloned.
+        End the forward pass right after the last selected module ran its last expected call:
+        once, or as many times as it has ``calls=`` labels (a module called in a loop: give a
+        label per call you need).  No compute is spent on the rest of the model.  The
+        ``with`` block then ends at the model call (use :meth:`Recorder.run` to keep going in
+        your own code).  Nested recorders on the same module all record before it stops.
+    clone : True, "lazy" or False
+        ``True`` (default): every captured tensor that still shares memory with the model is
+        copied, so a later in-place op (``nn.ReLU(inplace=True)``, ``x.add_()``,
+        ``x.resize_()``) cannot change it; a small view of a large tensor is copied compactly;
+        nested, sparse and NumPy-backed tensors are copied too.  ``"lazy"``: copy-on-write
+        (``torch._lazy_clone``) for dense tensors that PyTorch allocated (no bytes copied
+        unless the model writes to the tensor later), an eager copy for the rest — saves
+        memory when recording with autograd on, but a later ``resize_()`` of the module's
+        output to a larger size then fails inside PyTorch.  ``False``: no copy; the tensor's
+        version is remembered and reading a capture (``.tensor``, ``.output``, ``.inputs``,
+        ``save``) that was changed in place raises
+        :class:`~hookscope.errors.CaptureModifiedError`.  Tensors made under
+        ``torch.inference_mode()`` have no version counter and are always copied.
+    threads : {"own", "all"}
+        ``"own"`` (default): record only the forward passes run by the thread that entered the
+        block; a server's other threads calling the same model are neither recorded nor
+        disturbed.  ``"all"``: record every thread's calls (their order then depends on
+        scheduling; ``nn.DataParallel`` over several GPUs runs replicas in threads).
+    mask_from : str or None
+        The keyword argument of the model call that holds a ``(batch, time)`` padding mask,
+        the Hugging Face convention ``"attention_mask"`` by default: captures whose leading
+        dims are ``(batch, time)`` then know their ``mask``, so reductions and long frames
+        leave padding out with no extra code.  ``None`` turns this off.
 
     Returns
     -------
@@ -430,4 +547,5 @@ def record(
     tensor([[0., 0.]])
     """
     return Recorder(model, modules, inputs=inputs, device=device, dtype=dtype, pick=pick,
-                    calls=calls, unsort=unsort, batch_dim=batch_dim, stop=stop, clone=clone)
+                    calls=calls, unsort=unsort, batch_dim=batch_dim, stop=stop, clone=clone,
+                    threads=threads, mask_from=mask_from)

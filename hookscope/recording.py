@@ -15,7 +15,14 @@ import torch
 from torch import Tensor
 
 from .errors import AmbiguousCallError, CaptureModifiedError, NotRecordedError
-from .structure import first_tensor, iter_tensors
+from .select import _strip_wrapper_prefix
+from .structure import (
+    describe_shape,
+    first_tensor,
+    held_bytes,
+    iter_tensors,
+    tensor_shape,
+)
 
 __all__ = ["Capture", "Recording"]
 
@@ -47,8 +54,8 @@ class Capture:
     """
 
     __slots__ = (
-        "_versions", "call", "inputs", "kwargs", "label", "lengths", "module_type", "name",
-        "output", "step",
+        "_inputs", "_kwargs", "_mask", "_output", "_versions", "call", "label", "lengths",
+        "live", "module_type", "name", "step",
     )  # fmt: skip
 
     def __init__(
@@ -63,19 +70,43 @@ class Capture:
         kwargs: dict | None = None,
         lengths: Tensor | None = None,
         versions: list[tuple[Tensor, int]] | None = None,
+        *,
+        mask: Tensor | None = None,
+        live: tuple[str, ...] = (),
     ) -> None:
         self.name = name
         self.step = step
         self.call = call
         self.label = label
         self.module_type = module_type
-        self.output = output
-        self.inputs = inputs
-        self.kwargs = kwargs
+        self._output = output
+        self._inputs = inputs
+        self._kwargs = kwargs
         self.lengths = lengths
+        self._mask = mask
         self._versions = versions
+        self.live = live
 
     # -- values -----------------------------------------------------------------------------
+    @property
+    def output(self) -> Any:
+        """The module's output, structure kept (checked like :attr:`tensor` for
+        ``clone=False``)."""
+        self.check()
+        return self._output
+
+    @property
+    def inputs(self) -> tuple | None:
+        """Positional inputs (``inputs=True``), else ``None``."""
+        self.check()
+        return self._inputs
+
+    @property
+    def kwargs(self) -> dict | None:
+        """Keyword inputs (``inputs=True``), else ``None``."""
+        self.check()
+        return self._kwargs
+
     def check(self) -> None:
         """Raise :class:`CaptureModifiedError` if a value recorded with ``clone=False`` has
         been changed in place since it was recorded (only such captures can be)."""
@@ -95,45 +126,63 @@ class Capture:
         """The primary tensor: the output if it is a tensor, else its first tensor leaf (use
         ``pick=`` when recording to choose another)."""
         self.check()
-        t = first_tensor(self.output)
+        t = first_tensor(self._output)
         if t is None:
             raise NotRecordedError(
-                f"{self._where()} returned no tensor ({type(self.output).__name__}); see "
+                f"{self._where()} returned no tensor ({type(self._output).__name__}); see "
                 ".output, or use pick= to select a tensor when recording."
             )
         return t
 
     @property
     def mask(self) -> Tensor | None:
-        """Boolean ``(batch, time)`` mask, True at real (non-padding) positions, where
-        ``lengths`` are known; else ``None``."""
+        """Boolean ``(batch, time)`` mask, True at real (non-padding) positions: the model
+        call's attention mask (``mask_from=``), or made from ``lengths``; else ``None``."""
+        if self._mask is not None:
+            return self._mask
         if self.lengths is None:
             return None
-        t = self.tensor
+        t = first_tensor(self._output)
         n = len(self.lengths)
-        time = t.shape[1] if t.ndim > 1 and t.shape[0] == n else t.shape[0]
+        if t is not None and t.is_nested:
+            time = int(self.lengths.max()) if n else 0
+        else:
+            time = t.shape[1] if t.ndim > 1 and t.shape[0] == n else t.shape[0]
         return torch.arange(time).unsqueeze(0) < self.lengths.unsqueeze(1)
 
     def numpy(self) -> np.ndarray:
         """The primary tensor as a NumPy array (on CPU; bfloat16 becomes float32, which NumPy
-        lacks)."""
-        t = self.tensor.detach().cpu()
+        lacks).  A nested tensor comes back padded with zeros to ``(batch, max length, ...)``
+        (``lengths`` and ``mask`` say which positions are real); a sparse one dense."""
+        t = self.tensor.detach()
+        if t.is_nested:
+            t = torch.nested.to_padded_tensor(t, 0.0)
+        elif t.layout is not torch.strided:
+            t = t.to_dense()
+        t = t.cpu()
         if t.dtype == torch.bfloat16:
             t = t.float()
         return t.numpy()
 
     @property
     def shape(self) -> tuple[int, ...] | None:
-        t = first_tensor(self.output)
-        return None if t is None else tuple(t.shape)
+        """Shape of the primary tensor; for a nested tensor, ``(batch, None, ...)`` with
+        ``None`` where examples differ (their shapes: :attr:`shapes`)."""
+        t = first_tensor(self._output)
+        return None if t is None else tensor_shape(t)
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]] | None:
+        """Per-example shapes of a nested primary tensor, else ``None``."""
+        t = first_tensor(self._output)
+        return None if t is None or not t.is_nested else [tuple(c.shape) for c in t.unbind()]
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by all tensors of the output and inputs."""
-        total = 0
-        for part in (self.output, self.inputs, self.kwargs):
-            total += sum(t.numel() * t.element_size() for _, t in iter_tensors(part))
-        return total
+        """Bytes this capture really holds: every distinct storage under its output and
+        inputs, counted once and whole (a view keeps its whole storage alive)."""
+        return held_bytes(t for part in (self._output, self._inputs, self._kwargs)
+                          for _, t in iter_tensors(part))
 
     def to_frame(self, kind: str = "wide", *, reduce: Any = None, meta: Any = None,
                  bidirectional: bool = False) -> pd.DataFrame:
@@ -148,30 +197,38 @@ class Capture:
         return f"{self.name!r} step {self.step} call {self.call}{label}"
 
     def _row(self) -> dict[str, Any]:
-        t = first_tensor(self.output)
+        t = first_tensor(self._output)
         return {
             "module": self.name,
             "step": self.step,
             "call": self.call,
             "label": self.label,
             "type": self.module_type.__name__,
-            "shape": None if t is None else tuple(t.shape),
+            "shape": None if t is None else describe_shape(t),
             "dtype": None if t is None else str(t.dtype).replace("torch.", ""),
             "device": None if t is None else str(t.device),
             "bytes": self.nbytes,
-            "lengths": self.lengths is not None,
+            "lengths": self.lengths is not None or self._mask is not None,
         }
 
     def _stats(self) -> dict[str, float | None]:
         """Summary statistics of the primary tensor (over real positions where lengths are
         known), for display."""
-        t = first_tensor(self.output)
-        if t is None or t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
-            return {"mean": None, "std": None, "min": None, "max": None}
-        mask = self.mask if self.lengths is not None and t.ndim > 2 else None
-        values = t.detach().float()
-        if mask is not None and mask.shape == t.shape[:2]:
-            values = values[mask.to(t.device)]
+        none = {"mean": None, "std": None, "min": None, "max": None}
+        t = first_tensor(self._output)
+        if t is None or not (t.is_floating_point() or t.is_complex()):
+            return none
+        if t.is_nested:  # every value of a nested tensor is real
+            values = torch.cat([c.detach().float().flatten() for c in t.unbind()])
+        elif t.layout is not torch.strided:
+            values = t.detach().to_dense().float()
+        else:
+            values = t.detach().float()
+            mask = self.mask if t.ndim > 2 else None
+            if mask is not None and tuple(mask.shape) == tuple(t.shape[:2]):
+                values = values[mask.to(t.device)]
+        if values.numel() == 0:
+            return none
         return {"mean": float(values.mean()), "std": float(values.std()) if values.numel() > 1
                 else 0.0, "min": float(values.min()), "max": float(values.max())}
 
@@ -182,9 +239,10 @@ class Capture:
     def __repr__(self) -> str:
         r = self._row()
         lengths = ", lengths known" if r["lengths"] else ""
+        live = f", live objects (not snapshots): {', '.join(self.live)}" if self.live else ""
         return (
             f"Capture({self._where()}, {r['type']}, shape={r['shape']}, dtype={r['dtype']}"
-            f"{lengths})"
+            f"{lengths}{live})"
         )
 
 
@@ -201,12 +259,39 @@ class Recording:
     of step ``i`` alone, and ``rec.calls(name)`` lists the calls of every step in order.
     """
 
-    def __init__(self, names: list[str], module_types: dict[str, type], model_type: str) -> None:
+    def __init__(self, names: list[str], module_types: dict[str, type], model_type: str,
+                 *, prefix: str = "") -> None:
         self._captures: dict[str, list[Capture]] = {n: [] for n in names}
         # Shared with the recorder and other recordings: never mutated.
         self._module_types = module_types
         self.model_type = model_type
+        self._prefix = prefix  # "module." / "_orig_mod.": wrapper names also look up
         self.steps = 0  # number of forward passes (steps) seen
+
+    @classmethod
+    def from_captures(cls, captures: list[Capture], *, names: list[str] | None = None,
+                      module_types: dict[str, type] | None = None, model_type: str = "",
+                      steps: int | None = None) -> Recording:
+        """A recording holding ``captures`` (in order), e.g. rebuilt from a file.
+
+        ``names`` (default: the captures' modules, in first-seen order) may list modules that
+        never ran; ``steps`` defaults to one more than the highest capture step.
+        """
+        names = list(dict.fromkeys(names or [])) + [c.name for c in captures]
+        names = list(dict.fromkeys(names))
+        types_ = dict(module_types or {})
+        for c in captures:
+            types_.setdefault(c.name, c.module_type)
+        rec = cls(names, types_, model_type)
+        for c in captures:
+            rec._add(c)
+        rec.steps = steps if steps is not None else (
+            max((c.step for c in captures), default=-1) + 1)
+        return rec
+
+    def _add(self, capture: Capture) -> None:
+        """Append one capture (the one way a recording is filled)."""
+        self._captures[capture.name].append(capture)
 
     # -- mapping-like access -----------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -220,7 +305,10 @@ class Recording:
         return len(self._captures)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._captures
+        if name in self._captures:
+            return True
+        return bool(self._prefix) and isinstance(name, str) and \
+            _strip_wrapper_prefix(name, self._prefix) in self._captures
 
     def captures(self) -> list[Capture]:
         """All captures, ordered by step, then module, then call."""
@@ -232,6 +320,10 @@ class Recording:
         try:
             return self._captures[name]
         except (KeyError, TypeError):
+            if self._prefix and isinstance(name, str):
+                stripped = _strip_wrapper_prefix(name, self._prefix)
+                if stripped in self._captures:
+                    return self._captures[stripped]
             import difflib
 
             close = difflib.get_close_matches(str(name), list(self._captures), n=3)
@@ -268,7 +360,8 @@ class Recording:
     def step(self, i: int) -> Recording:
         """A recording of forward pass ``i`` alone (negative ``i`` counts from the end)."""
         i = self._norm_step(i)
-        view = Recording(list(self._captures), self._module_types, self.model_type)
+        view = Recording(list(self._captures), self._module_types, self.model_type,
+                         prefix=self._prefix)
         view._captures = {n: [c for c in caps if c.step == i] for n, caps in self._captures.items()}
         view.steps = 1
         return view

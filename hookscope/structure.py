@@ -20,25 +20,29 @@ from .errors import UnsortError
 
 __all__ = [
     "as_permutation",
+    "describe_shape",
     "find_batch_dim",
     "first_tensor",
+    "held_bytes",
     "iter_tensors",
     "map_leaves",
     "packed_lengths",
     "pad_packed",
+    "tensor_shape",
 ]
 
 Path = tuple[Any, ...]
 LeafFn = Callable[[Path, Any], Any]
 
 
-def map_leaves(obj: Any, fn: LeafFn, path: Path = ()) -> Any:
+def map_leaves(obj: Any, fn: LeafFn, path: Path = (), other: LeafFn | None = None) -> Any:
     """Return a copy of ``obj`` with every tensor (and ``PackedSequence``) leaf replaced by
     ``fn(path, leaf)``.
 
     Supported containers: tuple, namedtuple, list, dict and other mappings (``OrderedDict``,
     ``UserDict``, Hugging Face ``ModelOutput`` / ``BatchEncoding``), and dataclasses.  They are
-    rebuilt, so the result shares no container with ``obj``.  Other objects are kept as they are.
+    rebuilt, so the result shares no container with ``obj``.  Any other object is replaced by
+    ``other(path, obj)`` where given, else kept as it is.
 
     >>> map_leaves({"a": (torch.ones(1), 2)}, lambda p, t: p)
     {'a': (('a', 0), 2)}
@@ -47,17 +51,17 @@ def map_leaves(obj: Any, fn: LeafFn, path: Path = ()) -> Any:
     if kind is Tensor or kind is PackedSequence or isinstance(obj, Tensor):
         return fn(path, obj)
     if kind is tuple:  # the common containers first, by exact type: this runs on every call
-        return tuple([map_leaves(v, fn, (*path, i)) for i, v in enumerate(obj)])
+        return tuple([map_leaves(v, fn, (*path, i), other) for i, v in enumerate(obj)])
     if kind is dict:
-        return {k: map_leaves(v, fn, (*path, k)) for k, v in obj.items()}
+        return {k: map_leaves(v, fn, (*path, k), other) for k, v in obj.items()}
     if kind is list:
-        return [map_leaves(v, fn, (*path, i)) for i, v in enumerate(obj)]
+        return [map_leaves(v, fn, (*path, i), other) for i, v in enumerate(obj)]
+    if obj is None:
+        return None
     if isinstance(obj, PackedSequence):
         return fn(path, obj)
     if isinstance(obj, tuple):
-        items = [map_leaves(v, fn, (*path, i)) for i, v in enumerate(obj)]
-        if type(obj) is tuple:
-            return tuple(items)
+        items = [map_leaves(v, fn, (*path, i), other) for i, v in enumerate(obj)]
         if hasattr(obj, "_fields"):  # namedtuple
             return type(obj)(*items)
         try:
@@ -65,17 +69,13 @@ def map_leaves(obj: Any, fn: LeafFn, path: Path = ()) -> Any:
         except TypeError:
             return tuple(items)
     if isinstance(obj, list):
-        items = [map_leaves(v, fn, (*path, i)) for i, v in enumerate(obj)]
-        if type(obj) is list:
-            return items
+        items = [map_leaves(v, fn, (*path, i), other) for i, v in enumerate(obj)]
         try:
             return type(obj)(items)
         except TypeError:
             return items
     if isinstance(obj, Mapping):
-        if type(obj) is dict:
-            return {k: map_leaves(v, fn, (*path, k)) for k, v in obj.items()}
-        new = {k: map_leaves(v, fn, (*path, k)) for k, v in obj.items()}
+        new = {k: map_leaves(v, fn, (*path, k), other) for k, v in obj.items()}
         try:  # keep the type (UserDict, ModelOutput, BatchEncoding) with its own copy
             out = copy.copy(obj)
             for k, v in new.items():
@@ -87,9 +87,9 @@ def map_leaves(obj: Any, fn: LeafFn, path: Path = ()) -> Any:
         out = copy.copy(obj)
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name, None)
-            object.__setattr__(out, f.name, map_leaves(value, fn, (*path, f.name)))
+            object.__setattr__(out, f.name, map_leaves(value, fn, (*path, f.name), other))
         return out
-    return obj
+    return obj if other is None else other(path, obj)
 
 
 def iter_tensors(obj: Any, path: Path = ()) -> Iterator[tuple[Path, Tensor]]:
@@ -114,6 +114,55 @@ def first_tensor(obj: Any) -> Tensor | None:
     if isinstance(obj, Tensor):
         return obj
     return next((t for _, t in iter_tensors(obj)), None)
+
+
+def tensor_shape(t: Tensor) -> tuple[int | None, ...]:
+    """``tuple(t.shape)``; for a nested tensor ``(batch, ...)`` with ``None`` where the
+    examples' sizes differ.
+
+    >>> tensor_shape(torch.nested.nested_tensor([torch.ones(2, 3), torch.ones(4, 3)]))
+    (2, None, 3)
+    """
+    if not t.is_nested:
+        return tuple(t.shape)
+    shapes = [tuple(c.shape) for c in t.unbind()]
+    if not shapes:
+        return (0,)
+    return (len(shapes), *(s[0] if len(set(s)) == 1 else None for s in zip(*shapes, strict=True)))
+
+
+def describe_shape(t: Tensor) -> str | tuple[int, ...]:
+    """The shape for display: a tuple, or for a nested tensor ``"nested (2, None, 3)"``."""
+    if t.is_nested:
+        shape = ", ".join("*" if d is None else str(d) for d in tensor_shape(t))
+        return f"nested ({shape})"
+    return tuple(t.shape)
+
+
+def held_bytes(tensors: Any) -> int:
+    """Bytes held by ``tensors``: each distinct storage once, whole (a view of a large
+    tensor keeps all of it alive); sparse and nested tensors by their parts."""
+    seen: set[tuple] = set()
+    total = 0
+    for t in tensors:
+        parts = ([t._indices(), t._values()] if t.layout is torch.sparse_coo else
+                 [t.crow_indices(), t.col_indices(), t.values()] if t.layout is torch.sparse_csr
+                 else [t])
+        for part in parts:
+            try:
+                storage = part.untyped_storage()
+                key = (part.device, storage.data_ptr())
+                size = storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # no plain storage (nested, ...)
+                key = (part.device, id(part))
+                size = sum(c.numel() * c.element_size() for c in part.unbind()) \
+                    if part.is_nested else part.numel() * part.element_size()
+            if key[1] == 0:  # an empty storage has no address: count by object
+                key = (part.device, id(part))
+            if key not in seen:
+                seen.add(key)
+                total += size
+    return total
 
 
 def packed_lengths(packed: PackedSequence) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .select import unwrap
-from .structure import iter_tensors
+from .structure import describe_shape, iter_tensors
 
 __all__ = ["format_summary", "summary"]
 
@@ -23,7 +23,7 @@ def _shapes(output: Any) -> tuple[str, str]:
     leaves = list(iter_tensors(output))
     if not leaves:
         return type(output).__name__, ""
-    shapes = [tuple(t.shape) for _, t in leaves]
+    shapes = [describe_shape(t) for _, t in leaves]
     dtypes = sorted({str(t.dtype).replace("torch.", "") for _, t in leaves})
     shape = str(shapes[0]) if len(shapes) == 1 else "; ".join(map(str, shapes))
     return shape, ",".join(dtypes)
@@ -31,6 +31,9 @@ def _shapes(output: Any) -> tuple[str, str]:
 
 def summary(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> pd.DataFrame:
     """Run one forward pass (without gradients) and describe every submodule.
+
+    The model is left as it was: buffers that the pass updates (BatchNorm's running
+    statistics in train mode) are restored, and so is the random number generator state.
 
     Parameters
     ----------
@@ -73,14 +76,23 @@ def summary(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> pd
                 first[name] = _shapes(output)
         return hook
 
+    # A look must not change what is looked at: buffers (BatchNorm's running statistics in
+    # train mode) are restored afterwards, and the random number generators too (dropout).
+    buffers = [(b, b.detach().clone()) for b in inner.buffers()]
+    devices = sorted({b.device.index for b in buffers if b.device.type == "cuda"} |
+                     {p.device.index for p in inner.parameters() if p.device.type == "cuda"})
     try:
-        for name, module in named:
-            handles.append(module.register_forward_hook(make_hook(name)))
-        with torch.no_grad():
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            for name, module in named:
+                handles.append(module.register_forward_hook(make_hook(name)))
             model(*example_inputs, **example_kwargs)
     finally:
         for h in handles:
             h.remove()
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape == saved.shape:
+                    b.copy_(saved)
     rows = []
     for name, module in named:
         shape, dtype = first.get(name, ("never ran", ""))

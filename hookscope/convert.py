@@ -1,0 +1,249 @@
+"""The conversion step: what a module returned -> what a :class:`~hookscope.Capture` holds.
+
+Pure functions of a value and a :class:`~hookscope.plan.Plan`: detach, pad ``PackedSequence``
+back, undo the caller's batch sorting (``unsort=``), move/cast, and take a *snapshot* of what
+still aliases the model's memory.  No hooks here, so every rule is testable on plain values.
+
+Snapshot rules, per tensor kind (a capture must never change after its call, never crash the
+user's forward, and never pin more memory than it reports):
+
+- dense tensors: an eager copy (``Tensor.clone``: dense layouts such as channels-last are
+  kept, a small view of a large storage becomes a compact tensor of its own);
+- ``clone="lazy"``: copy-on-write (``torch._lazy_clone``) for dense tensors that PyTorch's
+  allocator owns and that use their whole storage; an eager copy for everything else
+  (NumPy-backed, ``frombuffer``, DLPack, views);
+- nested (``torch.nested``, strided or jagged), sparse and other layouts: an eager copy;
+- ``clone=False``: no copy; the tensor's version is remembered (reading a capture changed in
+  place raises).  Inference tensors have no version counter and are always copied.
+- other objects (a Hugging Face ``DynamicCache``, any object with attributes): copied
+  attribute by attribute with their tensors snapshotted; what cannot be copied (modules,
+  objects without ``__dict__``) is kept by reference and listed in ``Capture.live``.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import types
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .errors import UnsortError
+from .plan import Plan
+from .structure import find_batch_dim, map_leaves, pad_packed
+
+__all__ = ["CloneMode", "Converted", "batch_dim_of", "convert", "snapshot_tensor"]
+
+CloneMode = bool | Literal["lazy"]
+
+_lazy_clone: Callable[[Tensor], Tensor] | None = getattr(torch, "_lazy_clone", None)
+
+# Values that cannot change after the call: kept as they are.
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,
+              torch.Size, torch.memory_format, torch.layout, enum.Enum, type, range,
+              types.FunctionType, types.BuiltinFunctionType, types.MethodType, frozenset)
+
+
+def snapshot_tensor(x: Tensor, clone: CloneMode) -> tuple[Tensor, tuple[Tensor, int] | None]:
+    """A value of ``x`` that no later in-place op on ``x`` can change, by the rules above.
+
+    Returns ``(tensor, version)`` where ``version`` is ``(x, x._version)`` for ``clone=False``
+    (to detect a later change on read) and ``None`` otherwise.
+    """
+    if clone is False and not x.is_inference():
+        try:
+            return x, (x, x._version)
+        except RuntimeError:  # a kind without a version counter: copy it
+            pass
+    if clone == "lazy" and _lazy_clone is not None and x.layout is torch.strided \
+            and not x.is_nested and _uses_whole_storage(x):
+        try:
+            return _lazy_clone(x), None
+        except (RuntimeError, NotImplementedError):  # memory PyTorch's allocator does not own
+            pass
+    return x.clone(), None
+
+
+def _uses_whole_storage(x: Tensor) -> bool:
+    """Whether ``x`` spans its storage exactly (so sharing it pins nothing extra)."""
+    return x.is_contiguous() and x.untyped_storage().nbytes() == x.numel() * x.element_size()
+
+
+class Converted:
+    """What :func:`convert` made of one value."""
+
+    __slots__ = ("lengths", "live", "permuted", "value", "versions")
+
+    def __init__(self) -> None:
+        self.value: Any = None
+        self.lengths: Tensor | None = None  # from a PackedSequence in the value
+        self.versions: list[tuple[Tensor, int]] | None = None
+        self.live: list[str] = []  # objects kept by reference: "path (type)"
+        self.permuted = 0  # leaves indexed with the permutation
+
+
+def convert(
+    value: Any,
+    plan: Plan,
+    *,
+    perm: Tensor | None = None,
+    where: str = "",
+    rnn_state_keys: set | None = None,
+) -> Converted:
+    """Detach, pad, unsort, move/cast and snapshot every leaf of ``value`` by ``plan``'s rules.
+
+    ``perm`` is this call's ``unsort=`` permutation (validated by the plan); every leaf with a
+    batch dimension is indexed with it, and a permutation that no leaf can take is an error.
+    ``rnn_state_keys`` identifies the (h, c) tensors that RNNs inside ``plan.module`` returned
+    in this call (see :func:`batch_dim_of`).
+    """
+    out = Converted()
+    if plan.clone is False:
+        out.versions = []
+    device, dtype, clone = plan.device, plan.dtype, plan.clone
+    memo: dict[int, Any] = {}
+
+    def leaf(path: tuple, x: Any) -> Tensor:
+        packed = isinstance(x, PackedSequence)
+        if packed:
+            x, lengths = pad_packed(x)
+            x = x.detach()  # padding is an autograd op: keep no graph alive
+            if out.lengths is None:
+                out.lengths = lengths
+        else:
+            x = x.detach()
+        own = not packed  # still the model's own memory?
+        if perm is not None:
+            dim = batch_dim_of(plan, path, x, packed, len(perm), where, rnn_state_keys)
+            if dim is not None:
+                x = x.index_select(dim, perm.to(x.device, non_blocking=True))
+                own = False
+                out.permuted += 1
+        if device is not None or (dtype is not None and x.is_floating_point()):
+            moved = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+            own = own and moved is x
+            x = moved
+        if own:
+            x, version = snapshot_tensor(x, clone)
+            if version is not None:
+                out.versions.append(version)
+        return x
+
+    def other(path: tuple, obj: Any) -> Any:
+        return _snapshot_object(path, obj, leaf, out.live, memo)
+
+    out.value = map_leaves(value, leaf, other=other)
+    if perm is not None:
+        if out.permuted == 0:
+            raise UnsortError(
+                f"unsort for {where}: no tensor in the output has a dimension of the "
+                f"permutation's length {len(perm)}, so nothing would be put back in order. "
+                "Check that the permutation belongs to this call's batch.")
+        if out.lengths is not None:
+            out.lengths = permute_lengths(out.lengths, perm, where)
+    return out
+
+
+def permute_lengths(lengths: Tensor, perm: Tensor, where: str) -> Tensor:
+    """``lengths[perm]``, after checking that both describe the same batch."""
+    if len(lengths) != len(perm):
+        raise UnsortError(
+            f"unsort for {where}: the permutation has {len(perm)} entries but the batch has "
+            f"{len(lengths)} sequences. Pass this call's own permutation.")
+    return lengths[perm]
+
+
+def _snapshot_object(path: tuple, obj: Any, leaf: Callable, live: list[str],
+                     memo: dict[int, Any]) -> Any:
+    """Copy an object that is not a known container, snapshotting the tensors it holds."""
+    if isinstance(obj, _IMMUTABLE):
+        return obj
+    if id(obj) in memo:  # the same object twice (or a cycle): one copy
+        return memo[id(obj)]
+    where = "output" + "".join(f"[{k!r}]" for k in path)
+    if isinstance(obj, nn.Module) or not hasattr(obj, "__dict__") or len(path) > 32:
+        live.append(f"{where} ({type(obj).__name__})")
+        return obj
+    try:
+        new = copy.copy(obj)
+    except Exception:
+        live.append(f"{where} ({type(obj).__name__})")
+        return obj
+    memo[id(obj)] = new
+
+    def other(p: tuple, o: Any) -> Any:
+        return _snapshot_object(p, o, leaf, live, memo)
+
+    for key, v in list(vars(obj).items()):
+        try:
+            object.__setattr__(new, key, map_leaves(v, leaf, (*path, key), other=other))
+        except (AttributeError, TypeError):
+            live.append(f"{where}.{key} ({type(v).__name__})")
+    return new
+
+
+def batch_dim_of(
+    plan: Plan, path: tuple, x: Tensor, packed: bool, n: int, where: str,
+    rnn_state_keys: set | None = None,
+) -> int | None:
+    """The dimension of leaf ``x`` (at ``path`` in the output) that ``unsort=`` permutes.
+
+    ``batch_dim=`` decides where given; otherwise: sequences padded from a ``PackedSequence``
+    dim 0; an RNN's own output by ``batch_first``, its ``(h, c)`` dim 1; the ``(h, c)`` that an
+    RNN inside a wrapper returned (the very tensors, ``rnn_state_keys``) dim 1; else the one
+    dimension of size ``n``.  Several candidates raise instead of guessing, and a chosen
+    dimension that is not of size ``n`` raises too (never a silent partial permutation).
+    """
+    spec = plan.batch_dim
+    if isinstance(spec, Mapping):
+        best = None
+        for prefix, dim in spec.items():
+            prefix = prefix if isinstance(prefix, tuple) else (prefix,)
+            if path[: len(prefix)] == prefix and (best is None or len(prefix) > len(best[0])):
+                best = (prefix, dim)
+        spec = "auto" if best is None else best[1]
+        if spec is None:
+            return None
+    if spec is None:
+        return None
+    if isinstance(spec, int):
+        dim = spec
+    elif packed:
+        dim = 0  # padded batch-first by us
+    elif plan.rnn and plan.pick is None and path:
+        # An RNN's output sequence follows batch_first; h / (h, c) are
+        # (layers * directions, batch, hidden) whatever batch_first says.
+        dim = (0 if plan.module.batch_first else 1) if path[0] == 0 else 1
+    elif rnn_state_keys and _state_key(x) in rnn_state_keys:
+        dim = 1  # the wrapped RNN's own (h, c), returned as the RNN returned them
+    else:
+        dim = find_batch_dim(x.shape, n, where, path)
+        if dim is None and path == ():
+            raise UnsortError(f"unsort for {where}: the output has shape {tuple(x.shape)}, "
+                              f"with no dimension of the permutation's length {n}.")
+        return dim
+    if x.ndim <= dim or x.shape[dim] != n:
+        leaf = "output" + "".join(f"[{k!r}]" for k in path)
+        raise UnsortError(
+            f"unsort for {where}: {leaf} has shape {tuple(x.shape)}, whose batch dimension "
+            f"{dim} is not of the permutation's length {n}. Pass this call's own permutation"
+            " (one per call: unsort={name: [perm_call0, perm_call1]}).")
+    return dim
+
+
+def _state_key(x: Tensor) -> tuple:
+    """Identifies a tensor by its memory and layout (a detached alias has the same key)."""
+    return (x.data_ptr(), tuple(x.shape), x.stride())
+
+
+def state_keys(output: Any) -> list[tuple]:
+    """Keys of the state tensors ``(h, c)`` or ``h`` in an RNN's output ``(out, state)``."""
+    if not isinstance(output, tuple) or len(output) != 2:
+        return []
+    state = output[1]
+    leaves = state if isinstance(state, tuple) else (state,)
+    return [_state_key(t) for t in leaves if isinstance(t, Tensor)]
