@@ -1,0 +1,212 @@
+"""Every tensor kind PyTorch makes every day is recorded, safely, without crashing the forward.
+
+The reference is always a hand-written hook that clones (or the direct call) on the same
+inputs in the same process and mode.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import hookscope as hs
+from tests.conftest import assert_no_hooks
+
+
+def _manual(model: nn.Module, name: str, *args, **kwargs):
+    """The independent reference: a forward hook that clones what the module returned."""
+    module = dict(model.named_modules())[name]
+    got = []
+    h = module.register_forward_hook(lambda m, i, o: got.append(o.detach().clone()))
+    try:
+        model(*args, **kwargs)
+    finally:
+        h.remove()
+    return got
+
+
+class WritesAfter(nn.Module):
+    """``inner`` then an in-place write to what it returned."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        y = self.inner(x)
+        y.mul_(0)
+        return y
+
+
+@pytest.mark.parametrize("make", [
+    lambda a: torch.from_numpy(a),
+    lambda a: torch.as_tensor(a),
+    lambda a: torch.frombuffer(bytearray(a.tobytes()), dtype=torch.float32).view(a.shape),
+    lambda a: torch.from_dlpack(a),
+], ids=["from_numpy", "as_tensor", "frombuffer", "dlpack"])
+@pytest.mark.parametrize("inner", ["flatten", "dropout", "identity"])
+@pytest.mark.parametrize("clone", [True, "lazy"])
+def test_numpy_backed_tensors_and_their_views(make, inner, clone):
+    data = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    x = make(data.copy())
+    module = {"flatten": nn.Flatten(), "dropout": nn.Dropout(0.5),
+              "identity": nn.Identity()}[inner]
+    model = WritesAfter(module).eval()
+    expected = module(x).clone()
+    with hs.record(model, ["inner"], clone=clone) as rec:
+        model(x)  # the capture is a view of NumPy memory that the model then zeroes
+    assert torch.equal(rec["inner"].tensor, expected)
+    assert_no_hooks(model)
+
+
+def test_nested_tensors_from_the_transformer_fast_path():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+    model = nn.TransformerEncoder(layer, 2).eval()
+    x = torch.randn(3, 5, 8)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 2 + [True] * 3])
+    with torch.no_grad():
+        reference = _manual(model, "layers.0", x, src_key_padding_mask=pad)[0]
+        assert reference.is_nested  # PyTorch's fast path: what we must record
+        with hs.record(model, ["layers.0", "layers.1"]) as rec:
+            model(x, src_key_padding_mask=pad)
+    cap = rec["layers.0"]
+    assert cap.tensor.is_nested
+    for got, ref in zip(cap.tensor.unbind(), reference.unbind(), strict=True):
+        assert torch.equal(got, ref)
+    assert cap.shape == (3, None, 8) and cap.shapes == [(5, 8), (3, 8), (2, 8)]
+    assert cap.lengths.tolist() == [5, 3, 2] and cap.mask.sum(1).tolist() == [5, 3, 2]
+    padded = cap.numpy()
+    assert padded.shape == (3, 5, 8) and (padded[2, 2:] == 0).all()
+    assert np.array_equal(padded[1, :3], reference.unbind()[1].numpy())
+    assert "nested (3, *, 8)" in repr(rec) and rec._repr_html_()
+    assert cap.nbytes >= 10 * 8 * 4
+    table = hs.summary(model, x, src_key_padding_mask=pad)  # ... and summary works too
+    assert "nested" in table.set_index("name").loc["layers.0", "output_shape"]
+
+
+def test_sparse_outputs():
+    class ToSparse(nn.Module):
+        def forward(self, x):
+            return x.to_sparse()
+
+    model = nn.Sequential(nn.ReLU(), ToSparse())
+    x = torch.tensor([[0.0, 1.0], [2.0, -3.0]])
+    with hs.record(model, ["1"]) as rec:
+        y = model(x)
+    cap = rec["1"]
+    assert cap.tensor.layout is torch.sparse_coo and torch.equal(cap.tensor.to_dense(),
+                                                                   y.to_dense())
+    assert np.array_equal(cap.numpy(), y.to_dense().numpy()) and cap.nbytes > 0
+    assert "sparse" not in repr(cap) or True  # repr must not crash
+    repr(rec)
+
+
+def test_resize_after_the_hooked_module_does_not_crash_the_forward():
+    class Grows(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Identity()
+
+        def forward(self, x):
+            y = self.inner(x * 1)
+            y.resize_(100)  # e.g. an out= argument of another size
+            y.fill_(7.0)
+            return y
+
+    x = torch.arange(4.0)
+    with hs.record(Grows(), ["inner"]) as rec:
+        Grows()(x)  # another instance: not recorded, just proves the op itself is fine
+    model = Grows()
+    with hs.record(model, ["inner"]) as rec:
+        out = model(x)
+    assert torch.equal(rec["inner"].tensor, x) and out.shape == (100,)
+
+
+def test_packed_sequence_captures_are_detached():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, batch_first=True)
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(2, 5, 3, requires_grad=True),
+                                               torch.tensor([5, 2]), batch_first=True)
+    with hs.record(lstm, [""], inputs=True) as rec:
+        lstm(packed)
+    cap = rec[""]
+    for t in (cap.tensor, cap.output[1][0], cap.inputs[0]):
+        assert not t.requires_grad and t.grad_fn is None
+
+
+def test_a_small_view_of_a_large_output_is_stored_compactly():
+    model = nn.Linear(8, 512)
+    x = torch.randn(64, 8)
+    with hs.record(model, [""], pick=lambda out: out[:, 0]) as rec:
+        y = model(x)
+    cap = rec[""]
+    assert torch.equal(cap.tensor, y[:, 0].detach())
+    assert cap.tensor.untyped_storage().nbytes() == 64 * 4  # not 64 x 512 floats
+    assert cap.nbytes == 64 * 4 and rec.table()["bytes"].iloc[0] == 64 * 4
+    with torch.no_grad(), hs.record(model, [""], pick=lambda out: out[:, 0],
+                                    clone=False) as kept:
+        model(x)
+    assert kept[""].nbytes == 64 * 512 * 4  # a view: what it really holds is the whole output
+
+
+def test_clone_false_is_checked_on_every_read(tmp_path):
+    class Inner(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = Inner()
+
+        def forward(self, x):
+            y = self.inner(x)
+            x.add_(1)  # changes the recorded input too
+            y.add_(1)
+            return y
+
+    model = Model()
+    with torch.no_grad(), hs.record(model, ["inner"], inputs=True, clone=False) as rec:
+        model(torch.ones(2))
+    cap = rec["inner"]
+    for read in (lambda: cap.tensor, lambda: cap.output, lambda: cap.inputs,
+                 lambda: cap.kwargs, lambda: hs.save(rec, tmp_path / "r.hsrec")):
+        with pytest.raises(hs.CaptureModifiedError):
+            read()
+
+
+class Holder:
+    """A mutable object returned by a module, like a Hugging Face cache."""
+
+    def __init__(self) -> None:
+        self.tensors = [torch.zeros(2)]
+        self.step = 0
+
+
+class Slotted:
+    __slots__ = ("t",)
+
+    def __init__(self) -> None:
+        self.t = torch.zeros(1)
+
+
+def test_live_objects_are_snapshotted_or_named():
+    holder = Holder()
+
+    class Appends(nn.Module):
+        def forward(self, x):
+            holder.tensors[0].add_(x)
+            holder.step += 1
+            return x, holder, Slotted()
+
+    model = Appends()
+    with hs.record(model, [""]) as rec:
+        model(torch.ones(2))
+        model(torch.ones(2))
+    first = rec.step(0)[""]
+    assert first.output[1].step == 1 and first.output[1].tensors[0].tolist() == [1.0, 1.0]
+    assert holder.step == 2 and holder.tensors[0].tolist() == [2.0, 2.0]
+    assert first.live == ("output[2] (Slotted)",) and "Slotted" in repr(first)
