@@ -79,8 +79,8 @@ def summary(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> pd
     # A look must not change what is looked at: buffers (BatchNorm's running statistics in
     # train mode) are restored afterwards, and the random number generators too (dropout).
     buffers = [(b, b.detach().clone()) for b in inner.buffers()]
-    devices = sorted({b.device.index for b in buffers if b.device.type == "cuda"} |
-                     {p.device.index for p in inner.parameters() if p.device.type == "cuda"})
+    devices = sorted({t.device.index for t in (*inner.buffers(), *inner.parameters())
+                      if t.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             for name, module in named:

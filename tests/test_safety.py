@@ -1,0 +1,279 @@
+"""No silent wrong capture, no leak: unsort on every path, threads, interrupts, compiled and
+scripted models, stop= nesting, wrapper names, and a summary that changes nothing."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import hookscope as hs
+from hookscope.errors import UnsortError, UnsupportedModelError
+from tests.conftest import assert_no_hooks
+
+# -- unsort= on every path ------------------------------------------------------------------
+
+
+def test_wrong_length_permutation_on_an_rnn_is_an_error():
+    rnn = nn.GRU(3, 4)
+    x = torch.randn(6, 4, 3)  # (time, batch 4, features)
+    with pytest.raises(UnsortError, match="length 3"), hs.record(rnn, [""],
+                                                               unsort={"": [2, 0, 1]}):
+        rnn(x)
+    assert_no_hooks(rnn)
+
+
+def test_wrong_length_permutation_on_a_packed_output_is_an_error():
+    lstm = nn.LSTM(3, 4, batch_first=True)
+    packed = pack_padded_sequence(torch.randn(4, 5, 3), torch.tensor([5, 4, 2, 1]),
+                                  batch_first=True)
+    with pytest.raises(UnsortError, match="length 3"), hs.record(lstm, [""],
+                                                               unsort={"": [2, 0, 1]}):
+        lstm(packed)
+    # The right one works, checked against pad_packed_sequence + indexing.
+    perm = torch.tensor([3, 1, 0, 2])
+    with torch.no_grad(), hs.record(lstm, [""], unsort={"": perm}) as rec:
+        out, (h, _) = lstm(packed)
+    assert torch.equal(rec[""].tensor, pad_packed_sequence(out, batch_first=True)[0][perm])
+    assert rec[""].lengths.tolist() == [1, 4, 5, 2]
+    assert torch.equal(rec[""].output[1][0], h[:, perm])
+
+
+def test_wrong_length_permutation_on_a_tuple_output_is_an_error():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x * 2, x.sum(-1)
+
+    model = Pair()
+    with pytest.raises(UnsortError, match="no tensor"), hs.record(
+            model, [""], unsort={"": [1, 0]}):
+        model(torch.randn(3, 5))
+
+
+def test_wrong_length_permutation_for_input_lengths_is_an_error(story_model, story_batch):
+    perm = torch.arange(len(story_batch) - 1)
+    with pytest.raises(UnsortError), hs.record(
+            story_model, ["encoder"], calls={"encoder": ["premise", "hypothesis"]},
+            unsort={"encoder": [perm, perm]}):
+        story_model(story_batch)
+
+
+def test_transposed_rnn_state_with_batch_equal_to_layers_is_ambiguous():
+    class Transposes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(3, 4, bidirectional=True)  # layers x directions = 2
+
+        def forward(self, x):
+            out, (h, c) = self.lstm(x)
+            return out, (h.transpose(0, 1), c.transpose(0, 1))  # (batch, 2, hidden)
+
+    model = Transposes()
+    x = torch.randn(5, 2, 3)  # batch 2 == layers x directions
+    with pytest.raises(UnsortError, match="ambiguous"), hs.record(
+            model, [""], unsort={"": [1, 0]}):
+        model(x)
+    # Saying where the batch is settles it.
+    with torch.no_grad(), hs.record(model, [""], unsort={"": [1, 0]},
+                                    batch_dim={"": {(0,): 1, (1,): 0}}) as rec:
+        out, (h, _) = model(x)
+    assert torch.equal(rec[""].output[1][0], h[[1, 0]])
+
+
+def test_run_takes_this_calls_permutation():
+    model = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    recorder = hs.record(model, [""])
+    perm = torch.tensor([2, 0, 3, 1])
+    rec = recorder.run(x, unsort={"": perm})
+    with torch.no_grad():
+        assert torch.equal(rec[""].tensor, model(x)[perm])
+    assert torch.equal(recorder.run(x)[""].tensor, model(x).detach())  # unchanged recorder
+
+
+# -- threads, interrupts --------------------------------------------------------------------
+
+
+def test_a_block_records_only_its_own_thread():
+    model = nn.Linear(3, 3)
+    other_out = []
+    started, done = threading.Event(), threading.Event()
+
+    def serve() -> None:
+        started.set()
+        while not done.is_set():
+            other_out.append(model(torch.full((1, 3), 9.0)))
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    started.wait()
+    try:
+        with hs.record(model, [""]) as rec:
+            for _ in range(3):
+                model(torch.zeros(2, 3))
+    finally:
+        done.set()
+        worker.join()
+    assert len(other_out) > 0 and rec.steps == 3
+    assert all(c.tensor.shape == (2, 3) for c in rec.calls(""))
+    with hs.record(model, [""], threads="all") as rec_all:
+        t = threading.Thread(target=lambda: model(torch.zeros(5, 3)))
+        t.start()
+        t.join()
+    assert rec_all[""].tensor.shape == (5, 3)
+
+
+def test_registration_never_breaks_another_threads_forward():
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(8)])
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                model(torch.randn(2, 4))
+            except BaseException as exc:  # noqa: BLE001 - any error there is the bug
+                errors.append(exc)
+                return
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    try:
+        for _ in range(200):
+            with hs.record(model, ["*"], inputs=True):
+                model(torch.randn(2, 4))
+    finally:
+        done.set()
+        worker.join()
+    assert errors == []
+    assert_no_hooks(model)
+
+
+def test_an_interrupt_during_hook_removal_leaves_no_hook(monkeypatch):
+    from torch.utils.hooks import RemovableHandle
+
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(20)])
+    real_remove = RemovableHandle.remove
+    calls = {"n": 0}
+
+    def flaky(self):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt  # Ctrl-C arrives in the middle of the removal
+        return real_remove(self)
+
+    monkeypatch.setattr(RemovableHandle, "remove", flaky)
+    with pytest.raises(KeyboardInterrupt), hs.record(model, ["*"]):
+        model(torch.randn(1, 2))
+    monkeypatch.setattr(RemovableHandle, "remove", real_remove)
+    assert_no_hooks(model)
+
+
+# -- models hooks cannot see ----------------------------------------------------------------
+
+
+def test_torchscript_is_a_clear_error():
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    with pytest.raises(UnsupportedModelError, match="TorchScript"):
+        hs.record(scripted, ["0"])
+    wrapper = nn.Sequential(scripted, nn.ReLU())
+    with pytest.raises(UnsupportedModelError, match="'0'"):
+        hs.record(wrapper, ["0"])
+
+
+def _compiles() -> bool:
+    try:
+        torch.compile(nn.Linear(2, 2))(torch.randn(1, 2))
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["in_place", "submodule", "compiled_elsewhere"])
+def test_compiled_variants_are_recorded(how):
+    if not _compiles():  # pragma: no cover - depends on the machine's toolchain
+        pytest.skip("torch.compile does not work here")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.ReLU()),
+                          nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    call = model
+    if how == "in_place":
+        model.compile()
+    elif how == "submodule":
+        model[1] = torch.compile(model[1])
+    else:
+        call = torch.compile(model)  # compiled before the block, called inside it
+    call(x)  # compiled now, before the hooks exist
+    with hs.record(model, ["0", "**.0"] if how == "submodule" else ["0", "1.0"]) as rec:
+        y = call(x)
+    names = [n for n in rec if rec._captures[n]]
+    assert len(names) == 2, f"missed: {set(rec) - set(names)}"
+    with torch.no_grad():
+        assert torch.allclose(rec["0"].tensor, model[0](x))
+    assert y.shape == (3, 2)
+    assert_no_hooks(model)
+
+
+# -- stop=, names, summary ------------------------------------------------------------------
+
+
+def test_outer_stop_does_not_hide_an_inner_recorders_capture():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
+    x = torch.randn(1, 2)
+    with hs.record(model, ["0"], stop=True) as outer:
+        with hs.record(model, ["0", "2"]) as inner:
+            model(x)
+    assert outer["0"].tensor.shape == (1, 2) and inner["0"].tensor.shape == (1, 2)
+    assert inner.calls  # the inner recorder saw module 0 before the stop
+    # Both stop at the same module: the inner block ends, so does the outer.
+    after = []
+    with hs.record(model, ["0"], stop=True) as outer:
+        with hs.record(model, ["0"], stop=True) as inner:
+            model(x)
+        after.append("outer block went on")
+    assert after == [] and len(outer.calls("0")) == len(inner.calls("0")) == 1
+    assert_no_hooks(model)
+
+
+def test_stop_waits_for_the_labelled_calls_of_a_loop():
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.cell = nn.Linear(2, 2)
+            self.head = nn.Linear(2, 2)
+
+        def forward(self, x):
+            for _ in range(3):
+                x = self.cell(x)
+            return self.head(x)
+
+    model = Loop()
+    rec = hs.record(model, ["cell"], stop=True,
+                    calls={"cell": ["t0", "t1", "t2"]}).run(torch.randn(1, 2))
+    assert [c.label for c in rec.calls("cell")] == ["t0", "t1", "t2"]
+
+
+def test_wrapper_names_look_up_too(mlp):
+    wrapped = nn.DataParallel(mlp, device_ids=[] if not torch.cuda.is_available() else None)
+    if torch.cuda.is_available():  # pragma: no cover - exercised on GPU machines
+        pytest.skip("covered by test_data_parallel_names_resolve_to_the_inner_model")
+    with hs.record(wrapped, ["module.0"]) as rec:
+        wrapped(torch.randn(2, 4))
+    assert rec["module.0"] is rec["0"] and "module.0" in rec
+
+
+def test_summary_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(8, 3) * 10 + 5
+    rng = torch.get_rng_state()
+    hs.summary(model, x)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(torch.get_rng_state(), rng) and model.training
