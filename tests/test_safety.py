@@ -79,7 +79,7 @@ def test_transposed_rnn_state_with_batch_equal_to_layers_is_ambiguous():
     # Saying where the batch is settles it.
     with torch.no_grad(), hs.record(model, [""], unsort={"": [1, 0]},
                                     batch_dim={"": {(0,): 1, (1,): 0}}) as rec:
-        out, (h, _) = model(x)
+        _, (h, _) = model(x)
     assert torch.equal(rec[""].output[1][0], h[[1, 0]])
 
 
@@ -135,7 +135,7 @@ def test_registration_never_breaks_another_threads_forward():
         while not done.is_set():
             try:
                 model(torch.randn(2, 4))
-            except BaseException as exc:  # noqa: BLE001 - any error there is the bug
+            except BaseException as exc:  # any error there is the bug
                 errors.append(exc)
                 return
 
