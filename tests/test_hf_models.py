@@ -1,0 +1,97 @@
+"""Real models people use, built from configs with random weights (no downloads): every
+capture against the model's own reporting (``output_hidden_states``, ``output_attentions``)
+and against step-by-step decoding with the cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hookscope as hs
+
+transformers = pytest.importorskip("transformers")
+
+
+def assert_no_hooks(model: torch.nn.Module) -> None:
+    """None of ours left (transformers installs hooks of its own for output_hidden_states)."""
+    for name, m in model.named_modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            ours = [h for h in hooks.values()
+                    if getattr(h, "__qualname__", "").startswith("Recorder.")]
+            assert not ours, f"hookscope hook left on {name!r}"
+
+
+@pytest.fixture
+def bert():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     attn_implementation="eager")
+    return transformers.BertModel(config).eval()
+
+
+def _padded_batch():
+    ids = torch.randint(1, 100, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[2, 3:] = 0
+    return ids, mask
+
+
+def test_bert_layers_equal_output_hidden_states_and_attentions(bert):
+    ids, mask = _padded_batch()
+    with hs.record(bert, ["encoder.layer.*", "encoder.layer.*.attention.self"]) as rec:
+        out = bert(ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    for i in range(3):
+        layer = rec[f"encoder.layer.{i}"]
+        assert torch.equal(layer.tensor, out.hidden_states[i + 1])
+        probs = rec[f"encoder.layer.{i}.attention.self"].output[1]
+        assert torch.equal(probs, out.attentions[i])
+        # The model was called with attention_mask=: the capture knows where padding is.
+        assert torch.equal(layer.mask, mask.bool())
+    assert_no_hooks(bert)
+
+
+def test_mask_from_can_be_turned_off(bert):
+    ids, mask = _padded_batch()
+    with hs.record(bert, ["encoder.layer.0"], mask_from=None) as rec:
+        bert(ids, attention_mask=mask)
+    assert rec["encoder.layer.0"].mask is None
+
+
+def test_gpt2_generate_steps_equal_step_by_step_decoding():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4,
+                                     n_positions=32, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    prompt = torch.randint(1, 50, (1, 4), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), hs.record(model, ["", "transformer.h.1"]) as rec:
+        generated = model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert rec.steps == 3 and generated.shape == (1, 7)
+
+    # The reference: decode by hand with the cache, one token per step.
+    block = model.transformer.h[1]
+    seen = []
+    handle = block.register_forward_hook(lambda m, i, o: seen.append(
+        (o[0] if isinstance(o, tuple) else o).detach().clone()))
+    try:
+        with torch.no_grad():
+            out = model(prompt, use_cache=True)
+            cache = out.past_key_values
+            for t in range(4, 6):
+                out = model(generated[:, t : t + 1], past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+    finally:
+        handle.remove()
+    for step, expected in enumerate(seen):
+        got = rec.step(step)["transformer.h.1"].tensor
+        # generate() passes an explicit attention mask and cache positions, which may pick
+        # another attention kernel than this plain loop: equal up to float32 rounding.
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    # The cache object the model returned at step 0 is a snapshot: its length is the
+    # prompt's, not what the live cache grew to afterwards.
+    first_cache = rec.step(0)[""].output["past_key_values"]
+    last_cache = rec.step(-1)[""].output["past_key_values"]
+    assert first_cache.get_seq_length() == 4 and last_cache.get_seq_length() == 6
+    assert_no_hooks(model)
