@@ -79,6 +79,45 @@ def transformer_case(quick: bool) -> tuple[str, dict[str, Variant]]:
     })
 
 
+def numpy_case(quick: bool) -> tuple[str, dict[str, Variant]]:
+    """A CNN fed NumPy data (torch.from_numpy): its Flatten output is a view of the caller's
+    memory, which copy-on-write cannot share: hookscope copies it."""
+    import numpy as np
+
+    batch, size = (4, 16) if quick else (64, 64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3),
+                          nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(256, 10)).eval()
+    data = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+    names = ["0", "2", "4"]
+    raw = raw_hooks(model, names)
+    recorder = hs.record(model, names)
+    return (f"CNN fed torch.from_numpy (batch {batch}, 3 x {size} x {size})", {
+        "plain forward": lambda: model(torch.from_numpy(data)),
+        "raw hooks (detach)": lambda: raw(lambda: model(torch.from_numpy(data))),
+        "hookscope.record, 3 modules": lambda: recorder.run(torch.from_numpy(data)),
+    })
+
+
+def nested_case(quick: bool) -> tuple[str, dict[str, Variant]]:
+    """nn.TransformerEncoder's fast path with a padding mask: layers return nested tensors."""
+    d, layers, batch, seq = (32, 2, 4, 16) if quick else (256, 4, 32, 128)
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d, nhead=4, dim_feedforward=4 * d, batch_first=True)
+    model = nn.TransformerEncoder(layer, layers).eval()
+    x = torch.randn(batch, seq, d)
+    lengths = torch.randint(seq // 4, seq + 1, (batch,), generator=torch.Generator().manual_seed(0))
+    pad = torch.arange(seq)[None, :] >= lengths[:, None]
+    names = [f"layers.{i}" for i in range(layers)]
+    raw = raw_hooks(model, names)
+    recorder = hs.record(model, names)
+    return (f"TransformerEncoder fast path, nested outputs ({layers} x d {d}, {batch} x {seq})", {
+        "plain forward": lambda: model(x, src_key_padding_mask=pad),
+        "raw hooks (detach)": lambda: raw(lambda: model(x, src_key_padding_mask=pad)),
+        "hookscope.record, all layers": lambda: recorder.run(x, src_key_padding_mask=pad),
+    })
+
+
 def tiny_case(quick: bool) -> tuple[str, dict[str, Variant]]:
     """Each measurement is a loop of LOOP calls (reported per call), so that the variant that
     keeps one record block open across calls does not leave hooks on during the others."""
@@ -123,12 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
-    iters = {"tiny": 5, "nli": 5, "transformer": 5} if args.quick else {
-        "tiny": 50, "nli": 15, "transformer": 8}
+    iters = {"tiny": 5, "nli": 5, "transformer": 5, "numpy": 5, "nested": 5} if args.quick \
+        else {"tiny": 50, "nli": 15, "transformer": 8, "numpy": 15, "nested": 8}
     results = []
     with torch.inference_mode():
         for key, make in (("nli", nli_case), ("transformer", transformer_case),
-                          ("tiny", tiny_case)):
+                          ("numpy", numpy_case), ("nested", nested_case), ("tiny", tiny_case)):
             title, variants = make(args.quick)
             times = interleaved(variants, iters[key], args.repeats)
             if key == "tiny":
