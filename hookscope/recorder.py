@@ -10,6 +10,7 @@ be decided once is decided in :class:`Recorder.__init__` and kept in the plans.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -68,8 +69,77 @@ class _Session:
 
 class Recorder:
     """A reusable recorder: ``with recorder as rec`` registers the hooks, fills a fresh
-    :class:`Recording`, and removes every hook on exit.  Made by :func:`record`, which
-    documents the options."""
+    :class:`Recording`, and removes every hook on exit.  Made by :func:`record`.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model (``DataParallel``/``DistributedDataParallel``/``torch.compile`` wrappers are
+        looked through: use the inner model's names, or the wrapper's — both work for
+        selection and for ``rec[name]``).  Where anything was compiled with ``torch.compile``
+        (the model, a submodule, ``model.compile()``), the block runs eagerly
+        (``torch.compiler.set_stance("force_eager")``): a compiled graph does not see hooks
+        added after it was compiled, and a recording must not silently miss them.
+        TorchScript modules cannot be hooked: an error says so.
+    modules : str, type, or list of them
+        Exact dotted names from ``model.named_modules()``, glob patterns
+        (``"encoder.layer.*.output"``; ``*`` is one name segment, ``**`` several), or module
+        classes (``nn.LSTM``: every instance).  Selecting nothing is an error that lists the
+        closest real names.
+    inputs : bool
+        Also record each call's positional and keyword inputs (``Capture.inputs`` /
+        ``Capture.kwargs``), as the module received them (``unsort=`` is not applied to them).
+    device : str or torch.device, optional
+        Move captured tensors there (e.g. ``"cpu"`` to keep GPU memory free).
+    dtype : torch.dtype, optional
+        Cast captured floating-point tensors (integer tensors are left alone).
+    pick : callable or {module: callable}, optional
+        Keep only part of a structured output, e.g. ``lambda out: out[0]``.  A small view of a
+        large tensor (``lambda out: out[:, 0]``) is stored compactly.
+    calls : {module: [label, ...]}, optional
+        Labels for the calls of a module within one forward pass, e.g.
+        ``{"encoder": ["premise", "hypothesis"]}``.  A module that runs a different number of
+        times than it has labels is reported (``CallCountError`` when the block ends).
+    unsort : {module: permutation or [permutation per call] or {label: permutation}}, optional
+        Restore the original batch order of a batch the caller sorted by length: each leaf's
+        batch dimension is indexed with the permutation (``captured = output[perm]``), and so
+        are ``lengths``.  Validated: 1-D, integer, a permutation of ``range(batch)``, of the
+        batch size of every leaf it is applied to (else :class:`~hookscope.errors.UnsortError`).
+    batch_dim : {module: int or {path prefix: dim or None}}, optional
+        Where the batch dimension is, for ``unsort=``.  By default it is found per leaf: the
+        only dimension with the batch size (RNN hidden states: dim 1; sequences padded from a
+        ``PackedSequence``: dim 0); several candidates raise ``UnsortError`` instead of guessing.
+    stop : bool
+        End the forward pass right after the last selected module ran its last expected call:
+        once, or as many times as it has ``calls=`` labels (a module called in a loop: give a
+        label per call you need).  No compute is spent on the rest of the model.  The
+        ``with`` block then ends at the model call (use :meth:`Recorder.run` to keep going in
+        your own code).  Nested recorders on the same module all record before it stops.
+    clone : True, "lazy" or False
+        ``True`` (default): every captured tensor that still shares memory with the model is
+        copied, so a later in-place op (``nn.ReLU(inplace=True)``, ``x.add_()``,
+        ``x.resize_()``) cannot change it; a small view of a large tensor is copied compactly;
+        nested, sparse and NumPy-backed tensors are copied too.  ``"lazy"``: copy-on-write
+        (``torch._lazy_clone``) for dense tensors that PyTorch allocated (no bytes copied
+        unless the model writes to the tensor later), an eager copy for the rest — saves
+        memory when recording with autograd on, but a later ``resize_()`` of the module's
+        output to a larger size then fails inside PyTorch.  ``False``: no copy; the tensor's
+        version is remembered and reading a capture (``.tensor``, ``.output``, ``.inputs``,
+        ``save``) that was changed in place raises
+        :class:`~hookscope.errors.CaptureModifiedError`.  Tensors made under
+        ``torch.inference_mode()`` have no version counter and are always copied.
+    threads : {"own", "all"}
+        ``"own"`` (default): record only the forward passes run by the thread that entered the
+        block; a server's other threads calling the same model are neither recorded nor
+        disturbed.  ``"all"``: record every thread's calls (their order then depends on
+        scheduling; ``nn.DataParallel`` over several GPUs runs replicas in threads).
+    mask_from : str or None
+        The keyword argument of the model call that holds a ``(batch, time)`` padding mask,
+        the Hugging Face convention ``"attention_mask"`` by default: captures whose leading
+        dims are ``(batch, time)`` then know their ``mask``, so reductions and long frames
+        leave padding out with no extra code.  ``None`` turns this off.
+
+    """
 
     def __init__(
         self,
@@ -437,22 +507,8 @@ def _nested_lengths_or_mask(value: Any, mask: Tensor | None,
     return None, mask if perm is None else mask[perm]
 
 
-def record(
-    model: nn.Module,
-    modules: ModuleSpec | Iterable[ModuleSpec],
-    *,
-    inputs: bool = False,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    pick: Callable[[Any], Any] | Mapping[ModuleSpec, Callable[[Any], Any]] | None = None,
-    calls: Mapping[ModuleSpec, list[str]] | None = None,
-    unsort: Mapping[ModuleSpec, Any] | None = None,
-    batch_dim: Mapping[ModuleSpec, BatchDim] | None = None,
-    stop: bool = False,
-    clone: CloneMode = True,
-    threads: str = "own",
-    mask_from: str | None = "attention_mask",
-) -> Recorder:
+def record(model: nn.Module, modules: ModuleSpec | Iterable[ModuleSpec],
+           **options: Any) -> Recorder:
     """Record what the selected submodules return during the model's own forward pass.
 
     Use it as a context manager around ordinary model calls; it yields a
@@ -462,70 +518,13 @@ def record(
     Parameters
     ----------
     model : nn.Module
-        The model (``DataParallel``/``DistributedDataParallel``/``torch.compile`` wrappers are
-        looked through: use the inner model's names, or the wrapper's — both work for
-        selection and for ``rec[name]``).  Where anything was compiled with ``torch.compile``
-        (the model, a submodule, ``model.compile()``), the block runs eagerly
-        (``torch.compiler.set_stance("force_eager")``): a compiled graph does not see hooks
-        added after it was compiled, and a recording must not silently miss them.
-        TorchScript modules cannot be hooked: an error says so.
+        The model; see :class:`Recorder` for wrappers, compiled and scripted models.
     modules : str, type, or list of them
-        Exact dotted names from ``model.named_modules()``, glob patterns
-        (``"encoder.layer.*.output"``; ``*`` is one name segment, ``**`` several), or module
-        classes (``nn.LSTM``: every instance).  Selecting nothing is an error that lists the
-        closest real names.
-    inputs : bool
-        Also record each call's positional and keyword inputs (``Capture.inputs`` /
-        ``Capture.kwargs``), as the module received them (``unsort=`` is not applied to them).
-    device : str or torch.device, optional
-        Move captured tensors there (e.g. ``"cpu"`` to keep GPU memory free).
-    dtype : torch.dtype, optional
-        Cast captured floating-point tensors (integer tensors are left alone).
-    pick : callable or {module: callable}, optional
-        Keep only part of a structured output, e.g. ``lambda out: out[0]``.  A small view of a
-        large tensor (``lambda out: out[:, 0]``) is stored compactly.
-    calls : {module: [label, ...]}, optional
-        Labels for the calls of a module within one forward pass, e.g.
-        ``{"encoder": ["premise", "hypothesis"]}``.  A module that runs a different number of
-        times than it has labels is reported (``CallCountError`` when the block ends).
-    unsort : {module: permutation or [permutation per call] or {label: permutation}}, optional
-        Restore the original batch order of a batch the caller sorted by length: each leaf's
-        batch dimension is indexed with the permutation (``captured = output[perm]``), and so
-        are ``lengths``.  Validated: 1-D, integer, a permutation of ``range(batch)``, of the
-        batch size of every leaf it is applied to (else :class:`~hookscope.errors.UnsortError`).
-    batch_dim : {module: int or {path prefix: dim or None}}, optional
-        Where the batch dimension is, for ``unsort=``.  By default it is found per leaf: the
-        only dimension with the batch size (RNN hidden states: dim 1; sequences padded from a
-        ``PackedSequence``: dim 0); several candidates raise ``UnsortError`` instead of guessing.
-    stop : bool
-        End the forward pass right after the last selected module ran its last expected call:
-        once, or as many times as it has ``calls=`` labels (a module called in a loop: give a
-        label per call you need).  No compute is spent on the rest of the model.  The
-        ``with`` block then ends at the model call (use :meth:`Recorder.run` to keep going in
-        your own code).  Nested recorders on the same module all record before it stops.
-    clone : True, "lazy" or False
-        ``True`` (default): every captured tensor that still shares memory with the model is
-        copied, so a later in-place op (``nn.ReLU(inplace=True)``, ``x.add_()``,
-        ``x.resize_()``) cannot change it; a small view of a large tensor is copied compactly;
-        nested, sparse and NumPy-backed tensors are copied too.  ``"lazy"``: copy-on-write
-        (``torch._lazy_clone``) for dense tensors that PyTorch allocated (no bytes copied
-        unless the model writes to the tensor later), an eager copy for the rest — saves
-        memory when recording with autograd on, but a later ``resize_()`` of the module's
-        output to a larger size then fails inside PyTorch.  ``False``: no copy; the tensor's
-        version is remembered and reading a capture (``.tensor``, ``.output``, ``.inputs``,
-        ``save``) that was changed in place raises
-        :class:`~hookscope.errors.CaptureModifiedError`.  Tensors made under
-        ``torch.inference_mode()`` have no version counter and are always copied.
-    threads : {"own", "all"}
-        ``"own"`` (default): record only the forward passes run by the thread that entered the
-        block; a server's other threads calling the same model are neither recorded nor
-        disturbed.  ``"all"``: record every thread's calls (their order then depends on
-        scheduling; ``nn.DataParallel`` over several GPUs runs replicas in threads).
-    mask_from : str or None
-        The keyword argument of the model call that holds a ``(batch, time)`` padding mask,
-        the Hugging Face convention ``"attention_mask"`` by default: captures whose leading
-        dims are ``(batch, time)`` then know their ``mask``, so reductions and long frames
-        leave padding out with no extra code.  ``None`` turns this off.
+        What to record: exact dotted names, glob patterns, or module classes.
+    **options
+        Every option of :class:`Recorder` (``inputs``, ``device``, ``dtype``, ``pick``,
+        ``calls``, ``unsort``, ``batch_dim``, ``stop``, ``clone``, ``threads``,
+        ``mask_from``), documented there.
 
     Returns
     -------
@@ -546,6 +545,10 @@ def record(
     >>> y.detach()
     tensor([[0., 0.]])
     """
-    return Recorder(model, modules, inputs=inputs, device=device, dtype=dtype, pick=pick,
-                    calls=calls, unsort=unsort, batch_dim=batch_dim, stop=stop, clone=clone,
-                    threads=threads, mask_from=mask_from)
+    return Recorder(model, modules, **options)
+
+
+# The options are declared once, on Recorder; record() shows them (help(), Jupyter, IDEs that
+# read __signature__) as its own.
+record.__signature__ = inspect.signature(Recorder).replace(  # type: ignore[attr-defined]
+    return_annotation=Recorder)
