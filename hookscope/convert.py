@@ -212,7 +212,15 @@ def batch_dim_of(
         return None
     if isinstance(spec, int):
         dim = spec
-    elif packed:
+        if x.ndim <= dim or x.shape[dim] != n:
+            leaf = "output" + "".join(f"[{k!r}]" for k in path)
+            raise UnsortError(
+                f"unsort for {where}: batch_dim={spec} applies to every tensor of the output, "
+                f"but {leaf} has shape {tuple(x.shape)}, whose dim {dim} is not of the "
+                f"permutation's length {n}. Give a dim per output path instead, e.g. "
+                f"batch_dim={{name: {{{path[:1]!r}: dim}}}} (None leaves a tensor alone).")
+        return dim
+    if packed:
         dim = 0  # padded batch-first by us
     elif plan.rnn and plan.pick is None and path:
         # An RNN's output sequence follows batch_first; h / (h, c) are
@@ -228,10 +236,13 @@ def batch_dim_of(
         return dim
     if x.ndim <= dim or x.shape[dim] != n:
         leaf = "output" + "".join(f"[{k!r}]" for k in path)
+        per_call = (" If the module runs several times per forward pass, give one "
+                    "permutation per call: unsort={name: [perm_call0, perm_call1]}."
+                    if isinstance(plan.perms, tuple) or plan.expected > 1 else "")
         raise UnsortError(
             f"unsort for {where}: {leaf} has shape {tuple(x.shape)}, whose batch dimension "
-            f"{dim} is not of the permutation's length {n}. Pass this call's own permutation"
-            " (one per call: unsort={name: [perm_call0, perm_call1]}).")
+            f"{dim} is not of the permutation's length {n}: the permutation is for another "
+            f"batch.{per_call}")
     return dim
 
 

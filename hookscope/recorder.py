@@ -133,11 +133,15 @@ class Recorder:
         block; a server's other threads calling the same model are neither recorded nor
         disturbed.  ``"all"``: record every thread's calls (their order then depends on
         scheduling; ``nn.DataParallel`` over several GPUs runs replicas in threads).
-    mask_from : str or None
-        The keyword argument of the model call that holds a ``(batch, time)`` padding mask,
-        the Hugging Face convention ``"attention_mask"`` by default: captures whose leading
-        dims are ``(batch, time)`` then know their ``mask``, so reductions and long frames
-        leave padding out with no extra code.  ``None`` turns this off.
+    mask_from : str, callable or None
+        Where the model call's ``(batch, time)`` padding mask is, True (or 1) at real tokens:
+        the keyword ``"attention_mask"`` by default (the Hugging Face convention; integer,
+        boolean or 0/1 float).  Captures whose leading dims are ``(batch, time)`` then know
+        their ``mask``, so reductions and long frames leave padding out with no extra code.
+        A callable ``(args, kwargs) -> mask`` reads any other convention, e.g. PyTorch's
+        ``src_key_padding_mask``, which is True at *padding*:
+        ``mask_from=lambda args, kwargs: ~kwargs["src_key_padding_mask"]``.  ``None`` turns
+        this off.
 
     """
 
@@ -156,7 +160,7 @@ class Recorder:
         stop: bool = False,
         clone: CloneMode = True,
         threads: str = "own",
-        mask_from: str | None = "attention_mask",
+        mask_from: str | Callable[[tuple, dict], Any] | None = "attention_mask",
     ) -> None:
         _check_scriptable(model)
         selected = resolve_modules(model, modules)
@@ -170,9 +174,11 @@ class Recorder:
         if threads not in ("own", "all"):
             raise ValueError(f"threads= must be 'own' (the thread that enters the block) or "
                              f"'all'; got {threads!r}.")
-        if mask_from is not None and not isinstance(mask_from, str):
-            raise TypeError(f"mask_from= must be a keyword name such as 'attention_mask', or "
-                            f"None; got {mask_from!r}.")
+        if mask_from is not None and not (isinstance(mask_from, str) or callable(mask_from)):
+            raise TypeError(f"mask_from= must be a keyword name such as 'attention_mask', a "
+                            f"callable (args, kwargs) -> mask, or None; got {mask_from!r}.")
+        if device is not None:
+            device = _check_device(device)
         self.model = model
         self.inputs = inputs
         self.stop = stop
@@ -180,8 +186,7 @@ class Recorder:
         self.mask_from = mask_from
         self._selected = selected
         self._options = {"pick": pick, "calls": calls, "batch_dim": batch_dim, "clone": clone,
-                         "device": torch.device(device) if device is not None else None,
-                         "dtype": dtype}
+                         "device": device, "dtype": dtype}
         self._plans = build_plans(model, selected, unsort=unsort, **self._options)
         inner, prefix = unwrap(model)
         self._model_type = type(inner).__name__
@@ -312,10 +317,9 @@ class Recorder:
         s.pending_inputs.clear()
         s.rnn_keys.clear()
         s.mask = None
-        if self.mask_from and rest and isinstance(rest[0], dict):
-            mask = rest[0].get(self.mask_from)
-            if isinstance(mask, Tensor) and mask.ndim == 2 and not mask.is_floating_point():
-                s.mask = mask.detach().to("cpu") != 0
+        if self.mask_from is not None:
+            kwargs = rest[0] if rest and isinstance(rest[0], dict) else {}
+            s.mask = _padding_mask(self.mask_from, args, kwargs)
 
     def _make_hook(self, plan: Plan) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, *rest: Any) -> None:
@@ -469,6 +473,42 @@ def _check_scriptable(model: Any, name: str | None = None) -> None:
             "no link to it), or return the values you need from forward().")
     if not isinstance(model, nn.Module):
         raise TypeError(f"record() needs an nn.Module, got {type(model).__name__}.")
+
+
+def _check_device(device: torch.device | str) -> torch.device:
+    """``device=`` checked when recording starts, not in the middle of the forward pass."""
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as exc:
+        raise ValueError(f"device={device!r} cannot hold tensors here ({exc}). Use a device "
+                         "this PyTorch has, e.g. 'cpu'.") from None
+    return device
+
+
+def _padding_mask(mask_from: Any, args: tuple, kwargs: dict) -> Tensor | None:
+    """The model call's ``(batch, time)`` mask, True at real positions, or ``None``.
+
+    A keyword name reads that keyword (True / non-zero = a real token, the Hugging Face
+    convention); an additive float mask (0 and -inf) is not a padding mask and is ignored.
+    A callable gets ``(args, kwargs)`` and returns the mask itself (or ``None``).
+    """
+    if callable(mask_from):
+        mask = mask_from(args, kwargs)
+        if mask is None:
+            return None
+        mask = torch.as_tensor(mask)
+        if mask.ndim != 2:
+            raise ValueError(f"mask_from= returned a mask of shape {tuple(mask.shape)}; it "
+                             "must be (batch, time), True at real positions.")
+        return mask.detach().to("cpu") != 0
+    mask = kwargs.get(mask_from)
+    if not isinstance(mask, Tensor) or mask.ndim != 2:
+        return None
+    mask = mask.detach()
+    if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+        return None  # an additive mask (0 / -inf): not "1 = real token"
+    return mask.to("cpu") != 0
 
 
 def _input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str) -> Tensor | None:

@@ -230,7 +230,8 @@ def as_permutation(perm: Any, where: str) -> Tensor:
             parts.append(f"missing: {missing}")
         raise UnsortError(
             f"unsort for {where}: not a permutation of range({n}) ({'; '.join(parts)}). Pass "
-            "the index that restores the original order, e.g. batch.premise_orig_idx."
+            "the index that restores the original order: if you sorted with "
+            "order = lengths.argsort(descending=True), pass order.argsort()."
         )
     return t
 

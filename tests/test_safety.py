@@ -277,3 +277,47 @@ def test_summary_leaves_the_model_as_it_was():
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert torch.equal(torch.get_rng_state(), rng) and model.training
+
+
+# -- options checked before the forward pass --------------------------------------------------
+
+
+def test_a_device_that_cannot_hold_tensors_is_an_error_at_record():
+    if torch.cuda.is_available():  # pragma: no cover - exercised on CPU-only machines
+        pytest.skip("CUDA is available here")
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="device='cuda'|device=device"):
+        hs.record(model, [""], device="cuda")
+    assert_no_hooks(model)
+
+
+def test_an_int_batch_dim_that_does_not_fit_every_leaf_says_how_to_fix_it():
+    lstm = nn.LSTM(3, 4, batch_first=True)
+    with pytest.raises(UnsortError, match=r"applies to every tensor.*\(1,\)"), hs.record(
+            lstm, [""], unsort={"": [1, 0, 3, 2]}, batch_dim={"": 0}):
+        lstm(torch.randn(4, 5, 3))
+
+
+def test_mask_from_reads_masks_of_any_convention():
+    class Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(3, 3)
+
+        def forward(self, x, attention_mask=None, src_key_padding_mask=None):
+            return self.proj(x)
+
+    model, x = Seq(), torch.randn(2, 4, 3)
+    real = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    with hs.record(model, ["proj"]) as rec:
+        model(x, attention_mask=real.float())  # a 0/1 float mask is a padding mask
+        model(x, attention_mask=(1.0 - real.float()) * -1e9)  # an additive one is not
+    assert torch.equal(rec.step(0)["proj"].mask, real.bool())
+    assert rec.step(1)["proj"].mask is None
+    pad = real == 0  # PyTorch's convention: True at padding
+    with hs.record(model, ["proj"],
+                   mask_from=lambda args, kwargs: ~kwargs["src_key_padding_mask"]) as rec:
+        model(x, src_key_padding_mask=pad)
+    assert torch.equal(rec["proj"].mask, real.bool())
+    with pytest.raises(TypeError, match="mask_from"):
+        hs.record(model, ["proj"], mask_from=3)
