@@ -325,8 +325,8 @@ class Recorder:
         def hook(module: nn.Module, args: tuple, *rest: Any) -> None:
             # (kwargs, output) with kwargs; (output,) in the instant of a registration that
             # another thread's forward sees half-done: never break that forward.
-            s = self._own()
-            if s is not None:
+            s = self._session
+            if s is not None and (s.thread is None or s.thread == _get_ident()):
                 kwargs, output = rest if len(rest) == 2 else ({}, rest[0])
                 self._record_call(s, plan, args, kwargs, output)
             if _PENDING_STOPS:
@@ -367,25 +367,28 @@ class Recorder:
         counts[name] = call + 1
         labels = plan.labels
         label = labels[call] if labels is not None and call < len(labels) else None
-        live: list[str] = []
-        perm = None
+        live: tuple[str, ...] = ()
+        perm = lengths = mask = versions = None
         if plan.plain and type(output) is Tensor:  # the common case, without the tree walk
-            value, version = snapshot_tensor(output.detach(), plan.clone)
-            versions = None if version is None else [version]
-            lengths = None
+            value = output.detach()
+            if plan.clone is True:
+                value = value.clone()
+            else:
+                value, version = snapshot_tensor(value, plan.clone)
+                versions = None if version is None else [version]
         else:
             value = plan.pick(output) if plan.pick is not None else output
             perm = plan.perm(call) if plan.perms is not None else None
             where = f"{name!r} call {call}" + (f" ({label!r})" if label else "")
             converted = convert(value, plan, perm=perm, where=where, rnn_state_keys=s.rnn_keys)
-            value, lengths, versions, live = (converted.value, converted.lengths,
-                                              converted.versions, converted.live)
+            value, lengths, versions = converted.value, converted.lengths, converted.versions
+            live = tuple(converted.live)
             if s.rnn_keys and not plan.rnn:
                 s.rnn_keys.clear()
         if lengths is None and (args or kwargs):
             lengths = _input_lengths(args, kwargs, perm, name)
-        mask = None
-        if lengths is None:
+        if lengths is None and (s.mask is not None or type(value) is not Tensor
+                                or value.is_nested):
             lengths, mask = _nested_lengths_or_mask(value, s.mask, perm)
         inputs = kwargs_in = None
         if self.inputs:
@@ -395,7 +398,7 @@ class Recorder:
                 if in_versions:
                     versions = [*(versions or []), *in_versions]
         rec._add(Capture(name, rec.steps - 1, call, label, plan.module_type, value, inputs,
-                         kwargs_in, lengths, versions, mask=mask, live=tuple(live)))
+                         kwargs_in, lengths, versions, mask=mask, live=live))
         if self.stop and call + 1 == plan.expected:
             s.remaining -= 1
             if s.remaining == 0:
