@@ -25,9 +25,11 @@ from .errors import (
     AmbiguousCallError,
     CallCountError,
     CaptureModifiedError,
+    DatasetError,
     HookscopeError,
     ModuleSelectionError,
     NotRecordedError,
+    RecordingFileError,
     UnsortError,
 )
 from .frame import recording_vectors
@@ -45,6 +47,7 @@ __all__ = [
     "CallCountError",
     "Capture",
     "CaptureModifiedError",
+    "DatasetError",
     "DatasetView",
     "HookscopeError",
     "ModuleSelectionError",
@@ -52,6 +55,7 @@ __all__ = [
     "NotRecordedError",
     "Recorder",
     "Recording",
+    "RecordingFileError",
     "UnsortError",
     "__version__",
     "cosine",

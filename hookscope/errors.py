@@ -11,9 +11,11 @@ __all__ = [
     "AmbiguousCallError",
     "CallCountError",
     "CaptureModifiedError",
+    "DatasetError",
     "HookscopeError",
     "ModuleSelectionError",
     "NotRecordedError",
+    "RecordingFileError",
     "UnsortError",
 ]
 
@@ -50,3 +52,13 @@ class UnsortError(HookscopeError, ValueError):
 
 class CaptureModifiedError(HookscopeError, RuntimeError):
     """A capture recorded with ``clone=False`` was changed in place after it was recorded."""
+
+
+class RecordingFileError(HookscopeError, ValueError):
+    """A file is not a readable hookscope recording (truncated, corrupted, malformed, too large
+    for the size budget, or another format)."""
+
+
+class DatasetError(HookscopeError, ValueError):
+    """A dataset folder cannot be written or read as asked (damaged shard, invalid manifest,
+    another writer holding the folder, a changed setup on resume ...)."""
