@@ -33,7 +33,7 @@ from .errors import (
     UnsortError,
 )
 from .frame import recording_vectors
-from .io import load, save
+from .io import allow_class, load, save
 from .pooling import last_state, masked_pool
 from .recorder import Recorder, record
 from .recording import Capture, Recording
@@ -58,6 +58,7 @@ __all__ = [
     "RecordingFileError",
     "UnsortError",
     "__version__",
+    "allow_class",
     "cosine",
     "cosine_matrix",
     "format_summary",

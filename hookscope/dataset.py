@@ -258,7 +258,10 @@ def record_dataset(
     _make_folder(out)
     with WriterLock(out, rank):
         manifest_path = out / (MANIFEST if world == 1 else f"manifest-r{rank:03d}.json")
-        manifest = _open_for_writing(out, manifest_path, fingerprint, resume, rank)
+        try:
+            manifest = _open_for_writing(out, manifest_path, fingerprint, resume, rank)
+        except OSError as exc:
+            raise DatasetError(f"cannot prepare {out} for writing ({exc}).") from None
         from . import __version__
 
         manifest.update(fingerprint=fingerprint, model=type(model).__qualname__, rank=rank,
