@@ -444,6 +444,10 @@ def _make_folder(out: Path) -> None:
 
 def _open_for_writing(out: Path, manifest_path: Path, fingerprint: str, resume: bool,
                       rank: int) -> dict:
+    # Temporaries of this rank left by a killed run (this process holds the rank's lock).
+    for tmp in [*(out / "shards").glob(f".part-r{rank:03d}-*.parquet.tmp"),
+                *out.glob(f".{manifest_path.name}.*.tmp")]:
+        tmp.unlink(missing_ok=True)
     if manifest_path.exists():
         manifest = read_manifest(manifest_path)
         if manifest["fingerprint"] != fingerprint:

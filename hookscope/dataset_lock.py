@@ -62,8 +62,12 @@ class WriterLock:
             raise DatasetError(f"cannot create the writer lock {self.path} ({exc}).") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             os.close(fd)
+            if not isinstance(exc, BlockingIOError):
+                raise DatasetError(f"cannot lock {self.path} ({exc}): this filesystem does not "
+                                   "support file locks; record into a local folder and copy "
+                                   "the dataset afterwards.") from None
             raise DatasetError(
                 f"{self.path.parent} is being written by another record_dataset run "
                 f"({_holder(self.path)}); two writers would corrupt it. Wait for it to finish "

@@ -134,8 +134,11 @@ class DatasetView:
         columns = self.columns if columns is None else columns
         for c in columns:
             self._vector_spec(c)
-        meta = self.meta(rows)
-        table = self._table(columns, rows)  # each shard read (and verified) once
+        extra = [*self.manifest["meta"], *BOOKKEEPING]
+        table = self._table([*extra, *columns], rows)  # each shard read (and verified) once
+        meta = table.select(extra).to_pandas()
+        meta.index = pd.Index(np.atleast_1d(np.arange(len(self))[rows]) if rows is not None
+                              else np.arange(len(meta)), name="example")
         parts = [meta]
         for c in columns:
             m = self._matrix(table, c)

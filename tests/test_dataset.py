@@ -313,43 +313,46 @@ def test_a_callable_that_cannot_be_fingerprinted_needs_setup_id(tmp_path):
 # -- one writer at a time ---------------------------------------------------------------------
 
 WRITER = """
-import sys, time, torch
+import os, sys, time, torch
 from hookscope.dataset import record_dataset
 
-class Slow:
+class Gated:  # from batch 10 on, waits until the file sys.argv[2] exists
     def __len__(self):
         return 40
 
     def __getitem__(self, i):
-        time.sleep(float(sys.argv[2]))
+        while i >= 10 and not os.path.exists(sys.argv[2]):
+            time.sleep(0.05)
         return torch.arange(12.0).reshape(4, 3) + i
 
 torch.manual_seed(0)
-record_dataset(torch.nn.Linear(3, 2), Slow(), [""], sys.argv[1], shard_rows=8, progress=False,
+record_dataset(torch.nn.Linear(3, 2), Gated(), [""], sys.argv[1], shard_rows=8, progress=False,
                meta=lambda b: {"first": b[:, 0]})
 """
 
 
-def _writer(out, delay: float) -> subprocess.Popen:
+def _writer(out, gate) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(delay)], env=env,
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(gate)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_stale_lock(tmp_path):
     out = tmp_path / "locked"
-    first = _writer(out, 0.1)
+    gate = tmp_path / "go"  # never created: the first writer waits at batch 10, lock held
+    first = _writer(out, gate)
     deadline = time.time() + 120
-    while time.time() < deadline and not list((out / "shards").glob("*.parquet")) \
-            if (out / "shards").exists() else True:
-        time.sleep(0.05)
-    second = _writer(out, 0.0)
+    while time.time() < deadline and not (out / "manifest.json").exists():
+        time.sleep(0.05)  # the first writer has registered a shard
+    assert first.poll() is None
+    second = _writer(out, gate)
     _, err = second.communicate(timeout=120)
     assert second.returncode != 0 and "being written by another record_dataset run" in err
     assert f"pid {first.pid}" in err
     os.kill(first.pid, signal.SIGKILL)  # the lock dies with its process
     first.wait()
-    third = _writer(out, 0.0)
+    gate.touch()
+    third = _writer(out, gate)
     _, err = third.communicate(timeout=120)
     assert third.returncode == 0, err[-3000:]
     ds = open_dataset(out)
@@ -556,3 +559,16 @@ def test_the_reader_does_not_import_the_writer():
     src = (ROOT / "hookscope" / "dataset_view.py").read_text()
     assert "from .dataset import" not in src and "import torch" not in src
     assert "import torch" not in (ROOT / "hookscope" / "dataset_format.py").read_text()
+
+
+def test_a_resumed_run_removes_temporaries_of_a_killed_one(small_dataset):
+    out, _ = small_dataset
+    stale = [out / "shards" / ".part-r000-000009.parquet.tmp", out / ".manifest.json.99.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 5)
+    data = [torch.randn(4, 3) for _ in range(6)]
+    record_dataset(model, data, [""], out, shard_rows=8, progress=False,
+                   meta=lambda b: {"x": b[:, 0].tolist(), "tag": ["a"] * len(b)})
+    assert not any(p.exists() for p in stale)
