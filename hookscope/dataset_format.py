@@ -158,9 +158,11 @@ def validate_manifest(manifest: dict, path: Path) -> None:
                 "are not all the batches from the first to the last")
 
 
-def read_shard(folder: Path, entry: dict, columns: list[str] | None, verify: bool = True) -> Any:
+def read_shard(folder: Path, entry: dict, columns: list[str] | None, verify: bool = True,
+               manifest: dict | None = None) -> Any:
     """One shard as a pyarrow Table (``columns`` only), after checking its size and SHA-256
-    (``verify=False`` skips the checksum, not the other checks)."""
+    (``verify=False`` skips the checksum, not the other checks) and, given the manifest, the
+    columns' types."""
     pa, pq = arrow()
     path = folder / entry["file"]
     try:
@@ -181,7 +183,28 @@ def read_shard(folder: Path, entry: dict, columns: list[str] | None, verify: boo
     if table.num_rows != entry["rows"]:
         raise DatasetError(f"shard {path} holds {table.num_rows} rows, the manifest says "
                            f"{entry['rows']}.")
+    if manifest is not None:
+        for field in table.schema:
+            if not _type_fits(pa, field.type, field.name, manifest):
+                raise DatasetError(f"shard {path}: column {field.name!r} has type {field.type}, "
+                                   "not the one the manifest describes; the shard is damaged.")
     return table
+
+
+def _type_fits(pa: Any, kind: Any, name: str, manifest: dict) -> bool:
+    if name in BOOKKEEPING:
+        return kind == pa.int64()
+    if name in manifest["meta"]:
+        return str(kind) == manifest["meta"][name]
+    spec = manifest["columns"].get(name)
+    if spec is None:
+        return False
+    if spec["kind"] == "sequence":
+        if not pa.types.is_list(kind):
+            return False
+        kind = kind.value_type
+    return (pa.types.is_fixed_size_list(kind) and kind.list_size == spec["units"]
+            and kind.value_type == pa.from_numpy_dtype(spec["dtype"]))
 
 
 def merge_manifests(parts: list[dict]) -> dict:

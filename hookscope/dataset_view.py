@@ -52,7 +52,7 @@ class DatasetView:
         return self._ids
 
     def _shard(self, entry: dict, columns: list[str]) -> Any:
-        return read_shard(self.path, entry, columns, verify=self.verify)
+        return read_shard(self.path, entry, columns, verify=self.verify, manifest=self.manifest)
 
     def _table(self, columns: list[str], rows: Any = None) -> Any:
         """The columns in example order, optionally only ``rows`` (a slice or example ids);

@@ -523,9 +523,9 @@ def test_rows_read_only_their_shards_and_ids_read_none(small_dataset, monkeypatc
     reads = []
     real = hookscope.dataset_view.read_shard
 
-    def counting(folder, entry, columns, verify=True):
+    def counting(folder, entry, columns, verify=True, manifest=None):
         reads.append(entry["file"])
-        return real(folder, entry, columns, verify)
+        return real(folder, entry, columns, verify, manifest)
 
     monkeypatch.setattr(hookscope.dataset_view, "read_shard", counting)
     ds = open_dataset(out)
