@@ -518,3 +518,12 @@ def test_a_killed_save_leaves_a_temporary_that_the_next_save_removes(tmp_path):
         model(torch.ones(1, 2))
     hs.save(rec, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "r.hsrec"]
+
+
+def test_hugging_face_model_outputs_are_on_the_allowlist(tmp_path):
+    modeling_outputs = pytest.importorskip("transformers.modeling_outputs")
+    out_cls = modeling_outputs.BaseModelOutput
+    _saved(tmp_path, lambda x: out_cls(last_hidden_state=x))
+    back = hs.load(tmp_path / "base.hsrec")[""].output
+    assert type(back) is out_cls and torch.equal(back.last_hidden_state, torch.ones(2))
+    assert torch.equal(back[0], torch.ones(2))
