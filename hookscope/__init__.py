@@ -25,14 +25,16 @@ from .errors import (
     AmbiguousCallError,
     CallCountError,
     CaptureModifiedError,
+    DatasetError,
     HookscopeError,
     ModuleSelectionError,
     NotRecordedError,
+    RecordingFileError,
     UnsortError,
     UnsupportedModelError,
 )
 from .frame import recording_vectors
-from .io import load, save
+from .io import allow_class, load, save
 from .pooling import last_state, masked_pool
 from .recorder import Recorder, record
 from .recording import Capture, Recording
@@ -46,6 +48,7 @@ __all__ = [
     "CallCountError",
     "Capture",
     "CaptureModifiedError",
+    "DatasetError",
     "DatasetView",
     "HookscopeError",
     "ModuleSelectionError",
@@ -53,9 +56,11 @@ __all__ = [
     "NotRecordedError",
     "Recorder",
     "Recording",
+    "RecordingFileError",
     "UnsortError",
     "UnsupportedModelError",
     "__version__",
+    "allow_class",
     "cosine",
     "cosine_matrix",
     "format_summary",

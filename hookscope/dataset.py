@@ -15,8 +15,7 @@ pyarrow is an optional dependency (``pip install 'hookscope[parquet]'``).
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import os
 import sys
 import time
@@ -28,71 +27,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import HookscopeError
+from .dataset_format import (
+    BOOKKEEPING,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    RESUME_HINT,
+    arrow,
+    merge_manifests,
+    read_manifest,
+    sha256_of,
+    write_json_atomic,
+)
+from .dataset_lock import WriterLock
+from .errors import DatasetError
+from .fingerprint import setup_fingerprint
 from .frame import capture_matrix
 from .recorder import Recorder
 
 __all__ = ["DatasetError", "record_dataset"]
-
-FORMAT = "hookscope-dataset"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-
-
-class DatasetError(HookscopeError, ValueError):
-    """A dataset folder cannot be written or read as asked."""
-
-
-def _arrow() -> tuple[Any, Any]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError("record_dataset/open_dataset need pyarrow: pip install pyarrow "
-                          "(or pip install 'hookscope[parquet]').") from None
-    return pa, pq
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _describe(value: Any) -> Any:
-    """A JSON-able description that is the same in every run (callables by name, not id)."""
-    if isinstance(value, Mapping):
-        return {str(k): _describe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_describe(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return f"tensor{tuple(value.shape)}"
-    if isinstance(value, type):
-        return value.__qualname__
-    if callable(value):
-        return f"callable:{getattr(value, '__qualname__', type(value).__qualname__)}"
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
-
-
-def _fingerprint(model: torch.nn.Module, modules: Any, options: dict) -> str:
-    """Identifies the model (class, parameter names, shapes and a checksum of the values) and
-    the recording options, so that a changed setup never appends to an old dataset."""
-    h = hashlib.sha256()
-    h.update(type(model).__qualname__.encode())
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-            if p.is_floating_point() and p.numel():
-                h.update(f"{float(p.double().sum()):.10e}".encode())
-    h.update(json.dumps([str(m) for m in modules]).encode())
-    h.update(json.dumps(options, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:32]
 
 
 def _column_names(rec: Any) -> dict[tuple[str, int], str]:
@@ -106,9 +59,9 @@ def _column_names(rec: Any) -> dict[tuple[str, int], str]:
 
 
 class _ShardWriter:
-    """Buffers rows; writes each full shard on a background thread (Parquet encoding and disk
-    I/O release the GIL, so they overlap the next batches' forward passes).  At most one write
-    is pending: memory stays at about two shards."""
+    """Buffers rows; writes each full shard on a background thread (Parquet encoding, hashing
+    and disk I/O release the GIL, so they overlap the next batches' forward passes).  At most
+    one write is pending: memory stays at about two shards."""
 
     def __init__(self, out: Path, rank: int, manifest: dict, manifest_path: Path) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -116,29 +69,27 @@ class _ShardWriter:
         self.out, self.rank, self.manifest, self.manifest_path = out, rank, manifest, manifest_path
         self.rows: dict[str, list[Any]] = {}
         self.n_buffered = 0
-        self.first_batch: int | None = None
+        self.batches: list[list[int]] = []  # [batch index, rows] of the buffered rows
         self.bytes_written = 0
         self.next_index = len([s for s in manifest["shards"] if s["rank"] == rank])
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hookscope-shards")
         self.pending: tuple[Any, dict] | None = None
 
     def add(self, columns: dict[str, Any], n: int, batch_index: int) -> None:
-        if self.first_batch is None:
-            self.first_batch = batch_index
         for k, v in columns.items():
             self.rows.setdefault(k, []).append(v)
         self.n_buffered += n
-        self.last_batch = batch_index
+        self.batches.append([batch_index, n])
 
     def _table(self) -> Any:
-        pa, _ = _arrow()
+        pa, _ = arrow()
         arrays, names = [], []
         for name, parts in self.rows.items():
             spec = self.manifest["columns"].get(name)
-            if spec is None:  # meta, batch, row
-                values = np.concatenate(parts) if isinstance(parts[0], np.ndarray) else [
-                    x for p in parts for x in p]
-                arr = pa.array(values)
+            if spec is None and name in BOOKKEEPING:
+                arr = pa.array(np.concatenate(parts))
+            elif spec is None:  # meta: one Arrow array per batch, of one type
+                arr = pa.concat_arrays(parts)
             elif spec["kind"] == "vector":
                 mat = np.concatenate(parts)
                 arr = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)), mat.shape[1])
@@ -160,36 +111,40 @@ class _ShardWriter:
         table = self._table()
         name = f"part-r{self.rank:03d}-{self.next_index:06d}.parquet"
         entry = {"file": f"shards/{name}", "rank": self.rank, "rows": self.n_buffered,
-                 "batches": [self.first_batch, self.last_batch + 1]}
-        self.rows, self.n_buffered, self.first_batch = {}, 0, None
+                 "batches": self.batches}
+        self.rows, self.n_buffered, self.batches = {}, 0, []
         self.wait()
         self.next_index += 1
-        snapshot = json.dumps({**self.manifest, "shards": [*self.manifest["shards"], entry]},
-                              indent=1)
-        self.pending = (self.pool.submit(self._write, table, name, snapshot), entry)
+        self.pending = (self.pool.submit(self._write, table, name, entry), entry)
 
-    def _write(self, table: Any, name: str, manifest_text: str) -> int:
-        _, pq = _arrow()
+    def _write(self, table: Any, name: str, entry: dict) -> int:
+        pa, pq = arrow()
         final = self.out / "shards" / name
         tmp = final.with_name(f".{name}.tmp")
         vectors = set(self.manifest["columns"])
         other = [c for c in table.column_names if c not in vectors]
         try:
-            # Floats do not compress: store vectors plain (fast), compress the rest.
-            pq.write_table(table, tmp, compression={c: "none" if c in vectors else "snappy"
-                                                    for c in table.column_names},
+            # Floats do not compress: store vectors plain (fast), compress the rest.  Encoded in
+            # memory, so that the checksum is of exactly the bytes written.
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink, compression={c: "none" if c in vectors else "snappy"
+                                                     for c in table.column_names},
                            use_dictionary=other, write_statistics=other)
+            data = sink.getvalue()
+            entry.update(bytes=data.size, sha256=sha256_of(data))
+            with open(tmp, "wb") as f:
+                f.write(memoryview(data))
             os.replace(tmp, final)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only filesystem refuses this too
+                tmp.unlink(missing_ok=True)
             raise DatasetError(
                 f"writing shard {final} failed ({exc}); the {len(self.manifest['shards'])} "
-                "completed shards and the manifest are intact: free space or fix permissions, "
-                "then run again with resume=True.") from exc
-        manifest_tmp = self.manifest_path.with_name(f".{self.manifest_path.name}.tmp")
-        manifest_tmp.write_text(manifest_text)
-        os.replace(manifest_tmp, self.manifest_path)  # registered only once complete
-        return final.stat().st_size
+                f"completed shards: {RESUME_HINT}") from exc
+        # Registered only once complete.
+        write_json_atomic(self.manifest_path, {**self.manifest,
+                                               "shards": [*self.manifest["shards"], entry]})
+        return entry["bytes"]
 
     def wait(self) -> None:
         """Wait for the pending write; register its shard (or raise its error)."""
@@ -227,7 +182,8 @@ def record_dataset(
     resume: bool = True,
     progress: bool = True,
     bidirectional: bool = False,
-    dtype: torch.dtype = torch.float32,
+    store_dtype: torch.dtype = torch.float32,
+    setup_id: str | None = None,
     **record_options: Any,
 ) -> Path:
     """Record ``modules`` over every batch and stream the results to Parquet shards in ``out``.
@@ -235,17 +191,20 @@ def record_dataset(
     Parameters
     ----------
     model, modules, **record_options
-        As for :func:`hookscope.record` (``calls=``, ``pick=`` ...), except that ``unsort=``
-        is a callable ``unsort(batch) -> {module: permutation(s)}``: each batch has its own
-        order.
+        As for :func:`hookscope.record` (``calls=``, ``pick=``, ``dtype=`` (the captured
+        dtype) ...), except that ``unsort=`` is a callable ``unsort(batch) -> {module:
+        permutation(s)}``: each batch has its own order.
     batches : iterable or sequence
         A DataLoader or any iterable of batches, iterated once in order (every rank iterates
         it and skips the others' batches).  A sequence (``__len__`` and ``__getitem__``, e.g.
         one that builds batch ``i`` on access) is indexed instead: each rank then builds only
         its own batches, and a resumed run only the missing ones.
     out : path
-        A new or empty folder, or one written by an earlier run with the same model, modules
-        and options (then completed batches are skipped when ``resume=True``).
+        A new or empty folder, or one written by an earlier run with the same setup (then
+        completed batches are skipped when ``resume=True``).  The same setup means the same
+        fingerprint: model classes, training flags, parameter and buffer bytes, modules, every
+        option, and the callables' code and captured values (see :mod:`hookscope.fingerprint`).
+        One writer at a time: a second run on the same folder is refused.
     reduce : {"last", "mean", "max", "sum"}, callable or None
         Length-aware reduction of sequence captures to one vector per example (see
         :meth:`hookscope.Recording.to_frame`).  ``None`` keeps per-example vectors as they are
@@ -254,26 +213,36 @@ def record_dataset(
         ``forward(model, batch)`` runs one batch; default ``model(batch)``.
     meta : callable, optional
         ``meta(batch) -> {column: values}`` with one value per example (ids, texts, labels),
-        stored beside the vectors.
+        stored beside the vectors.  The same columns, of the same type, in every batch (an
+        all-``None`` batch takes the column's type); not named ``batch``, ``row`` or like a
+        recorded column.
     lengths : callable, optional
         ``lengths(batch) -> (batch,)`` sequence lengths for captures that do not know theirs
         (no ``PackedSequence``), e.g. ``lambda b: b["attention_mask"].sum(1)`` for a
         right-padded Hugging Face batch; used by ``reduce`` and for sequences.
     shard_rows : int
         Rows per shard (shards end at batch boundaries): the memory bound.
-    dtype : torch.float32 or torch.float16
-        Stored precision of the vectors.
+    store_dtype : torch.float32 or torch.float16
+        Stored precision of the vectors (``dtype=``, as for :func:`hookscope.record`, is the
+        captured precision).
+    setup_id : str, optional
+        Vouch for the callables yourself: they are identified by this text instead of by
+        their code and captured values (needed when they capture something that cannot be
+        fingerprinted).  Change it whenever the callables or what they use change.
 
     Returns
     -------
     pathlib.Path
         ``out``.  Read it with :func:`open_dataset`, pandas, pyarrow or DuckDB.
     """
-    _arrow()  # fail before any work if pyarrow is missing
-    if dtype not in (torch.float32, torch.float16):
-        raise TypeError(f"dtype must be torch.float32 or torch.float16, got {dtype!r}.")
+    arrow()  # fail before any work if pyarrow is missing
+    if store_dtype not in (torch.float32, torch.float16):
+        raise TypeError(f"store_dtype must be torch.float32 or torch.float16, got "
+                        f"{store_dtype!r}.")
     if not isinstance(shard_rows, int) or shard_rows < 1:
         raise ValueError(f"shard_rows must be a positive int, got {shard_rows!r}.")
+    if setup_id is not None and not isinstance(setup_id, str):
+        raise TypeError(f"setup_id must be a str, got {setup_id!r}.")
     out = Path(out)
     rank, world = _dist()
     per_batch_unsort = record_options.pop("unsort", None)
@@ -282,47 +251,49 @@ def record_dataset(
                         "permutation(s)}, since every batch has its own order (e.g. lambda b: "
                         "{'encoder': [b.premise_orig_idx, b.hypothesis_orig_idx]}).")
     recorder = Recorder(model, modules, **record_options)
-    options = _describe({"reduce": reduce, "dtype": dtype, "bidirectional": bidirectional,
-                         "lengths": lengths,
-                         "world_size": world, "record": record_options,
-                         "unsort": per_batch_unsort})
-    fingerprint = _fingerprint(model, modules, options)
-    manifest_path = out / (MANIFEST if world == 1 else f"manifest-r{rank:03d}.json")
-    manifest = _open_for_writing(out, manifest_path, fingerprint, resume, rank)
-    manifest.update(fingerprint=fingerprint, model=type(model).__qualname__,
-                    options=options, rank=rank, world_size=world)
-    from . import __version__
+    fingerprint = setup_fingerprint(model, modules, {
+        "reduce": reduce, "store_dtype": store_dtype, "bidirectional": bidirectional,
+        "lengths": lengths, "forward": forward, "meta": meta, "world_size": world,
+        "record": record_options, "unsort": per_batch_unsort}, setup_id)
+    _make_folder(out)
+    with WriterLock(out, rank):
+        manifest_path = out / (MANIFEST if world == 1 else f"manifest-r{rank:03d}.json")
+        try:
+            manifest = _open_for_writing(out, manifest_path, fingerprint, resume, rank)
+        except OSError as exc:
+            raise DatasetError(f"cannot prepare {out} for writing ({exc}).") from None
+        from . import __version__
 
-    manifest["hookscope"] = __version__
-    done = {b for s in manifest["shards"] for b in range(*s["batches"])}
-    writer = _ShardWriter(out, rank, manifest, manifest_path)
-    run = forward or (lambda m, b: m(b))
-    bar = _progress_bar(progress, rank)
-    t0 = time.perf_counter()
-    np_dtype = np.float16 if dtype == torch.float16 else np.float32
-    try:
-        job = _Job(model, recorder, run, per_batch_unsort, meta, lengths, reduce, bidirectional,
-                   np_dtype, manifest, writer, bar, shard_rows)
-        _record_batches(job, _batches_to_do(batches, done, rank, world))
-        writer.flush()
-    finally:
-        writer.close()  # a started shard is finished and registered, whatever happened
-    manifest["complete"] = True
-    _write_json_atomic(manifest_path, manifest)
-    if bar is not None:
-        bar.close()
-    if world > 1:
-        torch.distributed.barrier()
-        if rank == 0:
-            _merge_manifests(out, world)
-        torch.distributed.barrier()
+        manifest.update(fingerprint=fingerprint, model=type(model).__qualname__, rank=rank,
+                        world_size=world, hookscope=__version__)
+        done = {b for s in manifest["shards"] for b, _ in s["batches"]}
+        writer = _ShardWriter(out, rank, manifest, manifest_path)
+        bar = _progress_bar(progress, rank)
+        t0 = time.perf_counter()
+        np_dtype = np.float16 if store_dtype == torch.float16 else np.float32
+        try:
+            job = _Job(model, recorder, forward or (lambda m, b: m(b)), per_batch_unsort, meta,
+                       lengths, reduce, bidirectional, np_dtype, manifest, writer, bar,
+                       shard_rows)
+            _record_batches(job, _batches_to_do(batches, done, rank, world))
+            writer.flush()
+        finally:
+            writer.close()  # a started shard is finished and registered, whatever happened
+        manifest["complete"] = True
+        write_json_atomic(manifest_path, manifest)
+        if bar is not None:
+            bar.close()
+        if world > 1:
+            torch.distributed.barrier()
+            if rank == 0:
+                parts = [read_manifest(out / f"manifest-r{r:03d}.json") for r in range(world)]
+                write_json_atomic(out / MANIFEST, merge_manifests(parts))
+            torch.distributed.barrier()
     if progress and rank == 0:
-        total = sum(s["rows"] for s in json.loads((out / MANIFEST).read_text())["shards"])
-        size = sum((out / s["file"]).stat().st_size
-                   for s in json.loads((out / MANIFEST).read_text())["shards"])
-        print(f"hookscope: {total} rows in {len(list((out / 'shards').glob('*.parquet')))} "
-              f"shards, {size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s -> {out}",
-              file=sys.stderr)
+        shards = read_manifest(out / MANIFEST)["shards"]
+        print(f"hookscope: {sum(s['rows'] for s in shards)} rows in {len(shards)} shards, "
+              f"{sum(s['bytes'] for s in shards) / 2**20:.1f} MiB, "
+              f"{time.perf_counter() - t0:.1f} s -> {out}", file=sys.stderr)
     return out
 
 
@@ -363,21 +334,14 @@ def _record_batches(job: _Job, items: Iterable[tuple[int, Any]]) -> None:
             with recorder as rec:
                 job.run(job.model, batch)
             if job.lengths is not None:
-                known = torch.as_tensor(job.lengths(batch)).to("cpu", torch.int64)
-                for cap in rec.captures():
-                    if cap.lengths is None and cap.tensor.ndim == 3 and len(cap.tensor) == len(
-                            known):
-                        cap.lengths = known
+                _apply_lengths(rec, job.lengths(batch), index)
             columns, n = _batch_columns(rec, job.reduce, job.bidirectional, job.np_dtype,
                                         job.manifest, index)
             if job.meta is not None:
-                for k, v in job.meta(batch).items():
-                    values = v.tolist() if isinstance(v, torch.Tensor | np.ndarray) else list(v)
-                    if len(values) != n:
-                        raise DatasetError(f"batch {index}: meta column {k!r} has "
-                                           f"{len(values)} values but the captures have {n} "
-                                           "examples.")
-                    columns[k] = values
+                columns.update(_meta_columns(job.meta(batch), n, job.manifest, index))
+            elif job.manifest["meta"]:
+                raise DatasetError(f"batch {index}: meta= gave no columns; earlier batches "
+                                   f"had {sorted(job.manifest['meta'])}.")
             columns["batch"] = np.full(n, index, dtype=np.int64)
             columns["row"] = np.arange(n, dtype=np.int64)
             job.writer.add(columns, n, index)
@@ -386,6 +350,74 @@ def _record_batches(job: _Job, items: Iterable[tuple[int, Any]]) -> None:
                 job.bar.set_postfix(MB=f"{job.writer.bytes_written / 2**20:.1f}")
             if job.writer.n_buffered >= job.shard_rows:
                 job.writer.flush()
+
+
+def _apply_lengths(rec: Any, given: Any, index: int) -> None:
+    """Give ``lengths=`` to the sequence captures that do not know theirs, after checking it."""
+    known = torch.as_tensor(given).to("cpu")
+    if known.ndim != 1 or known.is_floating_point() or known.is_complex():
+        raise DatasetError(f"batch {index}: lengths= must give one integer per example, got "
+                           f"shape {tuple(known.shape)} of {known.dtype}.")
+    known = known.to(torch.int64)
+    for cap in rec.captures():
+        if cap.lengths is not None or cap.tensor.ndim != 3:
+            continue
+        batch, time_steps = cap.tensor.shape[:2]
+        if len(known) != batch:
+            raise DatasetError(f"batch {index}: lengths= gave {len(known)} lengths, but "
+                               f"{cap.name!r} has {batch} examples.")
+        if len(known) and (int(known.min()) < 0 or int(known.max()) > time_steps):
+            raise DatasetError(f"batch {index}: lengths= gave lengths from {int(known.min())} "
+                               f"to {int(known.max())}, but {cap.name!r} has {time_steps} "
+                               "positions.")
+        cap.lengths = known
+
+
+def _meta_columns(given: Any, n: int, manifest: dict, index: int) -> dict[str, Any]:
+    """``meta(batch)`` as Arrow arrays, checked: names, lengths, and one type per column."""
+    pa, _ = arrow()
+    if not isinstance(given, Mapping):
+        raise DatasetError(f"batch {index}: meta= must return a dict of columns, got "
+                           f"{type(given).__name__}.")
+    known = manifest["meta"]
+    if known and set(given) != set(known):
+        raise DatasetError(f"batch {index}: meta= gave columns {sorted(given)}, earlier "
+                           f"batches gave {sorted(known)}; every batch needs the same columns.")
+    out = {}
+    for k, v in given.items():
+        if not isinstance(k, str) or k in BOOKKEEPING or k in manifest["columns"]:
+            raise DatasetError(f"batch {index}: meta column {k!r} collides with the "
+                               "bookkeeping columns 'batch' and 'row' or a recorded column, or "
+                               "is not text: rename it.")
+        arr = _meta_array(pa, k, v, known.get(k), index)
+        if len(arr) != n:
+            raise DatasetError(f"batch {index}: meta column {k!r} has {len(arr)} values but "
+                               f"the captures have {n} examples.")
+        known.setdefault(k, str(arr.type))
+        out[k] = arr
+    return out
+
+
+def _meta_array(pa: Any, name: str, values: Any, known: str | None, index: int) -> Any:
+    """One batch's values of a meta column as an Arrow array of the column's type."""
+    try:
+        if isinstance(values, pa.Array | pa.ChunkedArray):  # typed by the caller
+            arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+        else:
+            arr = pa.array(values.tolist() if isinstance(values, torch.Tensor | np.ndarray)
+                           else list(values))
+    except (pa.ArrowException, ValueError, TypeError) as exc:
+        raise DatasetError(f"batch {index}: meta column {name!r} cannot be stored ({exc}); "
+                           "give it values of one type (numbers, text, bools).") from None
+    if known is None or str(arr.type) == known:
+        return arr
+    if arr.null_count == len(arr):  # all None: take the column's type
+        with contextlib.suppress(ValueError, pa.ArrowException):
+            return pa.nulls(len(arr), type=pa.type_for_alias(known))
+    raise DatasetError(
+        f"batch {index}: meta column {name!r} holds {arr.type}, earlier batches held {known}; "
+        "a column needs one type in every batch (for a column that starts all None, pass a "
+        "typed pyarrow array, e.g. pa.array(values, type=pa.string())).")
 
 
 def _progress_bar(progress: bool, rank: int) -> Any:
@@ -399,17 +431,31 @@ def _progress_bar(progress: bool, rank: int) -> Any:
                 mininterval=1.0)
 
 
+def _make_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"out={str(out)!r} is an existing file, not a folder: record a "
+                           "dataset into a new or empty folder.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "shards").mkdir(exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(f"cannot create the dataset folder {out} ({exc}).") from None
+
+
 def _open_for_writing(out: Path, manifest_path: Path, fingerprint: str, resume: bool,
                       rank: int) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "shards").mkdir(exist_ok=True)
+    # Temporaries of this rank left by a killed run (this process holds the rank's lock).
+    for tmp in [*(out / "shards").glob(f".part-r{rank:03d}-*.parquet.tmp"),
+                *out.glob(f".{manifest_path.name}.*.tmp")]:
+        tmp.unlink(missing_ok=True)
     if manifest_path.exists():
-        manifest = _read_manifest(manifest_path)
+        manifest = read_manifest(manifest_path)
         if manifest["fingerprint"] != fingerprint:
             raise DatasetError(
-                f"{out} holds a dataset recorded with another model, module list or options "
-                f"(model {manifest.get('model')!r}); use a new folder, or delete this one to "
-                "start again.")
+                f"{out} holds a dataset recorded with another setup (model "
+                f"{manifest.get('model')!r}): the model's weights, buffers or training mode, "
+                "the module list, an option, or a callable's code or captured values differ. "
+                "Use a new folder, or delete this one to start again.")
         if not resume:
             raise DatasetError(f"{out} already holds a dataset; pass resume=True to continue "
                                "it, or use a new folder.")
@@ -429,8 +475,8 @@ def _open_for_writing(out: Path, manifest_path: Path, fingerprint: str, resume: 
                            "a dataset into a new or empty folder.")
     for f in (out / "shards").glob(f"part-r{rank:03d}-*.parquet"):
         f.unlink()  # written by a run killed before it registered its first shard
-    return {"format": FORMAT, "version": FORMAT_VERSION, "columns": {}, "shards": [],
-            "complete": False}
+    return {"format": FORMAT, "version": FORMAT_VERSION, "columns": {}, "meta": {},
+            "shards": [], "complete": False}
 
 
 def _batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, manifest: dict,
@@ -449,6 +495,9 @@ def _batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, ma
         else:
             value = capture_matrix(cap, reduce, bidirectional=bidirectional).astype(np_dtype)
             kind, units, rows = "vector", value.shape[1], value.shape[0]
+        if col in BOOKKEEPING:
+            raise DatasetError(f"a recorded module is named {col!r}, like a bookkeeping "
+                               "column; record it under its parent or a renamed wrapper.")
         spec = {"module": cap.name, "call": cap.label if cap.label is not None else cap.call,
                 "kind": kind, "units": int(units), "dtype": np.dtype(np_dtype).name}
         known = manifest["columns"].setdefault(col, spec)
@@ -466,29 +515,3 @@ def _batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, ma
     if n is None:
         raise DatasetError(f"batch {index}: no selected module ran.")
     return columns, n
-
-
-def _read_manifest(path: Path) -> dict:
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"cannot read {path}: {exc}") from None
-    if manifest.get("format") != FORMAT:
-        raise DatasetError(f"{path} is not a hookscope dataset manifest.")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise DatasetError(f"{path} is hookscope dataset format version "
-                           f"{manifest.get('version')!r}; this hookscope reads version "
-                           f"{FORMAT_VERSION}. Use a matching hookscope version.")
-    return manifest
-
-
-def _merge_manifests(out: Path, world: int) -> None:
-    parts = [_read_manifest(out / f"manifest-r{r:03d}.json") for r in range(world)]
-    merged = {**parts[0], "rank": None,
-              "shards": sorted((s for p in parts for s in p["shards"]),
-                               key=lambda s: s["batches"][0]),
-              "complete": all(p["complete"] for p in parts)}
-    for p in parts[1:]:
-        for col, spec in p["columns"].items():
-            merged["columns"].setdefault(col, spec)
-    _write_json_atomic(out / MANIFEST, merged)

@@ -11,9 +11,11 @@ __all__ = [
     "AmbiguousCallError",
     "CallCountError",
     "CaptureModifiedError",
+    "DatasetError",
     "HookscopeError",
     "ModuleSelectionError",
     "NotRecordedError",
+    "RecordingFileError",
     "UnsortError",
     "UnsupportedModelError",
 ]
@@ -55,3 +57,13 @@ class CaptureModifiedError(HookscopeError, RuntimeError):
 
 class UnsupportedModelError(HookscopeError, TypeError):
     """The model (or a selected module) cannot be hooked, e.g. a TorchScript module."""
+
+
+class RecordingFileError(HookscopeError, ValueError):
+    """A file is not a readable hookscope recording (truncated, corrupted, malformed, too large
+    for the size budget, or another format)."""
+
+
+class DatasetError(HookscopeError, ValueError):
+    """A dataset folder cannot be written or read as asked (damaged shard, invalid manifest,
+    another writer holding the folder, a changed setup on resume ...)."""

@@ -3,23 +3,41 @@
 A recording file is a zip archive (the ``.npz`` layout): one ``.npy`` entry per tensor, written
 and read with ``allow_pickle=False``, and ``manifest.json`` holding everything else — format
 version, module names and types, steps, calls, labels, and the structure of each output
-(tuples, lists, dicts, namedtuples, dataclasses and plain values).  Classes are recorded by
-name and rebuilt only from modules that are already imported: loading never runs code from the
-file.  Writes are atomic: a temporary file in the same folder, renamed into place when complete.
+(tuples, lists, dicts, namedtuples, dataclasses and plain values).
+
+Loading is safe by construction: it builds tensors, lists, tuples, dicts, namedtuples generated
+from field names, and instances of the classes on an explicit allowlist (:func:`allow_class`;
+Hugging Face ``ModelOutput`` subclasses when ``transformers`` is already imported).  A class
+name read from the file only selects among those; it is never looked up with ``getattr``,
+never imported and never called.  Anything else comes back as a plain container that keeps its
+original class name (:class:`Restored`, :class:`RestoredDict`).  The manifest is validated
+node by node, the declared sizes are checked against a budget before any array is read, and
+every array is checked against its CRC-32: a malformed file raises
+:class:`RecordingFileError`, never another exception.
+
+Writes are atomic: a temporary file in the same folder, renamed into place when complete;
+temporaries left by a killed save of the same target are removed by the next save.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
-import io as _io
+import glob as _glob
+import hashlib
 import json
+import keyword
 import os
+import socket
+import struct
 import sys
 import tempfile
+import types
 import warnings
 import zipfile
-from collections.abc import Mapping
+import zlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +45,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import HookscopeError
+from .errors import RecordingFileError
 from .recording import Capture, Recording
 
-__all__ = ["FORMAT_VERSION", "RecordingFileError", "load", "save"]
+__all__ = ["FORMAT_VERSION", "RecordingFileError", "Restored", "RestoredDict", "Unsaved",
+           "allow_class", "load", "save"]
 
 FORMAT = "hookscope-recording"
 FORMAT_VERSION = 1
 _MANIFEST = "manifest.json"
-
-
-class RecordingFileError(HookscopeError, ValueError):
-    """A file is not a readable hookscope recording (truncated, corrupted, other format)."""
+#: Extra bytes, beyond the file's own size, that :func:`load` may decode by default.
+DEFAULT_SLACK_BYTES = 64 * 2**20
+_MAX_DEPTH = 100  # nesting of containers inside one output
 
 
 class Unsaved:
@@ -59,15 +77,6 @@ class Unsaved:
 def _class_name(obj: Any) -> str:
     cls = obj if isinstance(obj, type) else type(obj)
     return f"{cls.__module__}:{cls.__qualname__}"
-
-
-def _find_class(name: str) -> type | None:
-    """The class called ``module:qualname`` if its module is already imported (no imports)."""
-    module_name, _, qualname = name.partition(":")
-    obj: Any = sys.modules.get(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part, None)
-    return obj if isinstance(obj, type) else None
 
 
 class _Writer:
@@ -151,7 +160,9 @@ def save(recording: Recording, path: str | os.PathLike) -> Path:
     if w.unsaved:
         warnings.warn(f"save(): objects of {sorted(w.unsaved)} have no open-format "
                       "representation; they are stored as their repr.", stacklevel=2)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp",
+                               dir=path.parent or ".")
     try:
         with os.fdopen(fd, "wb") as f:
             with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
@@ -169,26 +180,338 @@ def save(recording: Recording, path: str | os.PathLike) -> Path:
     return path
 
 
-class _Reader:
-    def __init__(self, z: zipfile.ZipFile, path: Path) -> None:
-        self.z, self.path = z, path
+def _temp_prefix(path: Path) -> str:
+    """``.NAME.hstmp-HOST-``: temporaries of one target, tagged with a hash of the host name
+    (then the writer's pid), so that a save can tell its own host's dead writers' files."""
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return f".{path.name}.hstmp-{host}-"
 
-    def tensor(self, node: dict[str, Any]) -> Tensor:
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove temporaries of ``path`` left by saves killed on this host (their pid is gone).
+    Those of running saves, and of other hosts on a shared filesystem, are left alone."""
+    prefix = _temp_prefix(path)
+    try:
+        candidates = list((path.parent or Path(".")).glob(f"{_glob.escape(prefix)}*.tmp"))
+    except OSError:
+        return
+    for tmp in candidates:
+        pid_text = tmp.name[len(prefix):].partition(".")[0]
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _pid_alive(
+                int(pid_text)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+
+
+
+
+# -- the allowlist -------------------------------------------------------------------------------
+
+_ALLOWED: dict[str, tuple[type, Callable[[type, dict], Any]]] = {}
+
+
+def _by_keywords(cls: type, data: dict) -> Any:
+    return cls(**data)
+
+
+def _by_mapping(cls: type, data: dict) -> Any:
+    return cls(data)
+
+
+def allow_class(cls: type, rebuild: Callable[[type, dict], Any] | None = None) -> type:
+    """Let :func:`load` rebuild instances of ``cls`` (a namedtuple, dataclass or mapping class).
+
+    :func:`load` never builds a class because the file names it: it builds only the classes
+    registered here (by the class object itself, in this process), and returns every other
+    structured value as a plain container that keeps the class name (:class:`Restored`,
+    :class:`RestoredDict`, a generated namedtuple).  Register only classes whose constructor
+    does nothing but store its fields.
+
+    Parameters
+    ----------
+    cls : type
+        The class.  Namedtuples are rebuilt with their fields, dataclasses with
+        ``cls(**fields)``, mappings with ``cls(dict)``.
+    rebuild : callable, optional
+        ``rebuild(cls, data) -> object`` instead of the default above (``data`` is a dict).
+
+    Returns
+    -------
+    type
+        ``cls``, so that ``allow_class`` can decorate a class definition.
+    """
+    if not isinstance(cls, type):
+        raise TypeError(f"allow_class() takes a class, got {cls!r}.")
+    if rebuild is None:
+        if (issubclass(cls, tuple) and hasattr(cls, "_fields")) or dataclasses.is_dataclass(cls):
+            rebuild = _by_keywords
+        elif issubclass(cls, Mapping):
+            rebuild = _by_mapping
+        else:
+            raise TypeError(f"allow_class(): {cls.__qualname__} is not a namedtuple, dataclass "
+                            "or mapping; pass rebuild=.")
+    _ALLOWED[_class_name(cls)] = (cls, rebuild)
+    return cls
+
+
+allow_class(collections.OrderedDict)
+
+
+def _allowed(name: str) -> tuple[type, Callable[[type, dict], Any]] | None:
+    """The allowlisted class called ``name``: registered ones, and subclasses of Hugging Face's
+    ``ModelOutput`` found from the class object when transformers is already imported."""
+    if name in _ALLOWED:
+        return _ALLOWED[name]
+    generic = sys.modules.get("transformers.utils.generic")
+    base = _module_dict(generic).get("ModelOutput") if generic is not None else None
+    if isinstance(base, type):
+        todo = [base]
+        while todo:
+            cls = todo.pop()
+            if _class_name(cls) == name:
+                return cls, _by_keywords
+            todo.extend(type.__subclasses__(cls))
+    return None
+
+
+def _module_dict(module: Any) -> dict:
+    """A module's namespace, read without ``getattr`` (no lazy-loading ``__getattr__``)."""
+    if not isinstance(module, types.ModuleType):
+        return {}
+    namespace = object.__getattribute__(module, "__dict__")
+    return namespace if isinstance(namespace, dict) else {}
+
+
+_STAND_INS: dict[str, type] = {}
+
+
+def _module_type(name: str) -> type:
+    """The ``nn.Module`` class called ``module:qualname`` if its module is already imported,
+    found by reading namespaces (no ``getattr``, no import, nothing called); else a stand-in
+    class of the same name."""
+    module_name, _, qualname = name.partition(":")
+    obj: Any = _module_dict(sys.modules.get(module_name))
+    for part in qualname.split("."):
+        namespace = obj if isinstance(obj, dict) else (
+            type.__dict__["__dict__"].__get__(obj) if isinstance(obj, type) else {})
+        obj = namespace.get(part)
+    if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
+        return obj
+    if name not in _STAND_INS:
+        _STAND_INS[name] = type(_short_name(name, "Module"), (), {"__module__": "unknown",
+                                                                    "hookscope_class": name})
+    return _STAND_INS[name]
+
+
+def _short_name(name: str, default: str) -> str:
+    short = name.rpartition(":")[2].rpartition(".")[2]
+    return short if short.isidentifier() and not keyword.iskeyword(short) else default
+
+
+class Restored:
+    """An object whose class :func:`load` does not rebuild (not on the allowlist of
+    :func:`allow_class`): its fields as attributes, its class name in ``hookscope_class``.
+
+    Each original class gets its own subclass, named like it, so ``type(obj).__name__`` reads
+    as before and two objects of one class share a type.
+    """
+
+    hookscope_class = ""
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.__dict__.update(fields)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
+        return f"{type(self).__name__}({inner})"
+
+
+
+class RestoredDict(dict):
+    """A mapping whose class :func:`load` does not rebuild: a ``dict`` (keys also readable as
+    attributes, like a ``ModelOutput``), its class name in ``hookscope_class``."""
+
+    hookscope_class = ""
+
+    def __getattr__(self, key: str) -> Any:
         try:
-            raw = self.z.read(f"{node['key']}.npy")
-            arr = np.lib.format.read_array(_io.BytesIO(raw), allow_pickle=False)
-        except (KeyError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+_RESTORED: dict[tuple[str, type], type] = {}
+_NAMEDTUPLES: dict[tuple[str, tuple[str, ...]], type] = {}
+
+
+def _restored_class(name: str, base: type) -> type:
+    if (name, base) not in _RESTORED:
+        _RESTORED[name, base] = type(_short_name(name, base.__name__), (base,), {
+            "__module__": "hookscope.io", "hookscope_class": name, "__slots__": ()}
+            if base is RestoredDict else {"__module__": "hookscope.io", "hookscope_class": name})
+    return _RESTORED[name, base]
+
+
+def _namedtuple(name: str, fields: tuple[str, ...]) -> type:
+    """A namedtuple class generated from the field names (validated identifiers)."""
+    key = (name, fields)
+    if key not in _NAMEDTUPLES:
+        cls = collections.namedtuple(_short_name(name, "Restored"), fields,
+                                     module="hookscope.io")
+        cls.hookscope_class = name  # type: ignore[attr-defined]
+        _NAMEDTUPLES[key] = cls
+    return _NAMEDTUPLES[key]
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+# The NumPy dtypes a tensor can come from: little-endian (or single-byte) numbers and bools.
+_DTYPES = {"bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
+           "float16", "float32", "float64", "complex64", "complex128"}
+_NODE_TYPES = {"tensor", "value", "unsaved", "tuple", "list", "namedtuple", "dict", "dataclass"}
+
+
+class _BadFileError(Exception):
+    """Internal: what is wrong with the file (becomes a RecordingFileError naming the path)."""
+
+
+def _expect(condition: bool, what: str) -> None:
+    if not condition:
+        raise _BadFileError(what)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _field(node: Any, key: str, where: str) -> Any:
+    _expect(isinstance(node, dict), f"{where} is not an object")
+    _expect(key in node, f"{where} has no {key!r}")
+    return node[key]
+
+
+class _Reader:
+    """Validates the manifest's nodes and builds values from them, within a byte budget."""
+
+    def __init__(self, z: zipfile.ZipFile, budget: int) -> None:
+        self.z = z
+        self.budget = budget
+        self.entries = {info.filename: info for info in z.infolist()}
+        encrypted = [name for name, info in self.entries.items() if info.flag_bits & 0x1]
+        _expect(not encrypted, f"entries {encrypted[:3]} are marked encrypted")
+        self.headers: dict[str, tuple[np.dtype, tuple[int, ...], bool]] = {}
+
+    # Pass 1: structure, sizes and headers; nothing decoded.
+    def scan(self, node: Any, where: str, depth: int = 0) -> None:
+        _expect(depth <= _MAX_DEPTH, f"{where} is nested more than {_MAX_DEPTH} levels deep")
+        kind = _field(node, "t", where)
+        _expect(kind in _NODE_TYPES, f"{where} has unknown node type {kind!r}")
+        if kind == "tensor":
+            self.scan_tensor(node, where)
+        elif kind == "value":
+            v = _field(node, "v", where)
+            _expect(v is None or isinstance(v, bool | int | float | str),
+                    f"{where} holds a {type(v).__name__}, not a plain value")
+        elif kind == "unsaved":
+            _expect(isinstance(_field(node, "cls", where), str)
+                    and isinstance(_field(node, "text", where), str),
+                    f"{where}: an unsaved object needs a class name and a text")
+        elif kind == "dataclass":
+            _expect(isinstance(_field(node, "cls", where), str), f"{where}: class name not text")
+            fields = _field(node, "fields", where)
+            _expect(isinstance(fields, dict), f"{where}: fields are not an object")
+            for k, v in fields.items():
+                _expect(k.isidentifier() and not k.startswith("__"),
+                        f"{where}: field name {k!r} is not a valid identifier")
+                self.scan(v, f"{where}.{k}", depth + 1)
+        else:
+            items = _field(node, "items", where)
+            _expect(isinstance(items, list), f"{where}: items are not a list")
+            if kind == "namedtuple":
+                _expect(isinstance(_field(node, "cls", where), str),
+                        f"{where}: class name not text")
+                fields = _field(node, "fields", where)
+                _expect(isinstance(fields, list) and len(fields) == len(items)
+                        and len(set(fields)) == len(fields) and all(
+                            isinstance(f, str) and f.isidentifier() and not keyword.iskeyword(f)
+                            and not f.startswith("_") for f in fields),
+                        f"{where}: namedtuple fields {fields!r} are not unique identifiers, one "
+                        "per item")
+            if kind == "dict":
+                _expect(isinstance(_field(node, "cls", where), str),
+                        f"{where}: class name not text")
+                keys = _field(node, "keys", where)
+                _expect(isinstance(keys, list) and len(keys) == len(items),
+                        f"{where}: keys and items differ in number")
+                for i, k in enumerate(keys):
+                    self.scan(k, f"{where}.keys[{i}]", depth + 1)
+            for i, v in enumerate(items):
+                self.scan(v, f"{where}[{i}]", depth + 1)
+
+    def scan_tensor(self, node: Any, where: str) -> None:
+        key, dtype = _field(node, "key", where), _field(node, "dtype", where)
+        _expect(isinstance(key, str) and isinstance(dtype, str),
+                f"{where}: tensor key and dtype must be text")
+        name = f"{key}.npy"
+        info = self.entries.get(name)
+        _expect(info is not None, f"{where}: tensor {key!r} is missing from the archive")
+        # Each reference decodes its entry once: count every reference against the budget.
+        self.spend(info.file_size, f"tensor {key!r}")
+        if name not in self.headers:
+            with self.z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                _expect(version in ((1, 0), (2, 0)), f"{name}: npy version {version}")
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                               np.lib.format.read_array_header_2_0)
+                shape, fortran, np_dtype = read_header(f, max_header_size=10_000)
+                header_end = f.tell()
+            _expect(np_dtype.name in _DTYPES and np_dtype.byteorder in "=|<"
+                    and not np_dtype.fields and not np_dtype.subdtype,
+                    f"{name}: dtype {np_dtype.str!r} is not a tensor dtype hookscope writes")
+            _expect(all(_is_int(n) and n >= 0 for n in shape), f"{name}: bad shape {shape}")
+            nbytes = int(np.prod(shape, dtype=object)) * np_dtype.itemsize if shape else \
+                np_dtype.itemsize
+            _expect(header_end + nbytes == info.file_size,
+                    f"{name}: the header declares {nbytes} bytes of data, the entry holds "
+                    f"{info.file_size - header_end}")
+            self.headers[name] = (np_dtype, tuple(shape), fortran)
+        np_dtype = self.headers[name][0]
+        expected = "uint16" if dtype == "bfloat16" else dtype
+        _expect(np_dtype.name == expected,
+                f"{where}: the manifest says {dtype}, the array holds {np_dtype.name}")
+
+    def spend(self, nbytes: int, what: str) -> None:
+        self.budget -= nbytes
+        if self.budget < 0:
             raise RecordingFileError(
-                f"{self.path}: tensor {node.get('key')!r} is missing or damaged ({exc}); the "
-                "file is truncated or corrupted.") from None
-        t = torch.from_numpy(arr.copy())
+                f"{what} takes the decoded size of this file past the size budget: the file "
+                "declares more data than it holds (a compressed or crafted file). If you trust "
+                "it, pass a larger max_bytes= to load().")
+
+    # Pass 2: build the values (only after pass 1 accepted every node).
+    def tensor(self, node: dict[str, Any]) -> Tensor:
+        with self.z.open(f"{node['key']}.npy") as f:
+            arr = np.lib.format.read_array(f, allow_pickle=False)
+            _expect(f.read(1) == b"", f"{node['key']}.npy has trailing bytes")
+            # Reading to the end of the entry checks its CRC-32 (BadZipFile if it differs).
+        t = torch.from_numpy(np.ascontiguousarray(arr))
         if node["dtype"] == "bfloat16":
             t = t.view(torch.bfloat16)
         return t
 
-    def tree(self, node: dict[str, Any] | None) -> Any:
-        if node is None:
-            return None
+    def tree(self, node: dict[str, Any]) -> Any:
         kind = node["t"]
         if kind == "tensor":
             return self.tensor(node)
@@ -196,79 +519,154 @@ class _Reader:
             return node["v"]
         if kind == "unsaved":
             return Unsaved(node["cls"], node["text"])
-        if kind in ("tuple", "list"):
-            items = [self.tree(v) for v in node["items"]]
-            return tuple(items) if kind == "tuple" else items
-        if kind == "namedtuple":
-            items = [self.tree(v) for v in node["items"]]
-            cls = _find_class(node["cls"])
-            if not (cls and getattr(cls, "_fields", None) == tuple(node["fields"])):
-                cls = collections.namedtuple(node["cls"].rpartition(".")[2].rpartition(":")[2],
-                                             node["fields"])
-            return cls(*items)
-        if kind == "dict":
-            data = dict(zip((self.tree(k) for k in node["keys"]),
-                            (self.tree(v) for v in node["items"]), strict=True))
-            return _rebuild(_find_class(node["cls"]), data, mapping=True)
         if kind == "dataclass":
             data = {k: self.tree(v) for k, v in node["fields"].items()}
-            return _rebuild(_find_class(node["cls"]), data, mapping=False)
-        raise RecordingFileError(f"{self.path}: unknown node type {kind!r} in the manifest.")
-
-
-def _rebuild(cls: type | None, data: dict, mapping: bool) -> Any:
-    if cls is not None and cls is not dict:
+            return self.rebuild(node["cls"], data, Restored, dataclasses.is_dataclass)
+        items = [self.tree(v) for v in node["items"]]
+        if kind == "tuple":
+            return tuple(items)
+        if kind == "list":
+            return items
+        if kind == "namedtuple":
+            allowed = _allowed(node["cls"])
+            if allowed is not None and getattr(allowed[0], "_fields", None) == tuple(
+                    node["fields"]):
+                return self.rebuild(node["cls"], dict(zip(node["fields"], items, strict=True)),
+                                    tuple, lambda cls: issubclass(cls, tuple))
+            return _namedtuple(node["cls"], tuple(node["fields"]))(*items)
+        keys = [self.tree(k) for k in node["keys"]]
         try:
-            if dataclasses.is_dataclass(cls):
-                return cls(**data)
-            if mapping:
-                return cls(data)
-        except Exception:
-            pass
-    return dict(data)
+            data = dict(zip(keys, items, strict=True))
+        except TypeError:
+            raise _BadFileError("a dict key is not hashable") from None
+        _expect(len(data) == len(keys), "a dict has duplicate keys")
+        if node["cls"] == "builtins:dict":
+            return data
+        return self.rebuild(node["cls"], data, RestoredDict,
+                            lambda cls: issubclass(cls, Mapping))
+
+    @staticmethod
+    def rebuild(name: str, data: dict, fallback: type, fits: Callable[[type], bool]) -> Any:
+        allowed = _allowed(name)
+        _expect(allowed is None or fits(allowed[0]),
+                f"{name} is stored as a {fallback.__name__} node but is not one")
+        if allowed is None:
+            if fallback is tuple:  # unreachable: namedtuples are generated instead
+                raise _BadFileError(name)
+            return _restored_class(name, fallback)(data)
+        cls, rebuild = allowed
+        try:
+            return rebuild(cls, data)
+        except Exception as exc:
+            raise _BadFileError(f"cannot rebuild {name} from the file's fields "
+                                f"({type(exc).__name__}: {exc})") from None
 
 
-def load(path: str | os.PathLike) -> Recording:
-    """Read a recording written by :func:`save` (never unpickles anything).
+# What a damaged or crafted archive can make zipfile, zlib, json and NumPy raise.
+_DAMAGE = (_BadFileError, KeyError, IndexError, TypeError, ValueError, EOFError,
+           RecursionError, NotImplementedError, OverflowError, OSError, struct.error,
+           zlib.error, zipfile.BadZipFile, zipfile.LargeZipFile)
 
-    Raises :class:`RecordingFileError` (a ``ValueError``) for a file that is not a hookscope
-    recording, is truncated or corrupted, or comes from a newer format version.
+
+def load(path: str | os.PathLike, *, max_bytes: int | None = None) -> Recording:
+    """Read a recording written by :func:`save`: never unpickles, imports or runs code.
+
+    Values are rebuilt as tensors, lists, tuples, dicts, namedtuples (generated from their
+    field names) and instances of allowlisted classes (:func:`allow_class`); other objects come
+    back as :class:`Restored` / :class:`RestoredDict` with their class name kept.
+
+    Parameters
+    ----------
+    path : path
+        The file.
+    max_bytes : int, optional
+        The most bytes that decoding may produce (the manifest plus every array, counted once
+        per reference).  Default: the file's size plus 64 MiB, which a file written by
+        :func:`save` never exceeds (it stores arrays uncompressed).  Checked from the declared
+        sizes before any array is read.
+
+    Raises
+    ------
+    RecordingFileError
+        (a ``ValueError``) for a file that is not a hookscope recording, is truncated,
+        corrupted or malformed, exceeds the size budget, or comes from a newer format version.
+    FileNotFoundError, PermissionError
+        If the file cannot be opened at all.
     """
     path = Path(path)
-    try:
-        z = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, EOFError) as exc:
-        raise RecordingFileError(f"{path} is not a hookscope recording, or it is truncated or "
-                                 f"corrupted ({exc}).") from None
-    with z:
+    with open(path, "rb") as f:  # a missing file is a FileNotFoundError, not a bad file
+        size = os.fstat(f.fileno()).st_size
+        budget = size + DEFAULT_SLACK_BYTES if max_bytes is None else int(max_bytes)
         try:
-            manifest = json.loads(z.read(_MANIFEST))
-        except KeyError:
-            raise RecordingFileError(f"{path} has no {_MANIFEST}: not a hookscope recording."
-                                     ) from None
-        except (zipfile.BadZipFile, ValueError, EOFError) as exc:
-            raise RecordingFileError(f"{path}: the manifest is damaged ({exc}).") from None
-        fmt = manifest.get("format") if isinstance(manifest, dict) else None
-        if fmt != FORMAT:
-            raise RecordingFileError(f"{path} is not a hookscope recording (format {fmt!r}).")
-        version = manifest.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-            raise RecordingFileError(
-                f"{path} has recording format version {version!r}; this hookscope reads "
-                f"versions 1 to {FORMAT_VERSION}. Upgrade hookscope to read it.")
-        reader = _Reader(z, path)
-        names = [m["name"] for m in manifest["modules"]]
-        types = {m["name"]: _find_class(m["type"]) or type(
-            m["type"].rpartition(":")[2].rpartition(".")[2], (), {"__module__": "unknown"})
-            for m in manifest["modules"]}
-        rec = Recording(names, types, manifest["model_type"])
-        rec.steps = manifest["steps"]
-        for c in manifest["captures"]:
-            lengths = None if c["lengths"] is None else reader.tensor(c["lengths"])
-            rec._add(Capture(
-                c["name"], c["step"], c["call"], c["label"], types[c["name"]],
-                reader.tree(c["output"]), reader.tree(c["inputs"]), reader.tree(c["kwargs"]),
-                lengths))
+            return _load(f, path, budget)
+        except RecordingFileError:
+            raise
+        except MemoryError:
+            raise RecordingFileError(f"{path}: out of memory while decoding; the file is "
+                                     "malformed or larger than this machine can load.") from None
+        except _DAMAGE as exc:
+            what = str(exc) if isinstance(exc, _BadFileError) else f"{type(exc).__name__}: {exc}"
+            raise RecordingFileError(f"{path}: not a hookscope recording, or it is truncated or "
+                                     f"corrupted ({what}).") from None
+
+
+def _load(f: Any, path: Path, budget: int) -> Recording:
+    z = zipfile.ZipFile(f)
+    if _MANIFEST not in z.NameToInfo:
+        raise RecordingFileError(f"{path} has no {_MANIFEST}: not a hookscope recording.")
+    reader = _Reader(z, budget)
+    reader.spend(z.getinfo(_MANIFEST).file_size, _MANIFEST)
+    manifest = json.loads(z.read(_MANIFEST))
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if fmt != FORMAT:
+        raise RecordingFileError(f"{path} is not a hookscope recording (format {fmt!r}).")
+    version = manifest.get("version")
+    if not _is_int(version) or version > FORMAT_VERSION or version < 1:
+        raise RecordingFileError(
+            f"{path} has recording format version {version!r}; this hookscope reads "
+            f"versions 1 to {FORMAT_VERSION}. Upgrade hookscope to read it.")
+    _expect(isinstance(manifest.get("model_type"), str), "model_type is not text")
+    _expect(_is_int(manifest.get("steps")) and manifest["steps"] >= 0,
+            "steps is not a count")
+    modules = _field(manifest, "modules", "the manifest")
+    _expect(isinstance(modules, list), "modules is not a list")
+    for i, m in enumerate(modules):
+        _expect(isinstance(_field(m, "name", f"modules[{i}]"), str)
+                and isinstance(_field(m, "type", f"modules[{i}]"), str),
+                f"modules[{i}]: name and type must be text")
+    names = [m["name"] for m in modules]
+    _expect(len(set(names)) == len(names), "a module is listed twice")
+    captures = _field(manifest, "captures", "the manifest")
+    _expect(isinstance(captures, list), "captures is not a list")
+    seen = set()
+    for i, c in enumerate(captures):
+        where = f"captures[{i}]"
+        for key in ("name", "step", "call", "label", "output", "inputs", "kwargs", "lengths"):
+            _field(c, key, where)
+        _expect(c["name"] in names, f"{where}: module {c['name']!r} is not listed")
+        _expect(_is_int(c["step"]) and 0 <= c["step"] < max(manifest["steps"], 1)
+                and _is_int(c["call"]) and c["call"] >= 0, f"{where}: bad step or call")
+        _expect((c["name"], c["step"], c["call"]) not in seen, f"{where} is a duplicate")
+        seen.add((c["name"], c["step"], c["call"]))
+        _expect(c["label"] is None or isinstance(c["label"], str), f"{where}: bad label")
+        reader.scan(c["output"], f"{where}.output")
+        for key in ("inputs", "kwargs", "lengths"):
+            if c[key] is not None:
+                reader.scan(c[key], f"{where}.{key}")
+        if c["lengths"] is not None:
+            _expect(c["lengths"]["t"] == "tensor", f"{where}.lengths is not a tensor")
+    types_ = {name: _module_type(m["type"]) for name, m in zip(names, modules, strict=True)}
+    rec = Recording(names, types_, manifest["model_type"])
+    rec.steps = manifest["steps"]
+    for c in captures:
+        lengths = None if c["lengths"] is None else reader.tensor(c["lengths"])
+        if lengths is not None:
+            _expect(lengths.ndim == 1 and not lengths.is_floating_point(),
+                    "lengths must be a 1-d integer tensor")
+        rec._add(Capture(
+            c["name"], c["step"], c["call"], c["label"], types_[c["name"]],
+            reader.tree(c["output"]), None if c["inputs"] is None else reader.tree(c["inputs"]),
+            None if c["kwargs"] is None else reader.tree(c["kwargs"]), lengths))
     for caps in rec._captures.values():
         caps.sort(key=lambda cap: (cap.step, cap.call))
     return rec

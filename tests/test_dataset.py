@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 import hookscope as hs
+import hookscope.dataset_format
 from hookscope.dataset import DatasetError, record_dataset
 from hookscope.dataset_view import open_dataset
 from tests import dataset_job
@@ -144,7 +146,7 @@ def test_bad_inputs(tmp_path):
     model = torch.nn.Linear(3, 2)
     data = [torch.randn(4, 3) for _ in range(3)]
     out = record_dataset(model, data, [""], tmp_path / "a", progress=False)
-    with pytest.raises(DatasetError, match="another model"):
+    with pytest.raises(DatasetError, match="another setup"):
         record_dataset(torch.nn.Linear(3, 2), data, [""], out, progress=False)
     with pytest.raises(DatasetError, match="resume=True"):
         record_dataset(model, data, [""], out, resume=False, progress=False)
@@ -247,3 +249,328 @@ def test_rows_and_streaming_chunks(clean_run):
         assert len(chunk) <= 96 and np.array_equal(chunk, whole[ids])
         seen[ids] = True
     assert seen.all()
+
+
+# -- no silent mixing: the fingerprint covers what determines the values ------------------------
+
+def _small(tmp_path, name="fp", **kwargs):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.5)).eval()
+    data = [torch.randn(4, 3) for _ in range(3)]
+    record_dataset(model, data, ["0"], tmp_path / name, progress=False, **kwargs)
+    return model, data
+
+
+def test_a_changed_setup_is_refused_on_resume(tmp_path):
+    model, data = _small(tmp_path, forward=lambda m, b: m(b * 2), meta=lambda b: {"n": [1] * 4})
+    out = tmp_path / "fp"
+
+    def again(m=model, **kwargs):
+        options = {"forward": lambda m, b: m(b * 2), "meta": lambda b: {"n": [1] * 4}}
+        record_dataset(m, data, ["0"], out, progress=False, **{**options, **kwargs})
+
+    again()  # the same setup (new but identical lambdas): resumes, nothing to do
+    swapped = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.5))
+    swapped.load_state_dict(model.state_dict())
+    with torch.no_grad():  # rows swapped: every per-tensor sum is unchanged
+        swapped[0].weight.copy_(model[0].weight[[1, 0, 2, 3]])
+    assert math.fsum(swapped[0].weight.flatten().tolist()) == math.fsum(
+        model[0].weight.flatten().tolist())  # the old per-tensor checksum could not tell
+    trained = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.5))
+    trained.load_state_dict(model.state_dict())
+    scale = 3
+    changes = {
+        "swapped weights": {"m": swapped},
+        "training mode": {"m": trained.train()},
+        "another forward": {"forward": lambda m, b: m(b * 3)},
+        "a forward closing over another value": {"forward": lambda m, b: m(b * scale)},
+        "another meta": {"meta": lambda b: {"n": [2] * 4}},
+        "another captured dtype": {"dtype": torch.float16},
+        "another stored dtype": {"store_dtype": torch.float16},
+    }
+    for what, change in changes.items():
+        with pytest.raises(DatasetError, match="another setup"):
+            again(**change)
+            pytest.fail(what)
+    assert open_dataset(out).manifest["complete"]
+
+
+def test_a_callable_that_cannot_be_fingerprinted_needs_setup_id(tmp_path):
+    import threading
+
+    lock = threading.Lock()
+
+    def forward(m, b):
+        with lock:
+            return m(b)
+
+    with pytest.raises(DatasetError, match="cannot fingerprint forward=.*lock.*setup_id="):
+        _small(tmp_path, "a", forward=forward)
+    _small(tmp_path, "b", forward=forward, setup_id="v1")  # vouched for
+    _small(tmp_path, "b", forward=forward, setup_id="v1")  # resumes
+    with pytest.raises(DatasetError, match="another setup"):
+        _small(tmp_path, "b", forward=forward, setup_id="v2")
+
+
+# -- one writer at a time ---------------------------------------------------------------------
+
+WRITER = """
+import os, sys, time, torch
+from hookscope.dataset import record_dataset
+
+class Gated:  # from batch 10 on, waits until the file sys.argv[2] exists
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        while i >= 10 and not os.path.exists(sys.argv[2]):
+            time.sleep(0.05)
+        return torch.arange(12.0).reshape(4, 3) + i
+
+torch.manual_seed(0)
+record_dataset(torch.nn.Linear(3, 2), Gated(), [""], sys.argv[1], shard_rows=8, progress=False,
+               meta=lambda b: {"first": b[:, 0]})
+"""
+
+
+def _writer(out, gate) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(out), str(gate)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_stale_lock(tmp_path):
+    out = tmp_path / "locked"
+    gate = tmp_path / "go"  # never created: the first writer waits at batch 10, lock held
+    first = _writer(out, gate)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "manifest.json").exists():
+        time.sleep(0.05)  # the first writer has registered a shard
+    assert first.poll() is None
+    second = _writer(out, gate)
+    _, err = second.communicate(timeout=120)
+    assert second.returncode != 0 and "being written by another record_dataset run" in err
+    assert f"pid {first.pid}" in err
+    os.kill(first.pid, signal.SIGKILL)  # the lock dies with its process
+    first.wait()
+    gate.touch()
+    third = _writer(out, gate)
+    _, err = third.communicate(timeout=120)
+    assert third.returncode == 0, err[-3000:]
+    ds = open_dataset(out)
+    frame = ds.meta()
+    assert len(ds) == 160 and not frame.duplicated(["batch", "row"]).any()
+    assert frame["first"].tolist() == [float(i) + 3 * r for i in range(40) for r in range(4)]
+
+
+# -- corruption is detected ---------------------------------------------------------------------
+
+@pytest.fixture
+def small_dataset(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 5)
+    data = [torch.randn(4, 3) for _ in range(6)]
+    out = record_dataset(model, data, [""], tmp_path / "small", shard_rows=8, progress=False,
+                         meta=lambda b: {"x": b[:, 0].tolist(), "tag": ["a"] * len(b)})
+    with torch.no_grad():
+        expected = model(torch.cat(data)).numpy()
+    return out, expected
+
+
+def test_every_bit_flip_in_a_shard_is_detected(small_dataset):
+    out, expected = small_dataset
+    shards = sorted((out / "shards").glob("*.parquet"))
+    rng = np.random.default_rng(0)
+    flips = detected = 0
+    for _ in range(300):
+        shard = shards[rng.integers(len(shards))]
+        original = shard.read_bytes()
+        raw = bytearray(original)
+        bit = int(rng.integers(len(raw) * 8))
+        raw[bit // 8] ^= 1 << (bit % 8)
+        shard.write_bytes(bytes(raw))
+        try:
+            ds = open_dataset(out)
+            values, frame = ds.numpy(""), ds.meta()
+        except DatasetError as exc:
+            assert shard.name in str(exc)  # names the file
+            detected += 1
+        else:  # never silently different
+            assert np.array_equal(values, expected) and len(frame) == 24
+        flips += 1
+        shard.write_bytes(original)
+    assert detected == flips == 300
+
+
+def _edited(out, edit):
+    path = out / "manifest.json"
+    original = path.read_text()
+    manifest = json.loads(original)
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    try:
+        open_dataset(out).numpy("")
+    finally:
+        path.write_text(original)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m["shards"].append(m["shards"][0]), "listed twice"),
+    (lambda m: m["shards"].pop(1), "complete but its batches"),
+    (lambda m: m["shards"][0].update(file="/etc/passwd"), "not a file of the shards/"),
+    (lambda m: m["shards"][0].update(file="shards/../../x.parquet"), "not a file of the"),
+    (lambda m: m["shards"][0].update(rows=7), "do not add up"),
+    (lambda m: m["shards"][0]["batches"][0].__setitem__(1, 3), "do not add up"),
+    (lambda m: m["shards"][1].update(batches=m["shards"][0]["batches"]), "in two shards"),
+    (lambda m: m["shards"][0].update(sha256="0" * 64), "checksum"),
+    (lambda m: m["shards"][0].update(bytes=10), "bytes"),
+    (lambda m: m["shards"][0].update(sha256=None), "invalid row count"),
+    (lambda m: m.update(shards={}), "not a list"),
+    (lambda m: m["columns"][""].update(units=0), "invalid description"),
+    (lambda m: m["meta"].update(batch="int64"), "collides"),
+    (lambda m: m.pop("fingerprint"), "no fingerprint"),
+])
+def test_an_edited_manifest_is_refused(small_dataset, edit, message):
+    out, _ = small_dataset
+    with pytest.raises(DatasetError, match=message):
+        _edited(out, edit)
+
+
+def test_missing_or_truncated_shards_name_the_file(small_dataset):
+    out, _ = small_dataset
+    shard = out / "shards" / "part-r000-000001.parquet"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError, match="part-r000-000001.parquet is damaged"):
+        open_dataset(out).numpy("")
+    shard.unlink()
+    with pytest.raises(DatasetError, match="cannot read shard .*part-r000-000001"):
+        open_dataset(out).numpy("")
+    # The unverified path still checks sizes and Parquet structure.
+    shard.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    with pytest.raises(DatasetError, match="part-r000-000001"):
+        open_dataset(out, verify=False).numpy("")
+
+
+# -- meta and lengths errors at the batch where they happen -------------------------------------
+
+def test_meta_and_lengths_errors(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    data = [torch.randn(4, 3) for _ in range(3)]
+
+    def run(name, **kwargs):
+        return record_dataset(model, data, [""], tmp_path / name, progress=False, **kwargs)
+
+    for bad in ("batch", "row", ""):
+        with pytest.raises(DatasetError, match=f"meta column {bad!r} collides"):
+            run(f"c{bad}", meta=lambda b, bad=bad: {bad: [0] * len(b)})
+    with pytest.raises(DatasetError, match="batch 1: meta column 'x' holds string, earlier "
+                                           "batches held int64"):
+        run("types", meta=lambda b: {"x": [0] * 4 if b is data[0] else ["a"] * 4})
+    with pytest.raises(DatasetError, match="batch 1: meta= gave columns"):
+        run("keys", meta=lambda b: {"x" if b is data[0] else "y": [0] * 4})
+    out = run("nones", meta=lambda b: {"x": [1.5] * 4 if b is not data[1] else [None] * 4})
+    assert open_dataset(out).meta()["x"].isna().tolist() == [False] * 4 + [True] * 4 + \
+        [False] * 4  # an all-None batch takes the column's type
+    embed = torch.nn.Embedding(10, 3)
+    ids = [torch.randint(1, 10, (2, 5)) for _ in range(2)]
+    with pytest.raises(DatasetError, match="batch 0: lengths= gave 3 lengths, but '' has 2"):
+        record_dataset(embed, ids, [""], tmp_path / "len", reduce="mean",
+                       lengths=lambda b: torch.tensor([5, 5, 5]), progress=False)
+    with pytest.raises(DatasetError, match="lengths from 1 to 9, but '' has 5 positions"):
+        record_dataset(embed, ids, [""], tmp_path / "len2", reduce="mean",
+                       lengths=lambda b: torch.tensor([1, 9]), progress=False)
+
+
+# -- errors while writing -----------------------------------------------------------------------
+
+def test_write_errors_are_dataset_errors_with_the_resume_hint(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    data = [torch.randn(4, 3) for _ in range(3)]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DatasetError, match="existing file"):
+        record_dataset(model, data, [""], tmp_path / "file", progress=False)
+    real_write_text = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name.startswith(".manifest"):
+            raise OSError(28, "No space left on device")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(DatasetError, match="No space left.*intact.*resume=True"):
+        record_dataset(model, data, [""], tmp_path / "full", shard_rows=4, progress=False)
+    monkeypatch.undo()
+    real_unlink = Path.unlink
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "replace", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)  # the cleanup fails too
+    with pytest.raises(DatasetError, match="Read-only file system.*resume=True"):
+        record_dataset(model, data, [""], tmp_path / "ro", shard_rows=4, progress=False)
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    monkeypatch.undo()
+    record_dataset(model, data, [""], tmp_path / "full", shard_rows=4, progress=False)
+    with torch.no_grad():
+        assert np.array_equal(open_dataset(tmp_path / "full").numpy(""),
+                              model(torch.cat(data)).numpy())
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+def test_rows_read_only_their_shards_and_ids_read_none(small_dataset, monkeypatch):
+    out, expected = small_dataset
+    reads = []
+    real = hookscope.dataset_view.read_shard
+
+    def counting(folder, entry, columns, verify=True, manifest=None):
+        reads.append(entry["file"])
+        return real(folder, entry, columns, verify, manifest)
+
+    monkeypatch.setattr(hookscope.dataset_view, "read_shard", counting)
+    ds = open_dataset(out)
+    ds._example_ids()
+    assert reads == []
+    assert np.array_equal(ds.numpy("", rows=[9, 8]), expected[[9, 8]])
+    assert reads == ["shards/part-r000-000001.parquet"]
+    assert ds.meta(rows=slice(0, 2))["tag"].tolist() == ["a", "a"]
+
+
+def test_an_empty_dataset_reads_as_empty(tmp_path):
+    out = record_dataset(torch.nn.Linear(3, 2), [], [""], tmp_path / "empty", progress=False)
+    ds = open_dataset(out)
+    assert len(ds) == 0 and list(ds.meta().columns) == ["batch", "row"] and ds.meta().empty
+
+
+def test_captured_and_stored_dtype_are_separate_options(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    data = [torch.randn(4, 3)]
+    out = record_dataset(model, data, [""], tmp_path / "d", dtype=torch.bfloat16,
+                         store_dtype=torch.float16, progress=False)
+    ds = open_dataset(out)
+    assert ds.manifest["columns"][""]["dtype"] == "float16"
+    with torch.no_grad():
+        expected = model(data[0]).to(torch.bfloat16).to(torch.float16).numpy()
+    assert np.array_equal(ds.numpy(""), expected)
+
+
+def test_the_reader_does_not_import_the_writer():
+    """The reader shares the on-disk format module with the writer, not the writer itself."""
+    src = (ROOT / "hookscope" / "dataset_view.py").read_text()
+    assert "from .dataset import" not in src and "import torch" not in src
+    assert "import torch" not in (ROOT / "hookscope" / "dataset_format.py").read_text()
+
+
+def test_a_resumed_run_removes_temporaries_of_a_killed_one(small_dataset):
+    out, _ = small_dataset
+    stale = [out / "shards" / ".part-r000-000009.parquet.tmp", out / ".manifest.json.99.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 5)
+    data = [torch.randn(4, 3) for _ in range(6)]
+    record_dataset(model, data, [""], out, shard_rows=8, progress=False,
+                   meta=lambda b: {"x": b[:, 0].tolist(), "tag": ["a"] * len(b)})
+    assert not any(p.exists() for p in stale)

@@ -1,4 +1,5 @@
-"""save/load: exact round trip, no pickle, atomic writes, clear errors for bad files."""
+"""save/load: exact round trip, no pickle, atomic writes, clear errors for bad files; loading
+never runs code, imports modules or exceeds its size budget, whatever the file says."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ import collections
 import dataclasses
 import io
 import json
+import os
+import random
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -13,7 +18,8 @@ import pytest
 import torch
 
 import hookscope as hs
-from hookscope.io import RecordingFileError, Unsaved
+import hookscope.io
+from hookscope.io import RecordingFileError, Restored, RestoredDict, Unsaved
 from tests.test_story import first_five_minutes
 
 Pair = collections.namedtuple("Pair", "left right")
@@ -42,6 +48,12 @@ def _assert_same(a, b):
         assert list(a) == list(b)
         for k in a:
             _assert_same(a[k], b[k])
+    elif isinstance(b, Restored):  # a class not allowlisted: the same fields
+        names = list(vars(a)) if isinstance(a, Restored) else [
+            f.name for f in dataclasses.fields(a)]
+        assert list(vars(b)) == names
+        for name in names:
+            _assert_same(getattr(a, name), getattr(b, name))
     elif dataclasses.is_dataclass(a):
         assert type(a) is type(b)
         for f in dataclasses.fields(a):
@@ -63,12 +75,27 @@ def test_round_trip_of_the_story(tmp_path, story_model, story_batch):
     assert back["encoder", "hypothesis"].mask.equal(rec["encoder", "hypothesis"].mask)
 
 
-def test_round_trip_structures_inputs_and_bfloat16(tmp_path):
+@pytest.fixture
+def allowlist(monkeypatch):
+    """A private copy of the allowlist: classes allowed in a test do not leak into others."""
+    monkeypatch.setattr(hookscope.io, "_ALLOWED", dict(hookscope.io._ALLOWED))
+
+
+def test_round_trip_structures_inputs_and_bfloat16(tmp_path, allowlist):
     model = Many()
     x = torch.randn(2, 3)
     with hs.record(model, [""], inputs=True) as rec:
         model(x, )
-    back = hs.load(hs.save(rec, tmp_path / "many.hsrec"))
+    path = hs.save(rec, tmp_path / "many.hsrec")
+    plain = hs.load(path)[""].output  # classes not allowlisted: plain containers, names kept
+    assert isinstance(plain["box"], Restored) and type(plain["box"]).__name__ == "Box"
+    assert plain["box"].hookscope_class == "tests.test_io:Box" and plain["box"].note == "n"
+    assert torch.equal(plain["box"].value, x * 2)
+    assert plain["pair"]._fields == ("left", "right") and not isinstance(plain["pair"], Pair)
+    assert plain["pair"].hookscope_class == "tests.test_io:Pair"
+    hookscope.io.allow_class(Box)
+    hookscope.io.allow_class(Pair)
+    back = hs.load(path)
     _assert_same(rec[""].output, back[""].output)
     _assert_same(rec[""].inputs, back[""].inputs)
     assert isinstance(back[""].output["pair"], Pair)
@@ -137,3 +164,366 @@ def test_interrupted_save_leaves_no_file(tmp_path, story_model, story_batch, mon
         hs.save(rec, target)
     assert target.read_bytes() == before  # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["r.hsrec"]  # no temp file left behind
+
+
+# -- crafted files: loading never runs code --------------------------------------------------
+
+CALLED: list = []
+
+
+@dataclasses.dataclass
+class Hostile:
+    """A dataclass whose construction has a side effect."""
+
+    value: object
+
+    def __post_init__(self) -> None:
+        CALLED.append(self.value)
+
+
+class Returns(torch.nn.Module):
+    def __init__(self, make) -> None:
+        super().__init__()
+        self.make = make
+
+    def forward(self, x):
+        return self.make(x)
+
+
+def _saved(tmp_path, make, name="base.hsrec") -> tuple[bytes, dict]:
+    model = Returns(make)
+    with hs.record(model, [""]) as rec:
+        model(torch.ones(2))
+    data = hs.save(rec, tmp_path / name).read_bytes()
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        return data, json.loads(z.read("manifest.json"))
+
+
+def _rewrite(data: bytes, manifest: object, path) -> object:
+    """The archive ``data`` with its manifest replaced (arrays kept as they are)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(path, "w") as z:
+        for info in src.infolist():
+            body = (json.dumps(manifest).encode() if info.filename == "manifest.json"
+                    else src.read(info))
+            z.writestr(info.filename, body)
+    return path
+
+
+def test_crafted_class_names_are_never_called_or_imported(tmp_path):
+    """Class names of dangerous callables in every place a class name goes: nothing runs, no
+    file is created, no module is imported, and the values come back as plain containers."""
+    marker = tmp_path / "pwned"
+    log = tmp_path / "created.log"
+    data, manifest = _saved(tmp_path, lambda x: {"a": x})
+    value = {"t": "value", "v": None}
+    text = {"t": "list", "items": [{"t": "value", "v": "touch"},
+                                   {"t": "value", "v": str(marker)}]}
+    nodes = [
+        {"t": "dict", "cls": "subprocess:Popen", "keys": [{"t": "value", "v": "args"}],
+         "items": [text]},
+        {"t": "dataclass", "cls": "subprocess:Popen", "fields": {"args": text}},
+        {"t": "namedtuple", "cls": "subprocess:Popen", "fields": ["args"], "items": [text]},
+        {"t": "dataclass", "cls": "logging:FileHandler",
+         "fields": {"filename": {"t": "value", "v": str(log)}}},
+        {"t": "dict", "cls": "logging:FileHandler", "keys": [{"t": "value", "v": "filename"}],
+         "items": [{"t": "value", "v": str(log)}]},
+        {"t": "dataclass", "cls": "tests.test_io:Hostile", "fields": {"value": value}},
+        {"t": "dict", "cls": "builtins:eval", "keys": [], "items": []},
+        # Names whose getattr walk goes through torch's lazy loader (imports on access).
+        {"t": "dict", "cls": "torch:_dynamo.eval_frame.OptimizedModule", "keys": [],
+         "items": []},
+        {"t": "dataclass", "cls": "torch:onnx.ExportOptions", "fields": {}},
+    ]
+    manifest["modules"][0]["type"] = "subprocess:Popen"
+    manifest["modules"].append({"name": "lazy", "type": "torch:_inductor.config.Whatever"})
+    manifest["captures"][0]["output"] = {"t": "list", "items": nodes}
+    CALLED.clear()
+    before = set(sys.modules)
+    rec = hs.load(_rewrite(data, manifest, tmp_path / "crafted.hsrec"))
+    assert set(sys.modules) == before  # loading imported nothing
+    assert not marker.exists() and not log.exists() and CALLED == []
+    out = rec[""].output
+    assert isinstance(out[0], RestoredDict) and out[0]["args"] == ["touch", str(marker)]
+    assert out[0].hookscope_class == "subprocess:Popen"
+    assert isinstance(out[1], Restored) and out[1].args == ["touch", str(marker)]
+    assert out[2].args == ["touch", str(marker)] and type(out[2]).__module__ == "hookscope.io"
+    assert isinstance(out[3], Restored) and isinstance(out[5], Restored)
+    assert rec._module_types[""].__module__ == "unknown"  # a stand-in, not Popen
+    assert rec._module_types[""].hookscope_class == "subprocess:Popen"
+
+
+def test_a_hostile_dataclass_output_round_trips_without_running(tmp_path):
+    CALLED.clear()
+    _saved(tmp_path, lambda x: Hostile(x))
+    assert CALLED != []  # the forward built one
+    CALLED.clear()
+    back = hs.load(tmp_path / "base.hsrec")[""].output
+    assert CALLED == [] and isinstance(back, Restored) and torch.equal(back.value, torch.ones(2))
+
+
+def test_module_types_resolve_to_the_real_class_without_getattr(tmp_path):
+    data, manifest = _saved(tmp_path, lambda x: x)
+    rec = hs.load(tmp_path / "base.hsrec")
+    assert rec._module_types[""] is Returns  # already imported: the real class
+    manifest["modules"][0]["type"] = "tests.test_io:CALLED"  # a name that is not a class
+    assert hs.load(_rewrite(data, manifest, tmp_path / "x.hsrec"))._module_types[
+        ""].__module__ == "unknown"
+
+
+# -- size budget ------------------------------------------------------------------------------
+
+def test_size_budget_stops_zip_bombs_before_reading(tmp_path):
+    data, manifest = _saved(tmp_path, lambda x: x)
+    # A deflated entry of 200 MiB of zeros: a few hundred KiB on disk.
+    big = np.zeros(50 * 2**20, dtype=np.float32)
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, big)
+    bomb = tmp_path / "bomb.hsrec"
+    manifest["captures"][0]["output"] = {"t": "tensor", "key": "big", "dtype": "float32"}
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("manifest.json", json.dumps(manifest))
+        z.writestr("big.npy", buf.getvalue())
+    assert bomb.stat().st_size < 2**20
+    with pytest.raises(RecordingFileError, match="size budget.*max_bytes"):
+        hs.load(bomb)
+    assert hs.load(bomb, max_bytes=2**28)[""].tensor.shape == (50 * 2**20,)  # the opt-in
+    # Many references to one small entry: each reference counts.
+    manifest = json.loads(json.dumps(manifest))
+    ref = {"t": "tensor", "key": "t0", "dtype": "float32"}
+    manifest["captures"][0]["output"] = {"t": "list", "items": [ref] * 10_000}
+    with pytest.raises(RecordingFileError, match="size budget"):
+        hs.load(_rewrite(data, manifest, tmp_path / "refs.hsrec"), max_bytes=100_000)
+
+
+# -- every malformed input is a RecordingFileError -------------------------------------------
+
+def _mutations(manifest: dict) -> list[object]:
+    """Hand-written manifest variants, each malformed in its own way."""
+    out = []
+
+    def variant(edit):
+        m = json.loads(json.dumps(manifest))
+        edit(m)
+        out.append(m)
+
+    cap = "captures"
+    variant(lambda m: m.pop("modules"))
+    variant(lambda m: m.pop("captures"))
+    variant(lambda m: m.update(modules=None))
+    variant(lambda m: m.update(modules=[1]))
+    variant(lambda m: m.update(modules=[{"name": 1, "type": "x"}]))
+    variant(lambda m: m.update(modules=m["modules"] * 2))
+    variant(lambda m: m.update(captures={"a": 1}))
+    variant(lambda m: m.update(steps="1"))
+    variant(lambda m: m.update(steps=None))
+    variant(lambda m: m.update(model_type=None))
+    variant(lambda m: m.update(version=True))
+    variant(lambda m: m.update(version="1"))
+    variant(lambda m: m[cap][0].pop("output"))
+    variant(lambda m: m[cap][0].update(name="nope"))
+    variant(lambda m: m[cap][0].update(step=-1))
+    variant(lambda m: m[cap][0].update(call="0"))
+    variant(lambda m: m[cap][0].update(label=3))
+    variant(lambda m: m[cap].append(m[cap][0]))
+    variant(lambda m: m[cap][0].update(output={"t": "nope"}))
+    variant(lambda m: m[cap][0].update(output={"t": "tensor", "key": "missing",
+                                               "dtype": "float32"}))
+    variant(lambda m: m[cap][0].update(output={"t": "tensor", "key": "t0", "dtype": "int64"}))
+    variant(lambda m: m[cap][0].update(output={"t": "tensor", "key": ["t0"], "dtype": 1}))
+    variant(lambda m: m[cap][0].update(output={"t": "value", "v": [1, 2]}))
+    variant(lambda m: m[cap][0].update(output={"t": "list", "items": None}))
+    variant(lambda m: m[cap][0].update(output={"t": "dict", "cls": "builtins:dict",
+                                               "keys": [{"t": "list", "items": []}],
+                                               "items": [{"t": "value", "v": 1}]}))
+    variant(lambda m: m[cap][0].update(output={"t": "dict", "cls": "builtins:dict",
+                                               "keys": [], "items": [{"t": "value", "v": 1}]}))
+    variant(lambda m: m[cap][0].update(output={"t": "namedtuple", "cls": "a:B",
+                                               "fields": ["def"], "items": [{"t": "value",
+                                                                             "v": 1}]}))
+    variant(lambda m: m[cap][0].update(output={"t": "namedtuple", "cls": "a:B",
+                                               "fields": ["x", "x"], "items": []}))
+    variant(lambda m: m[cap][0].update(output={"t": "dataclass", "cls": "a:B",
+                                               "fields": {"__class__": {"t": "value",
+                                                                        "v": 1}}}))
+    variant(lambda m: m[cap][0].update(output={"t": "dataclass", "cls": "collections:OrderedDict",
+                                               "fields": {"x": {"t": "value", "v": 1}}}))
+    variant(lambda m: m[cap][0].update(output={"t": "unsaved", "cls": 1}))
+    variant(lambda m: m[cap][0].update(lengths={"t": "value", "v": 1}))
+    deep: dict = {"t": "value", "v": 0}
+    for _ in range(150):  # deeper than load() accepts
+        deep = {"t": "list", "items": [deep]}
+    variant(lambda m: m[cap][0].update(output=deep))
+    out += [[], "text", 3, None]
+    return out
+
+
+def test_every_malformed_manifest_is_a_recording_file_error(tmp_path):
+    data, manifest = _saved(tmp_path, lambda x: {"a": x})
+    for i, bad in enumerate(_mutations(manifest)):
+        path = tmp_path / f"bad{i}.hsrec"
+        if bad is not None and not isinstance(bad, dict):
+            _rewrite(data, bad, path)
+        elif bad is None:
+            _rewrite(data, None, path)
+        else:
+            _rewrite(data, bad, path)
+        with pytest.raises(RecordingFileError):
+            hs.load(path)
+    deep = tmp_path / "deep.hsrec"  # nesting deeper than json's own recursion limit
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(deep, "w") as z:
+        z.writestr("manifest.json", "[" * 100_000 + "]" * 100_000)
+        z.writestr("t0.npy", src.read("t0.npy"))
+    with pytest.raises(RecordingFileError):
+        hs.load(deep)
+
+
+@pytest.mark.parametrize("array", [
+    np.array(["a", "b"]), np.array(["2020-01-01"], dtype="datetime64[D]"),
+    np.zeros(2, dtype=[("a", "<i4"), ("b", "<f4")]), np.arange(3, dtype=">i4"),
+    np.array([b"ab"]), np.array([1 + 2j], dtype=">c8"),
+])
+def test_exotic_npy_dtypes_are_refused(tmp_path, array):
+    _, manifest = _saved(tmp_path, lambda x: x)
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, array, allow_pickle=False)
+    path = tmp_path / "exotic.hsrec"
+    manifest["captures"][0]["output"] = {"t": "tensor", "key": "t0", "dtype": "float32"}
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("manifest.json", json.dumps(manifest))
+        z.writestr("t0.npy", buf.getvalue())
+    with pytest.raises(RecordingFileError, match="dtype|holds"):
+        hs.load(path)
+
+
+def test_zip_level_damage(tmp_path):
+    data, _ = _saved(tmp_path, lambda x: {"a": x, "b": x * 2})
+    with zipfile.ZipFile(io.BytesIO(data)) as src:
+        infos = src.infolist()
+    # An unknown compression method, and an entry stored as deflated but not deflated.
+    for method in (99, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2):
+        raw = bytearray(data)
+        for info in infos:  # the central directory and local headers both say `method`
+            raw[info.header_offset + 8:info.header_offset + 10] = method.to_bytes(2, "little")
+        central = raw.rfind(b"PK\x01\x02")
+        while central != -1:
+            raw[central + 10:central + 12] = method.to_bytes(2, "little")
+            central = raw.rfind(b"PK\x01\x02", 0, central)
+        (tmp_path / "m.hsrec").write_bytes(bytes(raw))
+        with pytest.raises(RecordingFileError):
+            hs.load(tmp_path / "m.hsrec")
+    (tmp_path / "empty.hsrec").write_bytes(b"")
+    with pytest.raises(RecordingFileError):
+        hs.load(tmp_path / "empty.hsrec")
+    with pytest.raises(FileNotFoundError):  # not a malformed file: no file at all
+        hs.load(tmp_path / "absent.hsrec")
+
+
+def test_fuzz_truncation_bit_flips_and_manifest_mutations(tmp_path):
+    """Every outcome of damage is the original values or a RecordingFileError.  Bytes flipped
+    or cut anywhere (arrays included: zip CRC-32s) never give different values; a rewritten
+    manifest (a valid archive, other contents) loads or raises RecordingFileError."""
+    model = Many()
+    x = torch.randn(2, 3)
+    with hs.record(model, [""], inputs=True) as rec:
+        model(x)
+    good = hs.save(rec, tmp_path / "good.hsrec")
+    data = good.read_bytes()
+    original = hs.load(good)
+    path = tmp_path / "fuzz.hsrec"
+    rng = random.Random(0)
+    outcomes = collections.Counter()
+
+    def attempt(raw: bytes, exact: bool) -> None:
+        path.write_bytes(raw)
+        try:
+            back = hs.load(path)
+        except RecordingFileError:
+            outcomes["error"] += 1
+            return
+        if exact:
+            _assert_same(original[""].output, back[""].output)
+            _assert_same(original[""].inputs, back[""].inputs)
+            outcomes["same"] += 1
+        else:
+            assert isinstance(back, hs.Recording)
+            outcomes["loaded"] += 1
+
+    for cut in range(0, len(data), max(1, len(data) // 300)):
+        attempt(data[:cut], exact=True)
+    for _ in range(1500):
+        raw = bytearray(data)
+        bit = rng.randrange(len(raw) * 8)
+        raw[bit // 8] ^= 1 << (bit % 8)
+        attempt(bytes(raw), exact=True)
+    with zipfile.ZipFile(good) as z:
+        manifest = json.loads(z.read("manifest.json"))
+    junk = [None, True, -1, 0, 2**70, 1.5, "", "t0", "x:Y", [], {}, [{}], {"t": "value"},
+            {"t": "tensor", "key": "t0", "dtype": "float32"}]
+    for _ in range(600):
+        m = json.loads(json.dumps(manifest))
+        for _ in range(rng.randint(1, 3)):
+            _mutate(m, rng, junk)
+        attempt(_rewrite(data, m, tmp_path / "m.hsrec").read_bytes(), exact=False)
+    assert outcomes["error"] > 1000 and outcomes["same"] > 0
+
+
+def _mutate(node: object, rng: random.Random, junk: list) -> None:
+    """Replace, delete or add one entry somewhere inside ``node`` (a random walk down)."""
+    while True:
+        keys = list(node) if isinstance(node, dict) else list(range(len(node))) \
+            if isinstance(node, list) else []
+        if not keys:
+            return
+        key = rng.choice(keys)
+        child = node[key]
+        if isinstance(child, dict | list) and child and rng.random() < 0.7:
+            node = child
+            continue
+        action = rng.random()
+        if action < 0.6:
+            node[key] = json.loads(json.dumps(rng.choice(junk)))
+        elif action < 0.8 and isinstance(node, dict):
+            del node[key]
+        elif isinstance(node, list):
+            node.insert(key, json.loads(json.dumps(rng.choice(junk))))
+        else:
+            node[rng.choice(["t", "v", "cls", "extra"])] = rng.choice(junk[:8])
+        return
+
+
+# -- stale temporaries --------------------------------------------------------------------------
+
+def test_a_killed_save_leaves_a_temporary_that_the_next_save_removes(tmp_path):
+    script = (
+        "import os, sys, signal, numpy as np, torch, hookscope as hs\n"
+        "model = torch.nn.Linear(2, 2)\n"
+        "with hs.record(model, ['']) as rec:\n"
+        "    model(torch.ones(1, 2))\n"
+        "real = np.lib.format.write_array\n"
+        "def die(*a, **k):\n"
+        "    real(*a, **k)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "np.lib.format.write_array = die\n"
+        "hs.save(rec, sys.argv[1])\n")
+    target = tmp_path / "r.hsrec"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", script, str(target)], env=env, timeout=120)
+    assert done.returncode == -9
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".r.hsrec.hstmp-") and not target.exists()
+    other = tmp_path / ".other.hsrec.hstmp-00000000-1.x.tmp"  # another target's: kept
+    other.write_bytes(b"")
+    model = torch.nn.Linear(2, 2)
+    with hs.record(model, [""]) as rec:
+        model(torch.ones(1, 2))
+    hs.save(rec, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "r.hsrec"]
+
+
+def test_hugging_face_model_outputs_are_on_the_allowlist(tmp_path):
+    modeling_outputs = pytest.importorskip("transformers.modeling_outputs")
+    out_cls = modeling_outputs.BaseModelOutput
+    _saved(tmp_path, lambda x: out_cls(last_hidden_state=x))
+    back = hs.load(tmp_path / "base.hsrec")[""].output
+    assert type(back) is out_cls and torch.equal(back.last_hidden_state, torch.ones(2))
+    assert torch.equal(back[0], torch.ones(2))

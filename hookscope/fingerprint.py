@@ -1,0 +1,221 @@
+"""Fingerprints of what determines a recorded dataset's values.
+
+A resumed :func:`hookscope.record_dataset` run appends to a dataset only if its fingerprint
+matches.  The fingerprint is a SHA-256 over
+
+- the model: its class, every module's class and ``training`` flag, and the name, dtype, shape
+  and *bytes* of every parameter and buffer (persistent or not);
+- the module selection and every option;
+- every callable option (``forward=``, ``meta=``, ``lengths=``, ``unsort=``, a callable
+  ``reduce=`` or ``pick=``) by what it computes: its bytecode, constants, names, defaults and
+  the values of its closure cells, recursively, the plain values it reads from its globals,
+  and the state of a callable object or bound method's instance.
+
+A value that cannot be fingerprinted (an open file, a socket, an object without inspectable
+state) in a callable's closure or defaults is an error that says so; pass ``setup_id=`` to
+vouch for the callables yourself instead.  Bytecode differs between Python versions, so a run
+resumed under another Python version starts a new fingerprint (and is refused).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import hashlib
+import json
+import types
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DatasetError
+
+__all__ = ["model_digest", "setup_fingerprint"]
+
+_MAX_DEPTH = 24  # nesting of values inside one option
+_GLOBAL_DEPTH = 2  # how far functions reached through globals are followed by code
+
+
+class _UnfingerprintableError(Exception):
+    def __init__(self, where: str, value: Any) -> None:
+        super().__init__(where)
+        self.where, self.value = where, value
+
+
+def _name(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def _tensor_digest(t: torch.Tensor) -> str:
+    t = t.detach()
+    if t.is_sparse:
+        t = t.to_dense()
+    t = t.cpu().contiguous().reshape(-1)
+    raw = t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+    return hashlib.sha256(memoryview(raw.numpy())).hexdigest()
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's classes, training flags, and parameter and buffer bytes."""
+    h = hashlib.sha256()
+    for name, m in model.named_modules():
+        h.update(f"{name}|{_name(type(m))}|{m.training}\n".encode())
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, t in tensors:
+        try:
+            digest = _tensor_digest(t)
+        except (RuntimeError, TypeError, NotImplementedError) as exc:
+            raise DatasetError(f"cannot fingerprint {name!r} ({t.dtype} on {t.device}): {exc}. "
+                               "Pass setup_id= to identify the setup yourself.") from None
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{digest}\n".encode())
+    return h.hexdigest()
+
+
+class _Describer:
+    """Turns option values into a JSON-able description that is equal exactly when the values
+    compute the same thing (as far as can be inspected)."""
+
+    def __init__(self, vouched: bool) -> None:
+        self.vouched = vouched  # setup_id= given: callables are not inspected
+        self.path: set[int] = set()
+
+    def __call__(self, value: Any, where: str, depth: int = 0, global_depth: int = 0) -> Any:
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        if depth > _MAX_DEPTH:
+            raise _UnfingerprintableError(f"{where} (nested too deep)", value)
+        if id(value) in self.path:
+            return ["cycle"]
+        self.path.add(id(value))
+        try:
+            return self.describe(value, where, depth + 1, global_depth)
+        finally:
+            self.path.discard(id(value))
+
+    def describe(self, value: Any, where: str, depth: int, gdepth: int) -> Any:
+        d = functools.partial(self, depth=depth, global_depth=gdepth)
+        if isinstance(value, bytes | bytearray):
+            return ["bytes", hashlib.sha256(value).hexdigest()]
+        if isinstance(value, tuple | list):
+            return [type(value).__name__, *[d(v, f"{where}[{i}]") for i, v in enumerate(value)]]
+        if isinstance(value, set | frozenset):
+            items = [d(v, f"{where} item") for v in value]
+            return ["set", *sorted(items, key=lambda x: json.dumps(x, sort_keys=True))]
+        if isinstance(value, dict):
+            return ["dict", _name(type(value)), [[d(k, f"{where} key"), d(v, f"{where}[{k!r}]")]
+                                                 for k, v in value.items()]]
+        if isinstance(value, torch.Tensor):
+            return ["tensor", str(value.dtype), list(value.shape), _tensor_digest(value)]
+        if isinstance(value, np.ndarray):
+            if value.dtype.hasobject:
+                raise _UnfingerprintableError(where, value)
+            return ["ndarray", value.dtype.str, list(value.shape),
+                    hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()]
+        if isinstance(value, np.generic):
+            return ["numpy", value.dtype.str, value.item()]
+        if isinstance(value, torch.dtype | torch.device | torch.Size | slice | range):
+            return [type(value).__name__, repr(value)]
+        if value is Ellipsis:
+            return ["..."]
+        if isinstance(value, enum.Enum):
+            return ["enum", _name(type(value)), value.name]
+        if isinstance(value, type):
+            return ["type", _name(value)]
+        if isinstance(value, types.ModuleType):
+            return ["module", value.__name__]
+        if isinstance(value, torch.nn.Module):
+            return ["nn.Module", model_digest(value)]
+        if isinstance(value, functools.partial):
+            return ["partial", d(value.func, f"{where}.func"), d(value.args, f"{where} args"),
+                    d(value.keywords, f"{where} keywords")]
+        if isinstance(value, types.FunctionType | types.MethodType | types.CodeType):
+            if self.vouched:
+                return ["vouched", _name(value)]
+            if isinstance(value, types.MethodType):
+                return ["method", d(value.__func__, where), d(value.__self__, f"{where}.__self__")]
+            if isinstance(value, types.CodeType):
+                return self.code(value, where, depth, gdepth)
+            return self.function(value, where, depth, gdepth)
+        if isinstance(value, types.BuiltinFunctionType | types.BuiltinMethodType
+                      | types.WrapperDescriptorType | types.MethodWrapperType):
+            owner = getattr(value, "__self__", None)
+            plain = owner is None or isinstance(owner, types.ModuleType | type)
+            return ["builtin", _name(value), None if plain else d(owner, f"{where}.__self__")]
+        state = getattr(value, "__dict__", None)
+        if isinstance(state, dict) and not getattr(type(value), "__slots__", ()):
+            if callable(value) and self.vouched:
+                return ["vouched", _name(type(value))]
+            call = next((k.__dict__["__call__"] for k in type(value).__mro__
+                         if "__call__" in k.__dict__), None) if callable(value) else None
+            return ["object", _name(type(value)),
+                    None if call is None else d(call, f"{where}.__call__"),
+                    d(state, f"{where} (its attributes)")]
+        raise _UnfingerprintableError(where, value)
+
+    def function(self, fn: types.FunctionType, where: str, depth: int, gdepth: int) -> Any:
+        d = functools.partial(self, depth=depth, global_depth=gdepth)
+        cells = []
+        for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=True):
+            try:
+                content = cell.cell_contents
+            except ValueError:  # an empty cell (a name assigned later)
+                content = ["empty"]
+            cells.append([name, d(content, f"{where} (its closure variable {name!r})")])
+        # Not its name: two identical lambdas defined in different places compute the same.
+        return ["function", self.code(fn.__code__, where, depth, gdepth),
+                d(fn.__defaults__, f"{where} (its defaults)"),
+                d(fn.__kwdefaults__, f"{where} (its keyword defaults)"), cells,
+                self.globals_used(fn, where, depth, gdepth)]
+
+    def code(self, co: types.CodeType, where: str, depth: int, gdepth: int) -> Any:
+        consts = [self.code(c, where, depth, gdepth) if isinstance(c, types.CodeType)
+                  else self(c, f"{where} (a constant)", depth, gdepth) for c in co.co_consts]
+        return ["code", hashlib.sha256(co.co_code).hexdigest(), consts, list(co.co_names),
+                list(co.co_varnames), list(co.co_freevars)]
+
+    def globals_used(self, fn: types.FunctionType, where: str, depth: int, gdepth: int) -> Any:
+        """The values of the global names the function's code reads: plain values and
+        functions (to a small depth) by content, other objects by their class only."""
+        names: set[str] = set()
+        todo = [fn.__code__]
+        while todo:
+            co = todo.pop()
+            names.update(co.co_names)
+            todo.extend(c for c in co.co_consts if isinstance(c, types.CodeType))
+        out = []
+        for name in sorted(names):
+            if name not in fn.__globals__:
+                continue  # a builtin, or an attribute name
+            value = fn.__globals__[name]
+            if isinstance(value, types.FunctionType) and gdepth >= _GLOBAL_DEPTH:
+                out.append([name, ["function", _name(value)]])
+                continue
+            try:
+                out.append([name, self(value, f"{where} (global {name!r})", depth, gdepth + 1)])
+            except _UnfingerprintableError:
+                out.append([name, ["object", _name(type(value))]])
+        return out
+
+
+def setup_fingerprint(model: torch.nn.Module, modules: Any, options: dict[str, Any],
+                      setup_id: str | None = None) -> str:
+    """SHA-256 (hex) of the model (:func:`model_digest`), the module selection and the options
+    (callables by their code and captured values, or by ``setup_id`` when given)."""
+    describe = _Describer(vouched=setup_id is not None)
+    described = {}
+    for key, value in options.items():
+        try:
+            described[key] = describe(value, f"{key}=")
+        except _UnfingerprintableError as exc:
+            raise DatasetError(
+                f"record_dataset cannot fingerprint {exc.where}: a {type(exc.value).__name__}, "
+                "whose state cannot be inspected. The fingerprint must cover everything that "
+                "determines the values, so that a resumed run never mixes setups. Pass "
+                "setup_id='...' (any text you change whenever your callables or what they use "
+                "change) to vouch for the callables yourself.") from None
+    h = hashlib.sha256()
+    h.update(model_digest(model).encode())
+    h.update(json.dumps([_name(type(model)), describe(modules, "modules"), described,
+                         setup_id], sort_keys=True, default=repr).encode())
+    return h.hexdigest()
