@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import HookscopeError
+from .errors import DatasetError
 from .frame import capture_matrix
 from .recorder import Recorder
 
@@ -37,10 +37,6 @@ __all__ = ["DatasetError", "record_dataset"]
 FORMAT = "hookscope-dataset"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-class DatasetError(HookscopeError, ValueError):
-    """A dataset folder cannot be written or read as asked."""
 
 
 def _arrow() -> tuple[Any, Any]:

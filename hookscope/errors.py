@@ -11,9 +11,12 @@ __all__ = [
     "AmbiguousCallError",
     "CallCountError",
     "CaptureModifiedError",
+    "DatasetError",
     "HookscopeError",
+    "InputError",
     "ModuleSelectionError",
     "NotRecordedError",
+    "RecordingFileError",
     "UnsortError",
 ]
 
@@ -50,3 +53,17 @@ class UnsortError(HookscopeError, ValueError):
 
 class CaptureModifiedError(HookscopeError, RuntimeError):
     """A capture recorded with ``clone=False`` was changed in place after it was recorded."""
+
+
+class InputError(HookscopeError, ValueError):
+    """An argument of an analysis, pooling or export function is unusable: wrong shape or
+    dtype, NaN or infinity where values are combined, a constant representation where a
+    similarity is undefined, an unknown option, or a parameter out of range."""
+
+
+class RecordingFileError(HookscopeError, ValueError):
+    """A file is not a readable hookscope recording (truncated, corrupted, other format)."""
+
+
+class DatasetError(HookscopeError, ValueError):
+    """A dataset folder cannot be written or read as asked."""

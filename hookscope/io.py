@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import HookscopeError
+from .errors import RecordingFileError
 from .recording import Capture, Recording
 
 __all__ = ["FORMAT_VERSION", "RecordingFileError", "load", "save"]
@@ -35,10 +35,6 @@ __all__ = ["FORMAT_VERSION", "RecordingFileError", "load", "save"]
 FORMAT = "hookscope-recording"
 FORMAT_VERSION = 1
 _MANIFEST = "manifest.json"
-
-
-class RecordingFileError(HookscopeError, ValueError):
-    """A file is not a readable hookscope recording (truncated, corrupted, other format)."""
 
 
 class Unsaved:

@@ -172,12 +172,14 @@ def test_last_state_bidirectional_matches_pytorch_rnn():
 def test_pooling_bad_lengths():
     x = np.zeros((2, 3, 4))
     for bad, msg in (([0, 1], r"\[1, 3\]"), ([1, 4], r"\[1, 3\]"), ([1], "2 entries|batch"),
-                     ([[1, 2]], "1-D"), ([1.0, 2.0], "integer")):
+                     ([[1, 2]], "mask must have shape"), ([1.0, 2.0], "integer"),
+                     ([[1, 0, 0], [0, 0, 0]], "row 1 of the mask"),
+                     ([[1, 2, 0], [1, 1, 1]], "only 0/1")):
         with pytest.raises(ValueError, match=msg):
             hs.masked_pool(x, bad)
     with pytest.raises(ValueError, match="3-D"):
         hs.last_state(np.zeros((2, 3)), [1, 2])
-    with pytest.raises(ValueError, match="how"):
+    with pytest.raises(ValueError, match="reduce"):
         hs.masked_pool(x, [1, 1], "median")
 
 
@@ -221,7 +223,7 @@ def test_rsa_matches_scipy_and_similarity_matrix():
     x, y = rng.normal(size=(15, 4)), rng.normal(size=(15, 6))
     expected = spearmanr(pdist(x, "cosine"), pdist(y, "cosine"))[0]
     assert hs.rsa(x, y) == pytest.approx(expected)
-    assert hs.rsa(x, y, metric="euclidean", method="pearson") == pytest.approx(
+    assert hs.rsa(x, y, metric="euclidean", correlation="pearson") == pytest.approx(
         np.corrcoef(pdist(x), pdist(y))[0, 1])
     m = hs.similarity_matrix({"x": x, "y": y, "x2": 2 * x})
     assert m.loc["x", "x2"] == pytest.approx(1.0) and m.loc["x", "y"] == m.loc["y", "x"]
