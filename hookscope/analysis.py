@@ -21,6 +21,7 @@ Conventions
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -313,7 +314,8 @@ def neighborhood_change(x: ArrayLike, y: ArrayLike, k: int, labels: Sequence[Any
 
 def _check_varies(t: Tensor, name: str) -> None:
     """The one error for a constant representation, shared by every CKA and RSA variant."""
-    if bool((t == t[0]).all()):
+    # Rows 0 and 1 differ for almost every input: O(d) instead of a full n x d comparison.
+    if (t.shape[0] < 2 or bool((t[1] == t[0]).all())) and bool((t == t[0]).all()):
         raise InputError(f"{name} is constant (all {t.shape[0]} rows equal): CKA and RSA are "
                          "undefined for a representation that does not vary across items.")
 
@@ -329,8 +331,6 @@ class _CkaRep:
         xc = x - x.mean(0)
         self.xc = xc
         self.n = xc.shape[0]
-        self.sq = np.einsum("ij,ij->i", xc, xc)         # diag of the Gram matrix
-        self.total = xc.sum(0)                           # ~0: kept for exact debiasing terms
         if gram:
             self.gram: np.ndarray | None = xc @ xc.T    # NumPy uses syrk for A @ A.T
             self.self_term = float(np.vdot(self.gram, self.gram))
@@ -340,6 +340,16 @@ class _CkaRep:
             self.self_term = float(np.vdot(cov, cov))
         if self.self_term == 0:  # not constant, but centring cancelled it in float64
             raise InputError(f"{name} is constant up to rounding: CKA is undefined for it.")
+
+    @functools.cached_property
+    def sq(self) -> np.ndarray:
+        """The diagonal of the Gram matrix (debiased CKA only)."""
+        return np.einsum("ij,ij->i", self.xc, self.xc)
+
+    @functools.cached_property
+    def total(self) -> np.ndarray:
+        """Column sums of the centred data, ~0, kept for exact debiasing terms."""
+        return self.xc.sum(0)
 
     def trace_with(self, other: _CkaRep) -> float:
         """``tr(K L)`` of the centred linear kernels, in whichever form was prepared."""

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .errors import DatasetError
-from .frame import capture_matrix
+from .frame import capture_mask, capture_matrix
 from .recorder import Recorder
 
 __all__ = ["DatasetError", "record_dataset"]
@@ -252,9 +252,10 @@ def record_dataset(
         ``meta(batch) -> {column: values}`` with one value per example (ids, texts, labels),
         stored beside the vectors.
     lengths : callable, optional
-        ``lengths(batch) -> (batch,)`` sequence lengths for captures that do not know theirs
-        (no ``PackedSequence``), e.g. ``lambda b: b["attention_mask"].sum(1)`` for a
-        right-padded Hugging Face batch; used by ``reduce`` and for sequences.
+        ``lengths(batch)`` -> ``(batch,)`` sequence lengths or a ``(batch, time)`` mask (True/1
+        at real positions, any padding side) for sequence captures that do not know theirs,
+        e.g. ``lambda b: b["attention_mask"]`` for a Hugging Face batch; used by ``reduce`` and
+        for sequences.
     shard_rows : int
         Rows per shard (shards end at batch boundaries): the memory bound.
     dtype : torch.float32 or torch.float16
@@ -358,14 +359,9 @@ def _record_batches(job: _Job, items: Iterable[tuple[int, Any]]) -> None:
                 job.recorder._set_unsort(job.unsort(batch))  # this batch's order
             with job.recorder as rec:
                 job.run(job.model, batch)
-            if job.lengths is not None:
-                known = torch.as_tensor(job.lengths(batch)).to("cpu", torch.int64)
-                for cap in rec.captures():
-                    if cap.lengths is None and cap.tensor.ndim == 3 and len(cap.tensor) == len(
-                            known):
-                        cap.lengths = known
+            known = job.lengths(batch) if job.lengths is not None else None
             columns, n = _batch_columns(rec, job.reduce, job.bidirectional, job.np_dtype,
-                                        job.manifest, index)
+                                        job.manifest, index, known)
             if job.meta is not None:
                 for k, v in job.meta(batch).items():
                     values = v.tolist() if isinstance(v, torch.Tensor | np.ndarray) else list(v)
@@ -430,20 +426,25 @@ def _open_for_writing(out: Path, manifest_path: Path, fingerprint: str, resume: 
 
 
 def _batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, manifest: dict,
-                   index: int) -> tuple[dict[str, Any], int]:
+                   index: int, lengths: Any = None) -> tuple[dict[str, Any], int]:
     columns: dict[str, Any] = {}
     n = None
     names = _column_names(rec)
     for cap in rec.captures():
         col = names[(cap.name, cap.call)]
         t = cap.tensor
+        # lengths= (integer lengths or a (batch, time) mask) for sequences that know neither.
+        given = (lengths if lengths is not None and t.ndim == 3 and cap.mask is None
+                 and len(t) == len(lengths) else None)
         if reduce is None and t.ndim == 3:
-            lengths = cap.lengths.tolist() if cap.lengths is not None else [t.shape[1]] * len(t)
+            mask = capture_mask(cap, given)
             arr = t.detach().cpu().float().numpy().astype(np_dtype, copy=False)
-            value: Any = [arr[i, :length] for i, length in enumerate(lengths)]
+            value: Any = list(arr) if mask is None else [
+                row[keep] for row, keep in zip(arr, mask.numpy(), strict=True)]
             kind, units, rows = "sequence", arr.shape[2], len(value)
         else:
-            value = capture_matrix(cap, reduce, bidirectional=bidirectional).astype(np_dtype)
+            value = capture_matrix(cap, reduce, bidirectional=bidirectional,
+                                   lengths=given).astype(np_dtype)
             kind, units, rows = "vector", value.shape[1], value.shape[0]
         spec = {"module": cap.name, "call": cap.label if cap.label is not None else cap.call,
                 "kind": kind, "units": int(units), "dtype": np.dtype(np_dtype).name}

@@ -317,3 +317,31 @@ def test_frame_values_are_not_checked_for_nan_but_reductions_are():
     with pytest.raises(hs.InputError, match="NaN"):
         cap.to_frame(reduce="mean")
     assert isinstance(cap.to_frame(reduce="flatten"), pd.DataFrame)
+
+
+def test_record_dataset_lengths_may_return_a_mask(tmp_path):
+    pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    torch.manual_seed(0)
+    model = TokenModel().eval()
+    batches = [dict(zip(("input_ids", "attention_mask"), _batch(side), strict=True))
+               for side in ("left", "right")]
+
+    def run(m, b):
+        return m(b["input_ids"], attention_mask=b["attention_mask"])
+
+    out = hs.record_dataset(model, batches, ["layer"], tmp_path / "mean", reduce="mean",
+                            forward=run, lengths=lambda b: b["attention_mask"], progress=False)
+    with torch.no_grad():
+        expected = np.concatenate([_manual(run(model, b), b["attention_mask"], "mean")
+                                   for b in batches])
+    assert np.allclose(hs.open_dataset(out).numpy("layer"), expected, atol=1e-6)
+    seq = hs.record_dataset(model, batches, ["layer"], tmp_path / "seq", forward=run,
+                            lengths=lambda b: b["attention_mask"], progress=False)
+    rows = pq.read_table(seq / "shards")["layer"].to_pylist()
+    masks = torch.cat([b["attention_mask"] for b in batches])
+    assert [len(r) for r in rows] == masks.sum(1).tolist()  # real positions, either side
+    with torch.no_grad():
+        left = run(model, batches[0])
+    assert np.allclose(np.array(rows[1]), left[1][batches[0]["attention_mask"][1].bool()])
