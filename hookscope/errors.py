@@ -14,6 +14,7 @@ __all__ = [
     "DatasetError",
     "HookscopeError",
     "InputError",
+    "InputTypeError",
     "ModuleSelectionError",
     "NotRecordedError",
     "RecordingFileError",
@@ -59,6 +60,13 @@ class InputError(HookscopeError, ValueError):
     """An argument of an analysis, pooling or export function is unusable: wrong shape or
     dtype, NaN or infinity where values are combined, a constant representation where a
     similarity is undefined, an unknown option, or a parameter out of range."""
+
+
+
+class InputTypeError(HookscopeError, TypeError):
+    """An argument has a type hookscope cannot use at all (a model that is not an
+    ``nn.Module``, a non-callable ``pick=``); wrong values of the right kind are
+    :class:`InputError`."""
 
 
 class RecordingFileError(HookscopeError, ValueError):
