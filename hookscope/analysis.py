@@ -373,11 +373,16 @@ class _CkaRep:
 
 def _use_gram(n: int, dims: Sequence[int]) -> bool:
     """Gram form (n x n kernels) when it costs fewer multiply-adds than the feature form
-    (d x d' cross-covariances) for all pairs of these representations, and fits in memory."""
+    (d x d' cross-covariances) for all pairs of these representations, unless keeping the
+    Gram matrices would take more memory than ``_GRAM_BYTES`` and than the feature form."""
     pairs = [(a, b) for i, a in enumerate(dims) for b in dims[i + 1:]]
     gram = sum(n * n * d for d in dims) + len(pairs) * n * n
     feature = sum(n * d * d for d in dims) + sum(n * a * b for a, b in pairs)
-    return gram < feature and len(dims) * n * n * 8 <= _GRAM_BYTES
+    gram_bytes = len(dims) * n * n * 8                  # every Gram matrix kept
+    feature_bytes = max(a * b for a in dims for b in dims) * 8  # one product at a time
+    if gram_bytes > _GRAM_BYTES and feature_bytes < gram_bytes:
+        return False
+    return gram < feature
 
 
 def _cka(a: _CkaRep, b: _CkaRep, debiased: bool) -> float:

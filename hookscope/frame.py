@@ -1,7 +1,8 @@
 """Captures -> NumPy matrices -> pandas DataFrames (wide and long/tidy).
 
 Works on anything with the ``Capture`` attributes (``name``, ``step``, ``call``, ``label``,
-``tensor``, ``lengths``); imports nothing of the recorder.
+``tensor``, ``lengths``, ``mask``); imports nothing of the recorder.  Reductions are those of
+:mod:`hookscope.pooling`: padding (any side) is never averaged in.
 """
 
 from __future__ import annotations

@@ -462,3 +462,12 @@ def test_error_hierarchy():
     public = [getattr(hs.errors, n) for n in hs.errors.__all__]
     assert all(issubclass(c, hs.HookscopeError) for c in public)
     assert set(hs.errors.__all__) <= set(hs.__all__)
+
+
+def test_cka_form_is_chosen_by_shape_and_memory():
+    from hookscope.analysis import _use_gram
+
+    assert _use_gram(500, [16_384, 16_384])                # wide layers: n x n kernels
+    assert _use_gram(2_000, [4_096] * 6)
+    assert not _use_gram(10_000, [600, 600])              # tall: d x d products
+    assert not _use_gram(100_000, [50_000, 50_000])       # Gram matrices would not fit
