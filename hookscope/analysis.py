@@ -1,7 +1,8 @@
 """Analysis of representations: similarity, neighbours, representational similarity.
 
 Plain functions on torch tensors, NumPy arrays or pandas DataFrames; nothing here knows about
-hooks or recordings (``similarity_matrix`` accepts a recording only through its public API).
+hooks (``similarity_matrix`` accepts a recording through :func:`hookscope.recording_vectors`).
+Imports go one way: ``_arrays`` <- ``pooling`` <- ``frame`` <- ``analysis``.
 
 Conventions
 -----------
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from ._arrays import ArrayLike, as_matrix, check_bool, check_choice, check_int, paired
 from .errors import InputError
+from .frame import recording_vectors
 
 __all__ = [
     "NeighborhoodOverlap",
@@ -564,8 +566,6 @@ def similarity_matrix(
             raise InputError("reduce=, lengths= and bidirectional= apply when reps is a "
                              "Recording; pool mapping values yourself (hs.masked_pool).")
     else:
-        from .frame import recording_vectors
-
         reps = recording_vectors(reps, reduce, lengths=lengths, bidirectional=bidirectional)
     names = list(reps)
     if not names:

@@ -471,3 +471,15 @@ def test_cka_form_is_chosen_by_shape_and_memory():
     assert _use_gram(2_000, [4_096] * 6)
     assert not _use_gram(10_000, [600, 600])              # tall: d x d products
     assert not _use_gram(100_000, [50_000, 50_000])       # Gram matrices would not fit
+
+
+def test_analysis_frame_pooling_imports_go_one_way():
+    import ast
+    from pathlib import Path
+
+    order = ["errors", "_arrays", "pooling", "frame", "analysis"]
+    root = Path(hs.__file__).parent
+    for i, name in enumerate(order):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level}
+        assert imported <= set(order[:i]), (name, imported)  # incl. imports inside functions
