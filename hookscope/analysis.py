@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ._arrays import ArrayLike, as_matrix, check_bool, check_choice, check_int, paired
 from .errors import InputError
-from .frame import recording_vectors
+from .frame import Reduce, recording_vectors
 
 __all__ = [
     "NeighborhoodOverlap",
@@ -524,8 +524,8 @@ def similarity_matrix(
     reps: Mapping[str, ArrayLike] | Any,
     method: str = "cka",
     *,
-    reduce: Any = None,
-    lengths: Any = None,
+    reduce: Reduce = None,
+    lengths: ArrayLike | Sequence[ArrayLike] | None = None,
     bidirectional: bool = False,
     metric: str | Callable | None = None,
     correlation: str | None = None,
