@@ -7,7 +7,10 @@
   compute floor) and vs scipy ``cdist`` + ``argsort`` (timed on a slice of the queries and
   scaled, since the full distance matrix would need 20 GB); peak RSS measured in a child
   process.
-- linear_cka vs a plain NumPy formula.
+- linear_cka vs a plain NumPy formula (tall: more items than features).
+- CKA at scale (wide layers, fewer items than features): linear_cka vs the bare NumPy Gram
+  form, and similarity_matrix of six representations vs six bare centred Gram matrices and
+  15 inner products; the feature-space formula for comparison (full run only).
 - Recording.to_frame("wide") vs ``pd.DataFrame(array)``; ``kind="long"`` in values per second
   vs a naive pandas construction.
 """
@@ -37,6 +40,18 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def interleaved(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Best time of each function, run in turns (A B A B ...) so that load from other
+    processes hits both alike: the ratios are what is reported."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return [min(t) for t in times]
 
 
 _CHILD = """
@@ -121,6 +136,56 @@ def cka(n: int, d: int, repeats: int) -> list[dict]:
              "note": "numpy / hookscope"}]
 
 
+def _bare_gram(x: np.ndarray) -> np.ndarray:
+    xc = x - x.mean(0)
+    return xc @ xc.T  # NumPy computes A @ A.T with one symmetric product (syrk)
+
+
+def cka_wide(n: int, d: int, repeats: int, feature_form: bool) -> list[dict]:
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((n, d)), rng.standard_normal((n, d))
+
+    def bare() -> float:
+        k, l_ = _bare_gram(x), _bare_gram(y)
+        return float(np.vdot(k, l_) / np.sqrt(np.vdot(k, k) * np.vdot(l_, l_)))
+
+    ours, ref = interleaved([lambda: hs.linear_cka(x, y), bare], repeats)
+    assert abs(hs.linear_cka(x, y) - bare()) < 1e-9
+    rows = [{"what": f"linear_cka {n} x {d} (float64, Gram form)", "seconds": ours},
+            {"what": "bare NumPy Gram form", "seconds": ref, "ratio": ours / ref,
+             "note": "hookscope / bare (target <= 1.5)"}]
+    if feature_form:
+        def features() -> float:
+            xc, yc = x - x.mean(0), y - y.mean(0)
+            return np.linalg.norm(yc.T @ xc) ** 2 / (np.linalg.norm(xc.T @ xc)
+                                                     * np.linalg.norm(yc.T @ yc))
+
+        slow = best_of(features, 1)
+        rows.append({"what": "NumPy feature-space formula (d x d products)", "seconds": slow,
+                     "ratio": slow / ours, "note": "feature form / hookscope"})
+    return rows
+
+
+def similarity_wide(m: int, n: int, d: int, repeats: int) -> list[dict]:
+    rng = np.random.default_rng(1)
+    reps = {f"r{i}": rng.standard_normal((n, d)) for i in range(m)}
+
+    def bare() -> np.ndarray:
+        grams = [_bare_gram(r) for r in reps.values()]
+        norms = [np.sqrt(np.vdot(g, g)) for g in grams]
+        out = np.eye(m)
+        for i in range(m):
+            for j in range(i + 1, m):
+                out[i, j] = out[j, i] = np.vdot(grams[i], grams[j]) / (norms[i] * norms[j])
+        return out
+
+    ours, ref = interleaved([lambda: hs.similarity_matrix(reps), bare], repeats)
+    assert np.allclose(hs.similarity_matrix(reps).to_numpy(), bare(), atol=1e-12)
+    return [{"what": f"similarity_matrix of {m} x ({n} x {d}), CKA", "seconds": ours},
+            {"what": f"bare NumPy: {m} centred Grams + {m * (m - 1) // 2} inner products",
+             "seconds": ref, "ratio": ours / ref, "note": "hookscope / bare (target <= 1.5)"}]
+
+
 def frames(rows: int, units: int, seq: tuple[int, int, int], repeats: int) -> list[dict]:
     ident = torch.nn.Identity()
     big = torch.randn(rows, units)
@@ -170,12 +235,17 @@ def frames(rows: int, units: int, seq: tuple[int, int, int], repeats: int) -> li
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--only-cka", action="store_true", help="only the CKA-at-scale rows")
     p.add_argument("--json")
     args = p.parse_args(argv)
     if args.quick:
-        results = knn(2_000, 64, 10, 2) + cka(500, 32, 2) + frames(2_000, 240, (8, 10, 16), 2)
+        results = (knn(2_000, 64, 10, 2) + cka(500, 32, 2) + cka_wide(100, 2_048, 2, True)
+                   + similarity_wide(3, 200, 512, 2) + frames(2_000, 240, (8, 10, 16), 2))
+    elif args.only_cka:
+        results = cka_wide(500, 16_384, 5, True) + similarity_wide(6, 2_000, 4_096, 5)
     else:
         results = (knn(50_000, 600, 10, 2) + cka(10_000, 600, 3)
+                   + cka_wide(500, 16_384, 5, True) + similarity_wide(6, 2_000, 4_096, 5)
                    + frames(100_000, 2_400, (64, 40, 600), 3))
     print_table(results)
     if args.json:

@@ -1,29 +1,39 @@
-"""Analysis of representations: similarity, neighbours, pooling, representational similarity.
+"""Analysis of representations: similarity, neighbours, representational similarity.
 
 Plain functions on torch tensors, NumPy arrays or pandas DataFrames; nothing here knows about
-hooks or recordings (``similarity_matrix`` accepts a recording only through its public API).
+hooks (``similarity_matrix`` accepts a recording through :func:`hookscope.recording_vectors`).
+Imports go one way: ``_arrays`` <- ``pooling`` <- ``frame`` <- ``analysis``.
 
 Conventions
 -----------
-- Inputs are ``(items, features)`` unless said otherwise; tensors are detached and moved to the
-  CPU, integer inputs become float64, floating inputs keep their precision (float16/bfloat16
-  are computed in float32).
+- Inputs are ``(items, features)``.  Feature maps ``(items, channels, *spatial)`` (4-D or
+  more) are flattened to ``(items, channels * positions)``; a 3-D input is refused (a padded
+  sequence must be pooled over its real positions first, see :mod:`hookscope.pooling`).
+- Tensors are detached and moved to the CPU, integer inputs become float64, floating inputs
+  keep their precision (float16/bfloat16 are computed in float32); CKA and RSA are computed in
+  float64.
+- Two-argument functions name their inputs ``x, y`` and check them the same way.
 - Similarities, neighbour scores and summaries come back as NumPy arrays (or floats).
-  Length-aware pooling (``last_state``, ``masked_pool``) lives in :mod:`hookscope.pooling`.
-- NaN or infinity in an input is a ``ValueError`` that says where (no function propagates them
-  silently).  A zero vector has no direction: its cosine with anything is NaN, by definition.
+- NaN or infinity in an input, a constant representation where CKA/RSA is undefined, and a
+  parameter of the wrong type or out of range are each an :class:`~hookscope.errors.InputError`
+  (a ``ValueError``) that says where.  A zero vector has no direction: its cosine with
+  anything is NaN, by definition.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
+
+from ._arrays import ArrayLike, as_matrix, check_bool, check_choice, check_int, paired
+from .errors import InputError
+from .frame import Reduce, recording_vectors
 
 __all__ = [
     "NeighborhoodOverlap",
@@ -37,74 +47,44 @@ __all__ = [
     "similarity_matrix",
 ]
 
-ArrayLike = Tensor | np.ndarray | pd.DataFrame | Sequence
-
 # Scores of one query block against all items are kept under this many elements (32 MiB of
 # float32): memory stays bounded whatever the number of items.
 _BLOCK_ELEMENTS = 1 << 23
 
-
-def _from_numpy(arr: np.ndarray) -> Tensor:
-    """Zero-copy tensor of an array; read-only arrays (pandas, hookscope frames) are fine
-    because nothing here writes into its inputs."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(arr)
+# similarity_matrix keeps every representation's n x n Gram matrix only under this many bytes.
+_GRAM_BYTES = 2 << 30
 
 
-def _as_matrix(x: ArrayLike, name: str, ndim: int = 2) -> Tensor:
-    """A CPU float tensor view of ``x`` (no copy where possible), validated."""
-    if isinstance(x, pd.DataFrame | pd.Series):
-        x = x.to_numpy()
-    if isinstance(x, Tensor):
-        t = x.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-    else:
-        arr = np.asarray(x)
-        if arr.dtype.kind not in "biuf":
-            raise ValueError(f"{name} must be a numeric array, got dtype {arr.dtype}.")
-        t = _from_numpy(arr)
-    if t.dtype in (torch.float16, torch.bfloat16):
-        t = t.float()
-    elif not t.dtype.is_floating_point:
-        if t.dtype.is_complex:
-            raise ValueError(f"{name} must be real-valued, got {t.dtype}.")
-        t = t.double()
-    if t.ndim != ndim:
-        layout = "items x features" if ndim == 2 else "batch x time x features"
-        hint = " Use x.reshape(1, -1) for one item." if t.ndim == 1 and ndim == 2 else ""
-        raise ValueError(f"{name} must be {ndim}-D ({layout}), got shape {tuple(t.shape)}.{hint}")
-    if t.shape[0] == 0 or t.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}).")
-    # A finite sum proves every element finite without a full-size mask; only a NaN, an
-    # infinity or an overflowing sum leads to the exact (allocating) check.
-    if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
-        where = torch.nonzero(~torch.isfinite(t))[0].tolist()
-        raise ValueError(f"{name} holds NaN or infinity (first at index {tuple(where)}); clean "
-                         "or drop those items first.")
-    return t
-
-
-def _common_dtype(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    dtype = torch.promote_types(a.dtype, b.dtype)
-    return a.to(dtype), b.to(dtype)
+def _safe_rows(x: Tensor) -> Tensor:
+    """``x`` with each row divided by its largest absolute value where the row's magnitude
+    could overflow or underflow a dot product in ``x``'s dtype (cosines are unchanged by
+    scaling a row; rows in the safe range are left untouched and not copied)."""
+    info = torch.finfo(x.dtype)
+    peak = x.abs().amax(1, keepdim=True)
+    high = (info.max / (4 * x.shape[1])) ** 0.5
+    low = info.tiny ** 0.5 / info.eps
+    if not bool(((peak > 0) & ((peak < low) | (peak > high))).any()):
+        return x
+    return x / torch.where(peak == 0, 1, peak)
 
 
 def _unit_rows(x: Tensor) -> Tensor:
-    """Rows scaled to unit length; zero rows become NaN (their direction is undefined)."""
+    """Rows scaled to unit length, for any finite input; zero rows become NaN (their direction
+    is undefined)."""
+    x = _safe_rows(x)
     norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     return x / torch.where(norms == 0, torch.nan, norms)
 
 
-def cosine(a: ArrayLike, b: ArrayLike) -> np.ndarray:
-    """Paired cosine similarity: one value per row, ``cos(a[i], b[i])``.
+def cosine(x: ArrayLike, y: ArrayLike) -> np.ndarray:
+    """Paired cosine similarity: one value per row, ``cos(x[i], y[i])``.
 
     The vectorised form of the story's ``1 - scipy.spatial.distance.cosine(P[i], H[i])``.
+    Scale-invariant for any finite input (rows of 1e30 or 1e-30 in float32 included).
 
     Parameters
     ----------
-    a, b : (n, d) arrays or tensors
+    x, y : (n, d) arrays or tensors
         Rows are paired; both must have the same shape.
 
     Returns
@@ -118,15 +98,12 @@ def cosine(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     >>> cosine([[1.0, 0.0], [1.0, 1.0]], [[0.0, 2.0], [2.0, 2.0]]).round(6).tolist()
     [0.0, 1.0]
     """
-    a, b = _common_dtype(_as_matrix(a, "a"), _as_matrix(b, "b"))
-    if a.shape != b.shape:
-        raise ValueError(f"a and b must pair up row by row: shapes {tuple(a.shape)} and "
-                         f"{tuple(b.shape)} differ (cosine_matrix compares all pairs).")
+    a, b = paired(x, y, same="shape")
     return (_unit_rows(a) * _unit_rows(b)).sum(1).clamp(-1, 1).numpy()
 
 
-def cosine_matrix(a: ArrayLike, b: ArrayLike | None = None) -> np.ndarray:
-    """All-pairs cosine similarity: ``out[i, j] = cos(a[i], b[j])`` (``b`` defaults to ``a``).
+def cosine_matrix(x: ArrayLike, y: ArrayLike | None = None) -> np.ndarray:
+    """All-pairs cosine similarity: ``out[i, j] = cos(x[i], y[j])`` (``y`` defaults to ``x``).
 
     Returns an ``(n, m)`` NumPy array (dtype as in :func:`cosine`); rows or columns of zero
     vectors are NaN.
@@ -134,15 +111,11 @@ def cosine_matrix(a: ArrayLike, b: ArrayLike | None = None) -> np.ndarray:
     >>> cosine_matrix([[1.0, 0.0], [0.0, 3.0]]).tolist()
     [[1.0, 0.0], [0.0, 1.0]]
     """
-    a = _as_matrix(a, "a")
-    b = a if b is None else _as_matrix(b, "b")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"a and b need the same number of features: {a.shape[1]} != "
-                         f"{b.shape[1]}.")
-    a, b = _common_dtype(a, b)
-    ua = _unit_rows(a)
-    ub = ua if b is a else _unit_rows(b)
-    return (ua @ ub.T).clamp(-1, 1).numpy()
+    if y is None:
+        ua = _unit_rows(as_matrix(x, "x"))
+        return (ua @ ua.T).clamp(-1, 1).numpy()
+    a, b = paired(x, y, same="features")
+    return (_unit_rows(a) @ _unit_rows(b).T).clamp(-1, 1).numpy()
 
 
 def _topk_stable(scores: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
@@ -190,7 +163,8 @@ def nearest_neighbors(
     exclude_self : bool
         When ``queries`` is not given, leave each item out of its own neighbours.
     block_size : int, optional
-        Queries per block; by default as many as keep one block of scores under 64 MiB.
+        Queries per block (``>= 1``); by default as many as keep one block of scores under
+        32 MiB of float32.
 
     Returns
     -------
@@ -205,28 +179,32 @@ def nearest_neighbors(
     >>> idx.ravel().tolist()
     [1, 0, 1]
     """
-    if metric not in ("cosine", "euclidean", "dot"):
-        raise ValueError(f"metric must be 'cosine', 'euclidean' or 'dot', got {metric!r}.")
-    items = _as_matrix(x, "x")
+    metric = check_choice(metric, "metric", ("cosine", "euclidean", "dot"))
+    exclude_self = check_bool(exclude_self, "exclude_self")
+    if block_size is not None:
+        block_size = check_int(block_size, "block_size", 1)
     self_search = queries is None
-    q = items if self_search else _as_matrix(queries, "queries")
-    if q.shape[1] != items.shape[1]:
-        raise ValueError(f"queries have {q.shape[1]} features but x has {items.shape[1]}.")
-    items, q = _common_dtype(items, q)
+    if self_search:
+        items = q = as_matrix(x, "x")
+    else:
+        items, q = paired(x, queries, ("x", "queries"), same="features")
     n = items.shape[0]
     skip_self = self_search and exclude_self
     limit = n - 1 if skip_self else n
-    if not isinstance(k, int | np.integer) or not 1 <= k <= limit:
-        why = " (each item is excluded from its own neighbours)" if skip_self else ""
-        raise ValueError(f"k must be an int in [1, {limit}] for {n} items{why}, got {k!r}.")
+    why = " (each item is excluded from its own neighbours)" if skip_self else ""
+    if limit < 1:
+        raise InputError(f"x has {n} item(s): no neighbours to find{why}.")
+    k = check_int(k, "k", 1, limit, why=f" for {n} items{why}")
     inv_norms = None
     if metric == "cosine":
         # Scale the scores instead of copying the items into unit length: no second copy of
-        # a large x.
+        # a large x (rows whose magnitude could overflow a dot product are rescaled first).
+        items = _safe_rows(items)
+        q = items if self_search else _safe_rows(q)
         norms = torch.linalg.vector_norm(items, dim=1)
         q_norms = norms if self_search else torch.linalg.vector_norm(q, dim=1)
         if bool((norms == 0).any()) or bool((q_norms == 0).any()):
-            raise ValueError("cosine neighbours of a zero vector are undefined: drop all-zero "
+            raise InputError("cosine neighbours of a zero vector are undefined: drop all-zero "
                              "rows or use metric='euclidean'.")
         inv_norms, q_inv = 1 / norms, 1 / q_norms
     largest = metric != "euclidean"
@@ -250,6 +228,9 @@ def nearest_neighbors(
         out_val[start : start + block] = val
     if metric == "euclidean":
         out_val.sqrt_()
+    if not bool(torch.isfinite(out_val).all()):
+        raise InputError(f"{metric} scores of x overflow {items.dtype}: compute in float64 "
+                         "(x.double()) or rescale x.")
     return out_idx.numpy(), out_val.numpy()
 
 
@@ -282,10 +263,7 @@ def neighborhood_overlap(x: ArrayLike, y: ArrayLike, k: int, *,
     >>> r.mean_overlap
     1.0
     """
-    xs, ys = _as_matrix(x, "x"), _as_matrix(y, "y")
-    if xs.shape[0] != ys.shape[0]:
-        raise ValueError(f"x and y must hold the same items: {xs.shape[0]} rows != "
-                         f"{ys.shape[0]} rows.")
+    xs, ys = paired(x, y)
     nx, _ = nearest_neighbors(xs, k, metric=metric)
     ny, _ = nearest_neighbors(ys, k, metric=metric)
     shared = _shared_counts(nx, ny)
@@ -314,13 +292,10 @@ def neighborhood_change(x: ArrayLike, y: ArrayLike, k: int, labels: Sequence[Any
         Indexed by item (its label), columns ``before``, ``after``, ``entered``, ``left``
         (lists, nearest first) and ``overlap`` (float).
     """
-    xs, ys = _as_matrix(x, "x"), _as_matrix(y, "y")
-    if xs.shape[0] != ys.shape[0]:
-        raise ValueError(f"x and y must hold the same items: {xs.shape[0]} rows != "
-                         f"{ys.shape[0]} rows.")
+    xs, ys = paired(x, y)
     n = xs.shape[0]
     if labels is not None and len(labels) != n:
-        raise ValueError(f"labels has {len(labels)} entries for {n} items.")
+        raise InputError(f"labels has {len(labels)} entries for {n} items.")
     names = np.asarray(labels, dtype=object) if labels is not None else np.arange(n)
     nx, _ = nearest_neighbors(xs, k, metric=metric)
     ny, _ = nearest_neighbors(ys, k, metric=metric)
@@ -336,21 +311,93 @@ def neighborhood_change(x: ArrayLike, y: ArrayLike, k: int, labels: Sequence[Any
                         index=pd.Index(names, name="item"))
 
 
-def _centered(x: Tensor) -> Tensor:
-    return x - x.mean(0, keepdim=True)
+# -- CKA and RSA ---------------------------------------------------------------------------------
 
 
-def _hsic_unbiased(k: Tensor, l_: Tensor) -> Tensor:
-    """Unbiased HSIC estimator (Song et al. 2012) on Gram matrices with zeroed diagonals."""
-    n = k.shape[0]
-    k = k.clone().fill_diagonal_(0)
-    l_ = l_.clone().fill_diagonal_(0)
-    ones = torch.ones(n, 1, dtype=k.dtype)
-    kl = k @ l_
-    trace = torch.trace(kl)
-    middle = (ones.T @ k @ ones) * (ones.T @ l_ @ ones) / ((n - 1) * (n - 2))
-    last = 2 * (ones.T @ kl @ ones) / (n - 2)
-    return (trace + middle.squeeze() - last.squeeze()) / (n * (n - 3))
+def _check_varies(t: Tensor, name: str) -> None:
+    """The one error for a constant representation, shared by every CKA and RSA variant."""
+    # Rows 0 and 1 differ for almost every input: O(d) instead of a full n x d comparison.
+    if (t.shape[0] < 2 or bool((t[1] == t[0]).all())) and bool((t == t[0]).all()):
+        raise InputError(f"{name} is constant (all {t.shape[0]} rows equal): CKA and RSA are "
+                         "undefined for a representation that does not vary across items.")
+
+
+class _CkaRep:
+    """One representation prepared for linear CKA: centred in float64, and its statistics
+    (its n x n Gram matrix in the Gram form) computed once, whatever the number of pairs."""
+
+    def __init__(self, t: Tensor, name: str, gram: bool) -> None:
+        _check_varies(t, name)
+        self.name = name
+        x = t.double().numpy()
+        xc = x - x.mean(0)
+        self.xc = xc
+        self.n = xc.shape[0]
+        if gram:
+            self.gram: np.ndarray | None = xc @ xc.T    # NumPy uses syrk for A @ A.T
+            self.self_term = float(np.vdot(self.gram, self.gram))
+        else:
+            self.gram = None
+            cov = xc.T @ xc
+            self.self_term = float(np.vdot(cov, cov))
+        if self.self_term == 0:  # not constant, but centring cancelled it in float64
+            raise InputError(f"{name} is constant up to rounding: CKA is undefined for it.")
+
+    @functools.cached_property
+    def sq(self) -> np.ndarray:
+        """The diagonal of the Gram matrix (debiased CKA only)."""
+        return np.einsum("ij,ij->i", self.xc, self.xc)
+
+    @functools.cached_property
+    def total(self) -> np.ndarray:
+        """Column sums of the centred data, ~0, kept for exact debiasing terms."""
+        return self.xc.sum(0)
+
+    def trace_with(self, other: _CkaRep) -> float:
+        """``tr(K L)`` of the centred linear kernels, in whichever form was prepared."""
+        if self.gram is not None and other.gram is not None:
+            return float(np.vdot(self.gram, other.gram))
+        cross = other.xc.T @ self.xc
+        return float(np.vdot(cross, cross))
+
+    def hsic_unbiased(self, other: _CkaRep, trace: float) -> float:
+        """Unbiased HSIC (Song et al. 2012) from ``tr(K L)`` and O(n d) terms: with zeroed
+        diagonals ``K~``, ``tr(K~ L~) = tr(K L) - sum_i k_ii l_ii``, ``1' K~ 1 =
+        ||sum_i x_i||^2 - sum_i k_ii`` and ``K~ 1 = X sum_i x_i - diag(K)``."""
+        n = self.n
+        kr = self.xc @ self.total - self.sq
+        lr = other.xc @ other.total - other.sq
+        ks = float(self.total @ self.total - self.sq.sum())
+        ls = float(other.total @ other.total - other.sq.sum())
+        tr = trace - float(self.sq @ other.sq)
+        return (tr + ks * ls / ((n - 1) * (n - 2)) - 2 * float(kr @ lr) / (n - 2)) / (n * (n - 3))
+
+
+def _use_gram(n: int, dims: Sequence[int]) -> bool:
+    """Gram form (n x n kernels) when it costs fewer multiply-adds than the feature form
+    (d x d' cross-covariances) for all pairs of these representations, unless keeping the
+    Gram matrices would take more memory than ``_GRAM_BYTES`` and than the feature form."""
+    pairs = [(a, b) for i, a in enumerate(dims) for b in dims[i + 1:]]
+    gram = sum(n * n * d for d in dims) + len(pairs) * n * n
+    feature = sum(n * d * d for d in dims) + sum(n * a * b for a, b in pairs)
+    gram_bytes = len(dims) * n * n * 8                  # every Gram matrix kept
+    feature_bytes = max(a * b for a in dims for b in dims) * 8  # one product at a time
+    if gram_bytes > _GRAM_BYTES and feature_bytes < gram_bytes:
+        return False
+    return gram < feature
+
+
+def _cka(a: _CkaRep, b: _CkaRep, debiased: bool) -> float:
+    trace = a.trace_with(b)
+    if not debiased:
+        return trace / float(np.sqrt(a.self_term * b.self_term))
+    haa, hbb = a.hsic_unbiased(a, a.self_term), b.hsic_unbiased(b, b.self_term)
+    for h, rep in ((haa, a), (hbb, b)):
+        if h <= 0:
+            raise InputError(f"the debiased HSIC of {rep.name} with itself is not positive "
+                             f"({h:.3g}): too few items for debiased CKA; use debiased=False or "
+                             "more items.")
+    return a.hsic_unbiased(b, trace) / float(np.sqrt(haa * hbb))
 
 
 def linear_cka(x: ArrayLike, y: ArrayLike, *, debiased: bool = False) -> float:
@@ -361,93 +408,191 @@ def linear_cka(x: ArrayLike, y: ArrayLike, *, debiased: bool = False) -> float:
     near 0 for unrelated ones.  ``debiased=True`` uses the unbiased HSIC estimator, which
     corrects the upward bias for few items (needs at least 4).
 
+    Computed in float64, in the cheaper of two equal forms: the feature form above when the
+    features are fewer than the items, else the Gram form ``<Kc, Lc>_F / (||Kc|| ||Lc||)``
+    with ``Kc = Xc Xc^T`` (n x n), which is much faster for wide layers (flattened feature
+    maps, transformer MLPs).
+
+    Parameters
+    ----------
+    x, y : (n, d_x), (n, d_y)
+        The same n items in two spaces (feature maps are flattened).
+    debiased : bool
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    InputError
+        Different numbers of items, a constant representation, fewer than 4 items with
+        ``debiased=True``, NaN or infinity.
+
+    Examples
+    --------
     >>> import numpy as np
     >>> x = np.random.default_rng(0).normal(size=(50, 8))
     >>> rotation = np.linalg.qr(np.random.default_rng(1).normal(size=(8, 8)))[0]
     >>> round(linear_cka(x, 3 * x @ rotation), 6)
     1.0
     """
-    xs, ys = _as_matrix(x, "x"), _as_matrix(y, "y")
-    if xs.shape[0] != ys.shape[0]:
-        raise ValueError(f"x and y must hold the same items: {xs.shape[0]} rows != "
-                         f"{ys.shape[0]} rows.")
-    xs, ys = xs.double(), ys.double()
-    if debiased:
-        if xs.shape[0] < 4:
-            raise ValueError("debiased CKA needs at least 4 items.")
-        kx, ky = xs @ xs.T, ys @ ys.T
-        hxy, hxx, hyy = _hsic_unbiased(kx, ky), _hsic_unbiased(kx, kx), _hsic_unbiased(ky, ky)
-        return float(hxy / torch.sqrt(hxx * hyy))
-    xc, yc = _centered(xs), _centered(ys)
-    num = torch.linalg.matrix_norm(yc.T @ xc) ** 2
-    den = torch.linalg.matrix_norm(xc.T @ xc) * torch.linalg.matrix_norm(yc.T @ yc)
-    if float(den) == 0:
-        raise ValueError("CKA is undefined for a constant representation (all rows equal).")
-    return float(num / den)
+    debiased = check_bool(debiased, "debiased")
+    xs, ys = paired(x, y)
+    if debiased and xs.shape[0] < 4:
+        raise InputError(f"debiased CKA needs at least 4 items, got {xs.shape[0]}.")
+    gram = _use_gram(xs.shape[0], [xs.shape[1], ys.shape[1]])
+    return _cka(_CkaRep(xs, "x", gram), _CkaRep(ys, "y", gram), debiased)
 
 
-def rsa(x: ArrayLike, y: ArrayLike, *, metric: str = "cosine", method: str = "spearman") -> float:
+_CORRELATIONS = ("spearman", "pearson", "kendall")
+
+
+def _rdm(t: Tensor, name: str, metric: str | Callable, correlation: str) -> np.ndarray:
+    """The condensed distance matrix of one representation, checked, and ranked for
+    ``correlation="spearman"`` (so that each pair of representations is one Pearson
+    correlation)."""
+    from scipy.spatial.distance import pdist
+    from scipy.stats import rankdata
+
+    _check_varies(t, name)
+    if t.shape[0] < 3:
+        raise InputError(f"rsa needs at least 3 items (2 pairwise distances to correlate), "
+                         f"{name} has {t.shape[0]}.")
+    d = pdist(t.double().numpy(), metric)
+    if not np.isfinite(d).all():
+        zero = np.flatnonzero(~t.double().numpy().any(1))
+        why = (f"row {int(zero[0])} of {name} is all zeros, which has no {metric} distance; "
+               "drop it or use metric='euclidean'" if len(zero) else
+               f"the {metric} distances of {name} are not all finite")
+        raise InputError(f"rsa: {why}.")
+    if np.ptp(d) == 0:
+        raise InputError(f"all pairwise {metric} distances of {name} are equal: their "
+                         "correlation with anything is undefined.")
+    if correlation == "spearman":
+        d = rankdata(d)
+    if correlation != "kendall":
+        d = d - d.mean()
+        d /= np.linalg.norm(d)
+    return d
+
+
+def _correlate(dx: np.ndarray, dy: np.ndarray, correlation: str) -> float:
+    if correlation == "kendall":
+        from scipy.stats import kendalltau
+
+        return float(kendalltau(dx, dy)[0])
+    return float(np.clip(dx @ dy, -1, 1))
+
+
+def rsa(x: ArrayLike, y: ArrayLike, *, metric: str | Callable = "cosine",
+        correlation: str = "spearman") -> float:
     """Representational similarity analysis: the rank (or linear) correlation between the
     condensed pairwise distance matrices of two representations of the same items.
 
-    ``metric`` is any ``scipy.spatial.distance.pdist`` metric; ``method`` is ``"spearman"``,
-    ``"pearson"`` or ``"kendall"``.
+    Parameters
+    ----------
+    x, y : (n, d_x), (n, d_y)
+        The same n >= 3 items in two spaces (feature maps are flattened).
+    metric : str or callable
+        Any ``scipy.spatial.distance.pdist`` metric.
+    correlation : {"spearman", "pearson", "kendall"}
 
+    Raises
+    ------
+    InputError
+        A constant representation, all distances equal, a zero row with a metric that needs a
+        direction (``"cosine"``, ``"correlation"``), fewer than 3 items, NaN or infinity.
+
+    Examples
+    --------
     >>> import numpy as np
     >>> x = np.random.default_rng(0).normal(size=(20, 5))
     >>> round(rsa(x, 2 * x), 6)
     1.0
     """
-    from scipy.spatial.distance import pdist
-    from scipy.stats import kendalltau, pearsonr, spearmanr
-
-    tests = {"spearman": spearmanr, "pearson": pearsonr, "kendall": kendalltau}
-    if method not in tests:
-        raise ValueError(f"method must be one of {sorted(tests)}, got {method!r}.")
-    xs, ys = _as_matrix(x, "x"), _as_matrix(y, "y")
-    if xs.shape[0] != ys.shape[0]:
-        raise ValueError(f"x and y must hold the same items: {xs.shape[0]} rows != "
-                         f"{ys.shape[0]} rows.")
-    if xs.shape[0] < 3:
-        raise ValueError("rsa needs at least 3 items (2 pairwise distances to correlate).")
-    dx, dy = pdist(xs.double().numpy(), metric), pdist(ys.double().numpy(), metric)
-    return float(tests[method](dx, dy)[0])
+    correlation = check_choice(correlation, "correlation", _CORRELATIONS)
+    xs, ys = paired(x, y)
+    return _correlate(_rdm(xs, "x", metric, correlation), _rdm(ys, "y", metric, correlation),
+                      correlation)
 
 
-def similarity_matrix(reps: Mapping[str, ArrayLike] | Any, method: str = "cka",
-                      **kwargs: Any) -> pd.DataFrame:
+_METHODS = ("cka", "cka_debiased", "rsa")
+
+
+def similarity_matrix(
+    reps: Mapping[str, ArrayLike] | Any,
+    method: str = "cka",
+    *,
+    reduce: Reduce = None,
+    lengths: ArrayLike | Sequence[ArrayLike] | None = None,
+    bidirectional: bool = False,
+    metric: str | Callable | None = None,
+    correlation: str | None = None,
+) -> pd.DataFrame:
     """Pairwise representational similarity of several representations of the same items.
+
+    Each representation is prepared once (centred Gram matrix or covariance for CKA, ranked
+    distance matrix for RSA) and reused for all its pairs.
 
     Parameters
     ----------
     reps : mapping of name -> (n, d) array, or a Recording
-        For a recording, every capture must be per-example vectors (2-D); use
-        ``hookscope.frame.recording_vectors(rec, reduce=...)`` for sequence outputs.
+        Feature maps are flattened.  A recording becomes
+        ``recording_vectors(reps, reduce=reduce, lengths=lengths, bidirectional=bidirectional)``.
     method : {"cka", "cka_debiased", "rsa"}
-        ``kwargs`` go to :func:`rsa` (``metric``, ``method``... as ``rsa_method``).
+        Linear CKA (see :func:`linear_cka`), debiased linear CKA, or RSA (see :func:`rsa`).
+    reduce, lengths, bidirectional
+        Recordings only: as in :func:`hookscope.recording_vectors`.
+    metric, correlation
+        ``method="rsa"`` only: as in :func:`rsa` (defaults ``"cosine"``, ``"spearman"``).
 
     Returns
     -------
     pandas.DataFrame
-        Symmetric, names on both axes.
-    """
-    if not isinstance(reps, Mapping):
-        from .frame import recording_vectors
+        Symmetric, names on both axes, 1 on the diagonal.
 
-        reps = recording_vectors(reps)
-    if method not in ("cka", "cka_debiased", "rsa"):
-        raise ValueError(f"method must be 'cka', 'cka_debiased' or 'rsa', got {method!r}.")
-    if "rsa_method" in kwargs:
-        kwargs["method"] = kwargs.pop("rsa_method")
+    Raises
+    ------
+    InputError
+        An unknown method, an option that does not apply to it, or any error of
+        :func:`linear_cka` / :func:`rsa` (naming the representation).
+    """
+    method = check_choice(method, "method", _METHODS)
+    if method != "rsa" and (metric is not None or correlation is not None):
+        raise InputError(f"metric= and correlation= apply to method='rsa', not {method!r}.")
+    if isinstance(reps, Mapping):
+        if reduce is not None or lengths is not None or bidirectional:
+            raise InputError("reduce=, lengths= and bidirectional= apply when reps is a "
+                             "Recording; pool mapping values yourself (hs.masked_pool).")
+    else:
+        reps = recording_vectors(reps, reduce, lengths=lengths, bidirectional=bidirectional)
     names = list(reps)
-    mats = {n: _as_matrix(reps[n], f"reps[{n!r}]") for n in names}
+    if not names:
+        raise InputError("similarity_matrix needs at least one representation.")
+    mats = {n: as_matrix(reps[n], f"reps[{n!r}]") for n in names}
+    rows = {n: m.shape[0] for n, m in mats.items()}
+    if len(set(rows.values())) > 1:
+        raise InputError(f"all representations must hold the same items; rows: {rows}.")
+    n = rows[names[0]]
+    if method == "rsa":
+        correlation = check_choice(correlation or "spearman", "correlation", _CORRELATIONS)
+        prepared = {k: _rdm(m, f"reps[{k!r}]", metric or "cosine", correlation)
+                    for k, m in mats.items()}
+
+        def pair(a: str, b: str) -> float:
+            return _correlate(prepared[a], prepared[b], correlation)
+    else:
+        debiased = method == "cka_debiased"
+        if debiased and n < 4:
+            raise InputError(f"debiased CKA needs at least 4 items, got {n}.")
+        gram = _use_gram(n, [m.shape[1] for m in mats.values()])
+        reps_ = {k: _CkaRep(m, f"reps[{k!r}]", gram) for k, m in mats.items()}
+
+        def pair(a: str, b: str) -> float:
+            return _cka(reps_[a], reps_[b], debiased)
     out = np.eye(len(names))
     for i, a in enumerate(names):
         for j in range(i + 1, len(names)):
-            b = names[j]
-            if method == "rsa":
-                v = rsa(mats[a], mats[b], **kwargs)
-            else:
-                v = linear_cka(mats[a], mats[b], debiased=method == "cka_debiased")
-            out[i, j] = out[j, i] = v
+            out[i, j] = out[j, i] = pair(a, names[j])
     return pd.DataFrame(out, index=pd.Index(names, name="a"), columns=pd.Index(names, name="b"))

@@ -42,7 +42,7 @@ from .dataset_format import (
 from .dataset_lock import WriterLock
 from .errors import DatasetError
 from .fingerprint import setup_fingerprint
-from .frame import capture_matrix
+from .frame import capture_mask, capture_matrix
 from .recorder import Recorder
 
 __all__ = ["DatasetError", "record_dataset"]
@@ -217,9 +217,10 @@ def record_dataset(
         all-``None`` batch takes the column's type); not named ``batch``, ``row`` or like a
         recorded column.
     lengths : callable, optional
-        ``lengths(batch) -> (batch,)`` sequence lengths for captures that do not know theirs
-        (no ``PackedSequence``), e.g. ``lambda b: b["attention_mask"].sum(1)`` for a
-        right-padded Hugging Face batch; used by ``reduce`` and for sequences.
+        ``lengths(batch)`` -> ``(batch,)`` sequence lengths or a ``(batch, time)`` mask (True/1
+        at real positions, any padding side) for sequence captures that do not know theirs,
+        e.g. ``lambda b: b["attention_mask"]`` for a Hugging Face batch; used by ``reduce`` and
+        for sequences.
     shard_rows : int
         Rows per shard (shards end at batch boundaries): the memory bound.
     store_dtype : torch.float32 or torch.float16
@@ -353,19 +354,29 @@ def _record_batches(job: _Job, items: Iterable[tuple[int, Any]]) -> None:
 
 
 def _apply_lengths(rec: Any, given: Any, index: int) -> None:
-    """Give ``lengths=`` to the sequence captures that do not know theirs, after checking it."""
+    """Give ``lengths=`` (one integer per example, or a ``(batch, time)`` mask, True at real
+    positions, either padding side) to the sequence captures that know neither, after
+    checking it."""
     known = torch.as_tensor(given).to("cpu")
-    if known.ndim != 1 or known.is_floating_point() or known.is_complex():
-        raise DatasetError(f"batch {index}: lengths= must give one integer per example, got "
-                           f"shape {tuple(known.shape)} of {known.dtype}.")
-    known = known.to(torch.int64)
+    is_mask = known.ndim == 2
+    if not is_mask and (known.ndim != 1 or known.is_floating_point() or known.is_complex()):
+        raise DatasetError(f"batch {index}: lengths= must give one integer per example or a "
+                           f"(batch, time) mask, got shape {tuple(known.shape)} of "
+                           f"{known.dtype}.")
+    known = known != 0 if is_mask else known.to(torch.int64)
     for cap in rec.captures():
-        if cap.lengths is not None or cap.tensor.ndim != 3:
+        if cap.lengths is not None or cap.mask is not None or cap.tensor.ndim != 3:
             continue
         batch, time_steps = cap.tensor.shape[:2]
         if len(known) != batch:
-            raise DatasetError(f"batch {index}: lengths= gave {len(known)} lengths, but "
+            raise DatasetError(f"batch {index}: lengths= gave {len(known)} rows, but "
                                f"{cap.name!r} has {batch} examples.")
+        if is_mask:
+            if known.shape[1] != time_steps:
+                raise DatasetError(f"batch {index}: lengths= gave a mask of {known.shape[1]} "
+                                   f"positions, but {cap.name!r} has {time_steps}.")
+            cap._mask = known
+            continue
         if len(known) and (int(known.min()) < 0 or int(known.max()) > time_steps):
             raise DatasetError(f"batch {index}: lengths= gave lengths from {int(known.min())} "
                                f"to {int(known.max())}, but {cap.name!r} has {time_steps} "
@@ -480,20 +491,25 @@ def _open_for_writing(out: Path, manifest_path: Path, fingerprint: str, resume: 
 
 
 def _batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, manifest: dict,
-                   index: int) -> tuple[dict[str, Any], int]:
+                   index: int, lengths: Any = None) -> tuple[dict[str, Any], int]:
     columns: dict[str, Any] = {}
     n = None
     names = _column_names(rec)
     for cap in rec.captures():
         col = names[(cap.name, cap.call)]
         t = cap.tensor
+        # lengths= (integer lengths or a (batch, time) mask) for sequences that know neither.
+        given = (lengths if lengths is not None and t.ndim == 3 and cap.mask is None
+                 and len(t) == len(lengths) else None)
         if reduce is None and t.ndim == 3:
-            lengths = cap.lengths.tolist() if cap.lengths is not None else [t.shape[1]] * len(t)
+            mask = capture_mask(cap, given)
             arr = t.detach().cpu().float().numpy().astype(np_dtype, copy=False)
-            value: Any = [arr[i, :length] for i, length in enumerate(lengths)]
+            value: Any = list(arr) if mask is None else [
+                row[keep] for row, keep in zip(arr, mask.numpy(), strict=True)]
             kind, units, rows = "sequence", arr.shape[2], len(value)
         else:
-            value = capture_matrix(cap, reduce, bidirectional=bidirectional).astype(np_dtype)
+            value = capture_matrix(cap, reduce, bidirectional=bidirectional,
+                                   lengths=given).astype(np_dtype)
             kind, units, rows = "vector", value.shape[1], value.shape[0]
         if col in BOOKKEEPING:
             raise DatasetError(f"a recorded module is named {col!r}, like a bookkeeping "

@@ -13,6 +13,8 @@ __all__ = [
     "CaptureModifiedError",
     "DatasetError",
     "HookscopeError",
+    "InputError",
+    "InputTypeError",
     "ModuleSelectionError",
     "NotRecordedError",
     "RecordingFileError",
@@ -57,6 +59,18 @@ class CaptureModifiedError(HookscopeError, RuntimeError):
 
 class UnsupportedModelError(HookscopeError, TypeError):
     """The model (or a selected module) cannot be hooked, e.g. a TorchScript module."""
+
+
+class InputError(HookscopeError, ValueError):
+    """An argument of an analysis, pooling or export function is unusable: wrong shape or
+    dtype, NaN or infinity where values are combined, a constant representation where a
+    similarity is undefined, an unknown option, or a parameter out of range."""
+
+
+class InputTypeError(HookscopeError, TypeError):
+    """An argument has a type hookscope cannot use at all (a model that is not an
+    ``nn.Module``, a non-callable ``pick=``); wrong values of the right kind are
+    :class:`InputError`."""
 
 
 class RecordingFileError(HookscopeError, ValueError):

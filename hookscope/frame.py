@@ -1,80 +1,152 @@
 """Captures -> NumPy matrices -> pandas DataFrames (wide and long/tidy).
 
 Works on anything with the ``Capture`` attributes (``name``, ``step``, ``call``, ``label``,
-``tensor``, ``lengths``); imports nothing of the recorder.
+``tensor``, ``lengths``, ``mask``); imports nothing of the recorder.  Reductions are those of
+:mod:`hookscope.pooling`: padding (any side) is never averaged in.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
-from .pooling import last_state, masked_pool
+from ._arrays import check_bool, check_finite, to_numpy
+from .errors import InputError
+from .pooling import REDUCTIONS, as_mask, last_state, masked_pool
 
-__all__ = ["capture_matrix", "recording_vectors", "to_frame"]
+__all__ = ["REDUCE_NAMES", "Reduce", "capture_matrix", "recording_vectors", "to_frame"]
 
-Reduce = str | Callable[[Tensor, Tensor | None], Tensor] | None
-_REDUCTIONS = ("last", "mean", "max", "sum")
+#: ``reduce=``: a name, or ``f(tensor) -> (batch, units)``, or ``f(tensor, mask)`` where
+#: ``mask`` is the capture's ``(batch, time)`` boolean mask of real positions (or ``None``).
+Reduce: TypeAlias = str | Callable[..., Any] | None
+
+#: The named reductions of ``reduce=``.
+REDUCE_NAMES = ("last", *REDUCTIONS, "flatten")
 
 
 def _call_key(cap: Any) -> str:
     return cap.label if cap.label is not None else str(cap.call)
 
 
-def _numpy(t: Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        t = t.float()
-    arr = t.numpy()
-    view = arr.view()
-    view.flags.writeable = False  # frames share memory with the recording: never write into it
-    return view
+def _where(cap: Any) -> str:
+    return f"{cap.name!r} call {_call_key(cap)}"
 
 
-def capture_matrix(cap: Any, reduce: Reduce = None, *, bidirectional: bool = False) -> np.ndarray:
+def check_reduce(reduce: Reduce) -> Reduce:
+    """``reduce`` if it is ``None``, a callable or one of :data:`REDUCE_NAMES`."""
+    if reduce is None or callable(reduce) or (isinstance(reduce, str) and reduce in REDUCE_NAMES):
+        return reduce
+    raise InputError(f"reduce must be one of {REDUCE_NAMES}, a callable f(tensor) or "
+                     f"f(tensor, mask), or None; got {reduce!r}.")
+
+
+def capture_mask(cap: Any, lengths: Any = None) -> Tensor | None:
+    """The boolean ``(batch, time)`` mask of real positions of a sequence capture: from
+    ``lengths`` (integer lengths or a mask) if given, else the capture's own ``mask``
+    (``None`` when unknown, or when the capture is not a ``(batch, time, ...)`` sequence)."""
+    t = cap.tensor
+    if t.ndim < 2:
+        return None
+    if lengths is not None:
+        return as_mask(lengths, t.shape[0], t.shape[1], name=f"lengths for {_where(cap)}")
+    mask = getattr(cap, "mask", None)
+    if mask is None:
+        return None
+    mask = torch.as_tensor(mask).to("cpu")
+    if tuple(mask.shape) != tuple(t.shape[:2]):
+        raise InputError(f"{_where(cap)}: its mask has shape {tuple(mask.shape)} but the "
+                         f"capture's (batch, time) is {tuple(t.shape[:2])}.")
+    return mask.bool()
+
+
+def _takes_mask(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` accepts a second positional argument (the mask)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature: call with one
+        return False
+    positional = 0
+    for p in params:
+        if p.kind is p.VAR_POSITIONAL:
+            return True
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            positional += 1
+    return positional >= 2
+
+
+def capture_matrix(cap: Any, reduce: Reduce = None, *, bidirectional: bool = False,
+                   lengths: Any = None) -> np.ndarray:
     """One row per example for a capture: ``(batch, units)``.
 
-    A 1-D output is one unit; 2-D is used as it is; a 3-D ``(batch, time, features)``
-    sequence needs ``reduce``: ``"last"`` (length-aware final state, see
-    :func:`hookscope.last_state`; ``bidirectional`` as there), ``"mean"``, ``"max"``, ``"sum"``
-    (over real positions, see :func:`hookscope.masked_pool`), or a callable
-    ``f(tensor, lengths) -> (batch, units)``.  Without known lengths every position counts.
+    - ``(batch,)`` is one unit; ``(batch, units)`` is used as it is (``reduce`` is not
+      needed, and ignored).
+    - A sequence ``(batch, time, features)`` needs ``reduce``: ``"last"`` (the last real
+      position, see :func:`hookscope.last_state`; ``bidirectional`` as there), ``"mean"``,
+      ``"max"``, ``"sum"`` over real positions only (see :func:`hookscope.masked_pool`), or
+      ``"flatten"`` (every position, padding included).  Real positions come from ``lengths``
+      (integer lengths or a ``(batch, time)`` mask) if given, else from the capture's own
+      ``mask``; without either, every position counts.
+    - A feature map ``(batch, channels, *spatial)`` (4-D or more): ``"mean"``, ``"max"``,
+      ``"sum"`` pool over all spatial positions (global pooling, one value per channel);
+      ``"flatten"`` keeps everything, ``(batch, channels * positions)``.
+    - A callable is ``f(tensor) -> (batch, units)``, or ``f(tensor, mask)`` if it takes two
+      positional arguments (``mask`` as above, or ``None``), e.g. ``lambda t: t.amax((2, 3))``.
+
+    Reductions never compute with NaN or infinity: they raise
+    :class:`~hookscope.errors.InputError` (values exported without ``reduce`` are kept as
+    they are).
     """
+    reduce = check_reduce(reduce)
+    bidirectional = check_bool(bidirectional, "bidirectional")
     t = cap.tensor
     if t.ndim == 0:
-        raise ValueError(f"{cap.name!r} call {_call_key(cap)} returned a scalar, which has no "
-                         "examples; use pick= to select a batched tensor.")
+        raise InputError(f"{_where(cap)} returned a scalar, which has no examples; use pick= "
+                         "to select a batched tensor.")
     if t.ndim == 1:
-        return _numpy(t.unsqueeze(1))
-    if t.ndim == 2 and reduce is None:
-        return _numpy(t)
-    if reduce is None:
-        raise ValueError(
-            f"{cap.name!r} call {_call_key(cap)} has shape {tuple(t.shape)}: one row per "
-            "example needs reduce='last'|'mean'|'max'|'sum' (length-aware) or a callable, or "
-            "use kind='long' for one row per position.")
+        return to_numpy(t.unsqueeze(1), readonly=True)
     if t.ndim == 2:
-        return _numpy(t)  # already one vector per example: nothing to reduce
+        return to_numpy(t, readonly=True)  # already one vector per example: nothing to reduce
+    feature_map = t.ndim >= 4
+    if reduce is None:
+        if feature_map:
+            raise InputError(
+                f"{_where(cap)} is a feature map of shape {tuple(t.shape)} (batch, channels, "
+                "*spatial): one row per example needs reduce='mean'|'max'|'sum' (global pooling "
+                "over positions), reduce='flatten' (every position), or a callable; or "
+                "kind='long' for one row per position.")
+        raise InputError(
+            f"{_where(cap)} has shape {tuple(t.shape)} (batch, time, features): one row per "
+            "example needs reduce='last'|'mean'|'max'|'sum' (over real positions), "
+            "reduce='flatten', or a callable; or kind='long' for one row per position.")
+    if reduce == "flatten":
+        return to_numpy(t.reshape(t.shape[0], -1), readonly=True)
     if callable(reduce):
-        out = torch.as_tensor(reduce(t, cap.lengths))
+        mask = None if feature_map else capture_mask(cap, lengths)
+        out = reduce(t, mask) if _takes_mask(reduce) else reduce(t)
+        out = torch.as_tensor(out)
         if out.ndim != 2 or out.shape[0] != t.shape[0]:
-            raise ValueError(f"reduce callable returned shape {tuple(out.shape)} for "
-                             f"{cap.name!r}; expected ({t.shape[0]}, units).")
-        return _numpy(out)
-    if reduce not in _REDUCTIONS:
-        raise ValueError(f"reduce must be one of {_REDUCTIONS} or a callable, got {reduce!r}.")
-    if t.ndim != 3:
-        raise ValueError(f"reduce={reduce!r} needs (batch, time, features); {cap.name!r} has "
-                         f"shape {tuple(t.shape)}. Pass a callable reduce.")
-    lengths = cap.lengths if cap.lengths is not None else torch.full((t.shape[0],), t.shape[1])
+            raise InputError(f"reduce callable returned shape {tuple(out.shape)} for "
+                             f"{_where(cap)}; expected ({t.shape[0]}, units).")
+        check_finite(out, f"reduce's result for {_where(cap)}")
+        return to_numpy(out)
+    if feature_map:
+        if reduce == "last":
+            raise InputError(f"reduce='last' needs a sequence (batch, time, features); "
+                             f"{_where(cap)} is a feature map of shape {tuple(t.shape)}: use "
+                             "'mean', 'max', 'sum' or 'flatten'.")
+        return to_numpy(masked_pool(t, None, reduce))
+    mask = capture_mask(cap, lengths)
     if reduce == "last":
-        return _numpy(last_state(t, lengths, bidirectional=bidirectional))
-    return _numpy(masked_pool(t, lengths, reduce))
+        if mask is None:
+            mask = torch.ones(t.shape[:2], dtype=torch.bool)
+        return to_numpy(last_state(t, mask, bidirectional=bidirectional))
+    return to_numpy(masked_pool(t, mask, reduce))
 
 
 def _grouped(captures: Sequence[Any]) -> tuple[dict[tuple[str, str], list[Any]], list[int]]:
@@ -87,7 +159,7 @@ def _grouped(captures: Sequence[Any]) -> tuple[dict[tuple[str, str], list[Any]],
         n = t.shape[0] if t.ndim else 0
         seen = sizes.setdefault(cap.step, (n, f"{cap.name!r} call {_call_key(cap)}"))
         if seen[0] != n:
-            raise ValueError(
+            raise InputError(
                 f"step {cap.step}: {seen[1]} has {seen[0]} examples but {cap.name!r} call "
                 f"{_call_key(cap)} has {n}; one row per example needs equal batch sizes (select"
                 " the modules of one batch, or export them separately).")
@@ -98,19 +170,62 @@ def _grouped(captures: Sequence[Any]) -> tuple[dict[tuple[str, str], list[Any]],
         total += sizes[s][0]
     for caps in groups.values():
         if len(caps) != len(steps):
-            raise ValueError(f"{caps[0].name!r} call {_call_key(caps[0])} ran in {len(caps)} of "
+            raise InputError(f"{caps[0].name!r} call {_call_key(caps[0])} ran in {len(caps)} of "
                              f"{len(steps)} steps; rows would not line up.")
     return groups, [offsets[s] for s in steps] + [total]
 
 
-def recording_vectors(rec: Any, reduce: Reduce = None, *,
+def _lengths_by_step(captures: Sequence[Any], lengths: Any) -> dict[int, Any]:
+    """``lengths=`` of an export, per step: one value for a one-step recording, else a list
+    with one entry per step."""
+    if lengths is None:
+        return {}
+    steps = sorted({c.step for c in captures})
+    if len(steps) == 1:
+        return {steps[0]: lengths}
+    if not isinstance(lengths, list | tuple) or len(lengths) != len(steps):
+        raise InputError(f"the recording has {len(steps)} steps: pass lengths= as a list with "
+                         "one (batch,) lengths array or (batch, time) mask per step.")
+    return dict(zip(steps, lengths, strict=True))
+
+
+def _sequence_lengths(cap: Any, by_step: dict[int, Any]) -> Any:
+    """The ``lengths=`` entry that applies to ``cap``: sequences only (3-D)."""
+    return by_step.get(cap.step) if cap.tensor.ndim == 3 else None
+
+
+def recording_vectors(rec: Any, reduce: Reduce = None, *, lengths: Any = None,
                       bidirectional: bool = False) -> dict[str, np.ndarray]:
-    """``{"module" or "module:call": (examples, units)}`` for a recording, steps stacked."""
-    groups, _ = _grouped(rec.captures())
+    """One ``(examples, units)`` matrix per module (and call) of a recording, steps stacked.
+
+    Keys are ``"module"``, or ``"module:call"`` for a module that ran several times per step
+    (``call`` is the label, else the index).  Each capture becomes rows as in
+    :func:`capture_matrix`; the result feeds every analysis function.
+
+    Parameters
+    ----------
+    rec : Recording
+    reduce : {"last", "mean", "max", "sum", "flatten"} or callable, optional
+        Needed for sequence and feature-map captures; see :meth:`hookscope.Recording.to_frame`.
+    lengths : (batch,) lengths or (batch, time) mask, optional
+        Real positions of the sequence captures, overriding what they know (a list with one
+        entry per step for a recording of several steps).
+    bidirectional : bool
+        For ``reduce="last"``: the features are ``[forward, backward]`` halves.
+
+    Returns
+    -------
+    dict of str -> numpy.ndarray
+    """
+    reduce = check_reduce(reduce)
+    captures = rec.captures()
+    by_step = _lengths_by_step(captures, lengths)
+    groups, _ = _grouped(captures)
     multi = {name for (name, _) in groups if sum(1 for (n, _) in groups if n == name) > 1}
     out = {}
     for (name, call), caps in groups.items():
-        mats = [capture_matrix(c, reduce, bidirectional=bidirectional) for c in caps]
+        mats = [capture_matrix(c, reduce, bidirectional=bidirectional,
+                               lengths=_sequence_lengths(c, by_step)) for c in caps]
         out[f"{name}:{call}" if name in multi else name] = (
             mats[0] if len(mats) == 1 else np.concatenate(mats))
     return out
@@ -119,31 +234,35 @@ def recording_vectors(rec: Any, reduce: Reduce = None, *,
 def _meta_frame(meta: Any, n: int) -> pd.DataFrame:
     frame = meta if isinstance(meta, pd.DataFrame) else pd.DataFrame(dict(meta))
     if len(frame) != n:
-        raise ValueError(f"meta has {len(frame)} rows but the recording has {n} examples.")
+        raise InputError(f"meta has {len(frame)} rows but the recording has {n} examples.")
     return frame.reset_index(drop=True)
 
 
 def to_frame(captures: Iterable[Any], kind: str = "wide", *, reduce: Reduce = None,
-             meta: pd.DataFrame | Mapping[str, Sequence] | None = None,
+             lengths: Any = None, meta: pd.DataFrame | Mapping[str, Sequence] | None = None,
              bidirectional: bool = False) -> pd.DataFrame:
     """Captures as a DataFrame; see :meth:`hookscope.Recording.to_frame`."""
     captures = list(captures)
-    if reduce is not None and not callable(reduce) and reduce not in _REDUCTIONS:
-        raise ValueError(f"reduce must be one of {_REDUCTIONS} or a callable, got {reduce!r}.")
+    reduce = check_reduce(reduce)
+    bidirectional = check_bool(bidirectional, "bidirectional")
     if not captures:
-        raise ValueError("nothing to export: the recording holds no captures (did the model "
+        raise InputError("nothing to export: the recording holds no captures (did the model "
                          "run inside the with block?).")
+    by_step = _lengths_by_step(captures, lengths)
     if kind == "wide":
-        return _wide(captures, reduce, meta, bidirectional)
+        return _wide(captures, reduce, meta, bidirectional, by_step)
     if kind == "long":
         if reduce is not None:
-            raise ValueError("kind='long' keeps every position: drop reduce=, or use "
+            raise InputError("kind='long' keeps every position: drop reduce=, or use "
                              "kind='wide'.")
-        return _long(captures, meta)
-    raise ValueError(f"kind must be 'wide' or 'long', got {kind!r}.")
+        if bidirectional:
+            raise InputError("bidirectional= applies to reduce='last' (kind='wide').")
+        return _long(captures, meta, by_step)
+    raise InputError(f"kind must be 'wide' or 'long', got {kind!r}.")
 
 
-def _wide(captures: list[Any], reduce: Reduce, meta: Any, bidirectional: bool) -> pd.DataFrame:
+def _wide(captures: list[Any], reduce: Reduce, meta: Any, bidirectional: bool,
+          by_step: dict[int, Any]) -> pd.DataFrame:
     groups, offsets = _grouped(captures)
     n = offsets[-1]
     # Levels in recorded order (not sorted by name), so codes increase along the columns:
@@ -152,7 +271,8 @@ def _wide(captures: list[Any], reduce: Reduce, meta: Any, bidirectional: bool) -
     call_names = list(dict.fromkeys(call for _, call in groups))
     blocks, module_codes, call_codes, units = [], [], [], []
     for (name, call), caps in groups.items():
-        mats = [capture_matrix(c, reduce, bidirectional=bidirectional) for c in caps]
+        mats = [capture_matrix(c, reduce, bidirectional=bidirectional,
+                               lengths=_sequence_lengths(c, by_step)) for c in caps]
         m = mats[0] if len(mats) == 1 else np.concatenate(mats)
         blocks.append(m)
         module_codes.append(np.full(m.shape[1], module_names.index(name)))
@@ -172,7 +292,30 @@ def _wide(captures: list[Any], reduce: Reduce, meta: Any, bidirectional: bool) -
     return pd.DataFrame(values, index=index, columns=columns, copy=False)
 
 
-def _long(captures: list[Any], meta: Any) -> pd.DataFrame:
+def _long_rows(cap: Any, by_step: dict[int, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(example, position, values (rows, units))`` of one capture, padding left out."""
+    t = cap.tensor
+    arr = to_numpy(t)
+    b = arr.shape[0]
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim == 2:
+        return np.arange(b), np.full(b, -1), arr
+    if arr.ndim == 3:
+        mask = capture_mask(cap, _sequence_lengths(cap, by_step))
+        if mask is not None:
+            ex, pos = np.nonzero(mask.numpy())
+        else:
+            ex, pos = np.divmod(np.arange(b * arr.shape[1]), arr.shape[1])
+        return ex, pos, arr[ex, pos]
+    # A feature map: one row per spatial position (flat, row-major), a unit per channel.
+    flat = arr.reshape(b, arr.shape[1], -1)
+    positions = flat.shape[2]
+    ex, pos = np.divmod(np.arange(b * positions), positions)
+    return ex, pos, flat.transpose(0, 2, 1).reshape(b * positions, arr.shape[1])
+
+
+def _long(captures: list[Any], meta: Any, by_step: dict[int, Any]) -> pd.DataFrame:
     groups, offsets = _grouped(captures)
     step_offset = dict(zip(sorted({c.step for c in captures}), offsets, strict=False))
     module_names = list(dict.fromkeys(name for name, _ in groups))
@@ -181,26 +324,9 @@ def _long(captures: list[Any], meta: Any) -> pd.DataFrame:
     parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for (name, call), caps in groups.items():
         for cap in caps:
-            t = cap.tensor.detach().cpu()
-            if t.dtype == torch.bfloat16:
-                t = t.float()
-            arr = t.numpy()
-            b = arr.shape[0]
-            if arr.ndim == 1:
-                arr = arr[:, None]
-            if arr.ndim == 2:
-                ex, pos = np.arange(b), np.full(b, -1)
-                vals = arr
-            elif arr.ndim == 3:
-                if cap.lengths is not None:
-                    mask = cap.mask.numpy()
-                    ex, pos = np.nonzero(mask)
-                else:
-                    ex, pos = np.divmod(np.arange(b * arr.shape[1]), arr.shape[1])
-                vals = arr[ex, pos]
-            else:
-                raise ValueError(f"{name!r} call {call} has shape {arr.shape}; kind='long' "
-                                 "handles (batch,), (batch, units) and (batch, time, units).")
+            if cap.tensor.ndim == 0:
+                raise InputError(f"{_where(cap)} returned a scalar, which has no examples.")
+            ex, pos, vals = _long_rows(cap, by_step)
             u = vals.shape[1]
             parts["example"].append(np.repeat(ex + step_offset[cap.step], u))
             parts["position"].append(np.repeat(pos, u))

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .errors import InputError
+
 __all__ = ["cka_matrix", "neighborhood_change_chart", "similarity_heatmap"]
 
 
@@ -44,7 +46,7 @@ def similarity_heatmap(matrix: Any, labels: Sequence[str] | None = None, *, ax: 
         matrix = matrix.to_numpy()
     m = np.asarray(matrix, dtype=float)
     if m.ndim != 2:
-        raise ValueError(f"matrix must be 2-D, got shape {m.shape}.")
+        raise InputError(f"matrix must be 2-D, got shape {m.shape}.")
     ax = _axes(ax, (1 + 0.45 * m.shape[1], 1 + 0.45 * m.shape[0]))
     im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap="RdBu_r")
     if labels is not None:
@@ -70,7 +72,7 @@ def neighborhood_change_chart(change: pd.DataFrame, *, ax: Any = None, top: int 
     """Per-item overlap from :func:`hookscope.neighborhood_change`, lowest first (the items
     whose neighbourhood changed most)."""
     if "overlap" not in change:
-        raise ValueError("expects the DataFrame of hookscope.neighborhood_change().")
+        raise InputError("expects the DataFrame of hookscope.neighborhood_change().")
     rows = change["overlap"].sort_values().head(top)
     ax = _axes(ax, (7, 0.3 * len(rows) + 1))
     ax.barh(range(len(rows)), rows.to_numpy())

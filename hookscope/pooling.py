@@ -1,5 +1,11 @@
-"""Length-aware pooling of padded sequences: the true final state, and pooling over real
-positions only.  Functions return the type they were given (tensor or NumPy array)."""
+"""Pooling over real positions only: the true final state of padded sequences, masked
+mean/max/sum, and global pooling of feature maps.
+
+Where sequences are padded is given by ``lengths``: ``(batch,)`` integer lengths (right
+padding) or a ``(batch, time)`` mask, boolean or 0/1, True/1 at real positions (any padding
+side: a left-padded decoder batch, a Hugging Face ``attention_mask``).  Functions return the
+type they were given (tensor or NumPy array).
+"""
 
 from __future__ import annotations
 
@@ -7,51 +13,94 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .analysis import ArrayLike, _from_numpy
+from ._arrays import ArrayLike, as_tensor, check_bool, check_choice, check_finite, from_numpy
+from .errors import InputError
 
-__all__ = ["last_state", "masked_pool"]
+__all__ = ["REDUCTIONS", "as_mask", "last_state", "masked_pool"]
 
-
-def _lengths_for(padded: Tensor, lengths: ArrayLike, time_dim: int) -> Tensor:
-    lens = torch.as_tensor(np.asarray(lengths) if not isinstance(lengths, Tensor) else lengths)
-    lens = lens.detach().to("cpu")
-    if lens.ndim != 1 or lens.dtype.is_floating_point or lens.dtype == torch.bool:
-        raise ValueError(f"lengths must be a 1-D integer array, got shape {tuple(lens.shape)} "
-                         f"and dtype {lens.dtype}.")
-    batch_dim = 1 - time_dim
-    if len(lens) != padded.shape[batch_dim]:
-        raise ValueError(f"lengths has {len(lens)} entries but padded has batch size "
-                         f"{padded.shape[batch_dim]} (dim {batch_dim}).")
-    if bool((lens <= 0).any()) or bool((lens > padded.shape[time_dim]).any()):
-        raise ValueError(f"lengths must lie in [1, {padded.shape[time_dim]}] (the padded time "
-                         f"dimension); got min {int(lens.min())}, max {int(lens.max())}.")
-    return lens.to(torch.int64)
+#: The named reductions of pooling and ``reduce=``.
+REDUCTIONS = ("mean", "max", "sum")
 
 
-def _as_padded(padded: ArrayLike) -> tuple[Tensor, bool]:
-    if isinstance(padded, Tensor):
-        if padded.ndim != 3:
-            raise ValueError(f"padded must be 3-D (batch x time x features), got shape "
-                             f"{tuple(padded.shape)}.")
-        return padded.detach(), True
-    arr = np.asarray(padded)
-    if arr.ndim != 3:
-        raise ValueError(f"padded must be 3-D (batch x time x features), got shape {arr.shape}.")
-    return _from_numpy(arr), False
+def as_mask(lengths: ArrayLike, batch: int, time: int, *, name: str = "lengths") -> Tensor:
+    """A boolean ``(batch, time)`` CPU mask, True at real positions, from ``(batch,)`` integer
+    lengths in ``[1, time]`` or a ``(batch, time)`` boolean or 0/1 mask with at least one real
+    position per row.
+
+    >>> as_mask([2, 1], batch=2, time=3).int().tolist()
+    [[1, 1, 0], [1, 0, 0]]
+    >>> as_mask([[0, 1, 1], [1, 1, 1]], batch=2, time=3).tolist()[0]
+    [False, True, True]
+    """
+    if isinstance(lengths, Tensor):
+        given = lengths.detach().to("cpu")
+    else:
+        arr = np.asarray(lengths)
+        if arr.dtype.kind not in "biuf":
+            raise InputError(f"{name} must be integer lengths or a 0/1 mask, got dtype "
+                             f"{arr.dtype}.")
+        given = from_numpy(arr)
+    if given.ndim == 1:
+        if given.dtype.is_floating_point or given.dtype == torch.bool:
+            raise InputError(f"{name} must be a 1-D integer array of lengths (or a 2-D mask), "
+                             f"got shape {tuple(given.shape)} and dtype {given.dtype}.")
+        if len(given) != batch:
+            raise InputError(f"{name} has {len(given)} entries but the batch has {batch} "
+                             "examples.")
+        if bool((given <= 0).any()) or bool((given > time).any()):
+            raise InputError(f"{name} must lie in [1, {time}] (the padded time dimension); got "
+                             f"min {int(given.min())}, max {int(given.max())}.")
+        return torch.arange(time)[None, :] < given.to(torch.int64)[:, None]
+    if given.ndim == 2:
+        if tuple(given.shape) != (batch, time):
+            raise InputError(f"{name} as a mask must have shape (batch, time) = "
+                             f"{(batch, time)}, got {tuple(given.shape)}.")
+        if given.dtype != torch.bool:
+            if not bool(((given == 0) | (given == 1)).all()):
+                raise InputError(f"{name} as a mask must hold only 0/1 or True/False.")
+            given = given != 0
+        empty = torch.nonzero(~given.any(1)).flatten()
+        if len(empty):
+            raise InputError(f"{name}: row {int(empty[0])} of the mask has no real position; "
+                             "every example needs at least one.")
+        return given
+    raise InputError(f"{name} must be (batch,) lengths or a (batch, time) mask, got shape "
+                     f"{tuple(given.shape)}.")
+
+
+def _as_input(x: ArrayLike, name: str = "padded") -> tuple[Tensor, bool]:
+    was_tensor = isinstance(x, Tensor)
+    # Arrays go through the one conversion (integers become float64: pooled as floats).
+    t = x.detach() if was_tensor else as_tensor(x, name)
+    return t, was_tensor
 
 
 def _back(t: Tensor, was_tensor: bool) -> Tensor | np.ndarray:
     return t if was_tensor else t.numpy()
 
 
+def _raise_bad(t: Tensor, mask: Tensor, name: str) -> None:
+    """A pooled result is not finite: name the first NaN/inf at a real position, or the
+    overflow."""
+    real = t[mask.to(t.device)] if mask is not None else t
+    if not bool(torch.isfinite(real).all()):
+        bad = torch.nonzero(~torch.isfinite(t) & (mask.to(t.device)[..., None] if mask is not
+                                                  None else True))[0].tolist()
+        raise InputError(f"{name} holds NaN or infinity at a real position (first at index "
+                         f"{tuple(bad)}); hookscope never computes with them: clean or drop "
+                         "those items first.")
+    raise InputError(f"pooling {name} overflows {t.dtype}: compute in a wider dtype "
+                     "(x.double()).")
+
+
 def last_state(padded: ArrayLike, lengths: ArrayLike, *, bidirectional: bool = False,
                batch_first: bool = True) -> Tensor | np.ndarray:
-    """The true final state of each padded sequence.
+    """The true final state of each padded sequence: its last real position, whichever side
+    is padded.
 
-    A unidirectional RNN's final state is at position ``length - 1``; a bidirectional one's is
-    the forward half there and the backward half at position 0.  The story takes
-    ``padded[:, -1, :]``, which for every sequence shorter than the longest is *padding*
-    (zeros, or whatever the padding value is):
+    A unidirectional RNN's final state is at the last real position; a bidirectional one's is
+    the forward half there and the backward half at the *first* real position.  The story takes
+    ``padded[:, -1, :]``, which for every sequence shorter than the longest is *padding*:
 
     >>> import torch
     >>> out = torch.tensor([[[1., 10.], [2., 20.], [0., 0.]]])  # one sequence of length 2
@@ -59,37 +108,64 @@ def last_state(padded: ArrayLike, lengths: ArrayLike, *, bidirectional: bool = F
     tensor([[0., 0.]])
     >>> last_state(out, [2], bidirectional=True)   # forward half at t=1, backward at t=0
     tensor([[ 2., 10.]])
+    >>> left = torch.tensor([[[0.], [5.], [6.]], [[7.], [8.], [9.]]])  # left-padded batch
+    >>> last_state(left, [[0, 1, 1], [1, 1, 1]]).ravel().tolist()
+    [6.0, 9.0]
 
     Parameters
     ----------
-    padded : (batch, time, features) (or (time, batch, features) with ``batch_first=False``)
-    lengths : (batch,) integers in ``[1, time]``
+    padded : (batch, time, features)
+        ``(time, batch, features)`` with ``batch_first=False``.
+    lengths : (batch,) integers in ``[1, time]``, or a (batch, time) mask
+        Integer lengths mean right padding; a boolean or 0/1 mask (True/1 at real positions)
+        may pad either side.
     bidirectional : bool
         The last dimension is ``[forward, backward]`` halves, as PyTorch RNNs return them.
+    batch_first : bool
+        Layout of ``padded`` (the mask is always ``(batch, time)``).
 
     Returns
     -------
     Tensor or numpy.ndarray
         ``(batch, features)``, the type of ``padded``.
+
+    Raises
+    ------
+    InputError
+        Bad shapes or lengths, or NaN/infinity in a selected state.
     """
-    t, was_tensor = _as_padded(padded)
-    if not batch_first:
+    bidirectional = check_bool(bidirectional, "bidirectional")
+    t, was_tensor = _as_input(padded)
+    if t.ndim != 3:
+        raise InputError(f"padded must be 3-D (batch x time x features), got shape "
+                         f"{tuple(t.shape)}.")
+    if not check_bool(batch_first, "batch_first"):
         t = t.transpose(0, 1)
-    lens = _lengths_for(t, lengths, time_dim=1).to(t.device)
+    mask = as_mask(lengths, t.shape[0], t.shape[1])
+    positions = torch.arange(t.shape[1])
+    last = torch.where(mask, positions, -1).amax(1).to(t.device)
     rows = torch.arange(t.shape[0], device=t.device)
-    last = t[rows, lens - 1]
+    out = t[rows, last]
     if bidirectional:
         if t.shape[2] % 2:
-            raise ValueError(f"bidirectional=True needs an even feature size, got {t.shape[2]}.")
+            raise InputError(f"bidirectional=True needs an even feature size, got {t.shape[2]}.")
+        first = torch.where(mask, positions, t.shape[1]).amin(1).to(t.device)
         half = t.shape[2] // 2
-        last = torch.cat([last[:, :half], t[:, 0, half:]], dim=1)
-    return _back(last, was_tensor)
+        out = torch.cat([out[:, :half], t[rows, first, half:]], dim=1)
+    check_finite(out, "the selected states of padded")
+    return _back(out, was_tensor)
 
 
-def masked_pool(padded: ArrayLike, lengths: ArrayLike, how: str = "mean", *,
+def masked_pool(padded: ArrayLike, lengths: ArrayLike | None = None, reduce: str = "mean", *,
                 batch_first: bool = True) -> Tensor | np.ndarray:
-    """Pool each padded sequence over its real positions only: ``"mean"``, ``"max"`` or
-    ``"sum"``.
+    """Pool each example over its real positions only: ``"mean"``, ``"max"`` or ``"sum"``.
+
+    - A padded sequence ``(batch, time, features)`` is pooled over time, leaving out the
+      positions that ``lengths`` marks as padding (integer lengths or a mask, any padding
+      side; without ``lengths`` every position is real).
+    - A feature map ``(batch, channels, *spatial)`` (4-D or more, e.g. a CNN's
+      ``(batch, channels, height, width)``) is pooled over all spatial positions: global
+      average/max pooling, one value per channel.
 
     >>> import torch
     >>> out = torch.tensor([[[1.], [3.], [0.]], [[-1.], [-2.], [-3.]]])
@@ -97,22 +173,60 @@ def masked_pool(padded: ArrayLike, lengths: ArrayLike, how: str = "mean", *,
     [2.0, -2.0]
     >>> masked_pool(out, [2, 1], "max").ravel().tolist()   # padding (0) never wins
     [3.0, -1.0]
+    >>> masked_pool(out, [[0, 1, 1], [1, 1, 1]], "sum").ravel().tolist()  # left padding
+    [3.0, -6.0]
+    >>> masked_pool(torch.ones(2, 4, 5, 5), reduce="mean").shape        # a CNN feature map
+    torch.Size([2, 4])
 
-    Returns ``(batch, features)`` of the type of ``padded`` (integer inputs: float for mean).
+    Parameters
+    ----------
+    padded : (batch, time, features) or (batch, channels, *spatial)
+        ``(time, batch, features)`` with ``batch_first=False``.
+    lengths : (batch,) integers or (batch, time) mask, optional
+        Sequences only.
+    reduce : {"mean", "max", "sum"}
+
+    Returns
+    -------
+    Tensor or numpy.ndarray
+        ``(batch, features)`` or ``(batch, channels)``, the type of ``padded`` (integer inputs
+        are pooled as float64).
+
+    Raises
+    ------
+    InputError
+        Bad shapes, lengths or ``reduce``; NaN or infinity at a real position.
     """
-    if how not in ("mean", "max", "sum"):
-        raise ValueError(f"how must be 'mean', 'max' or 'sum', got {how!r}.")
-    t, was_tensor = _as_padded(padded)
-    if not batch_first:
+    reduce = check_choice(reduce, "reduce", REDUCTIONS)
+    t, was_tensor = _as_input(padded)
+    if not t.dtype.is_floating_point:
+        t = t.double()
+    if t.ndim >= 4:
+        if lengths is not None:
+            raise InputError(f"padded has shape {tuple(t.shape)}, a feature map (batch, "
+                             "channels, *spatial): lengths apply to sequences only.")
+        flat = t.reshape(t.shape[0], t.shape[1], -1)
+        out = {"mean": flat.mean, "max": flat.amax, "sum": flat.sum}[reduce](2)
+        if not bool(torch.isfinite(out).all()):
+            _raise_bad(t, None, "padded")
+        return _back(out, was_tensor)
+    if t.ndim != 3:
+        raise InputError(f"padded must be (batch, time, features) or a feature map (batch, "
+                         f"channels, *spatial), got shape {tuple(t.shape)}.")
+    if not check_bool(batch_first, "batch_first"):
         t = t.transpose(0, 1)
-    lens = _lengths_for(t, lengths, time_dim=1).to(t.device)
-    mask = (torch.arange(t.shape[1], device=t.device)[None, :] < lens[:, None]).unsqueeze(-1)
-    if how == "max":
-        fill = torch.finfo(t.dtype).min if t.dtype.is_floating_point else torch.iinfo(t.dtype).min
-        out = t.masked_fill(~mask, fill).amax(1)
+    if lengths is None:
+        out = {"mean": t.mean, "max": t.amax, "sum": t.sum}[reduce](1)
+        mask = None
     else:
-        out = t.masked_fill(~mask, 0).sum(1)
-        if how == "mean":
-            out = out / lens[:, None].to(out.dtype if out.dtype.is_floating_point else
-                                         torch.float64)
+        mask = as_mask(lengths, t.shape[0], t.shape[1])
+        keep = mask.to(t.device)[..., None]
+        if reduce == "max":
+            out = t.masked_fill(~keep, -torch.inf).amax(1)
+        else:
+            out = t.masked_fill(~keep, 0).sum(1)
+            if reduce == "mean":
+                out = out / mask.sum(1, keepdim=True).to(t.device, out.dtype)
+    if not bool(torch.isfinite(out).all()):
+        _raise_bad(t, mask, "padded")
     return _back(out, was_tensor)

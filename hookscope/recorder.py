@@ -136,7 +136,8 @@ class Recorder:
     mask_from : str, callable or None
         Where the model call's ``(batch, time)`` padding mask is, True (or 1) at real tokens:
         the keyword ``"attention_mask"`` by default (the Hugging Face convention; integer,
-        boolean or 0/1 float).  Captures whose leading dims are ``(batch, time)`` then know
+        boolean or 0/1 float), or that key of a dict passed positionally
+        (``model(features)`` in sentence-transformers).  Captures whose leading dims are ``(batch, time)`` then know
         their ``mask``, so reductions and long frames leave padding out with no extra code.
         A callable ``(args, kwargs) -> mask`` reads any other convention, e.g. PyTorch's
         ``src_key_padding_mask``, which is True at *padding*:
@@ -492,8 +493,9 @@ def _check_device(device: torch.device | str) -> torch.device:
 def _padding_mask(mask_from: Any, args: tuple, kwargs: dict) -> Tensor | None:
     """The model call's ``(batch, time)`` mask, True at real positions, or ``None``.
 
-    A keyword name reads that keyword (True / non-zero = a real token, the Hugging Face
-    convention); an additive float mask (0 and -inf) is not a padding mask and is ignored.
+    A keyword name reads that keyword, or that key of a dict passed positionally (True /
+    non-zero = a real token, the Hugging Face convention); an additive float mask (0 and -inf)
+    is not a padding mask and is ignored.
     A callable gets ``(args, kwargs)`` and returns the mask itself (or ``None``).
     """
     if callable(mask_from):
@@ -506,6 +508,9 @@ def _padding_mask(mask_from: Any, args: tuple, kwargs: dict) -> Tensor | None:
                              "must be (batch, time), True at real positions.")
         return mask.detach().to("cpu") != 0
     mask = kwargs.get(mask_from)
+    if mask is None:  # model(batch) with a dict of features (sentence-transformers)
+        mask = next((a[mask_from] for a in args if isinstance(a, Mapping) and mask_from in a),
+                    None)
     if not isinstance(mask, Tensor) or mask.ndim != 2:
         return None
     mask = mask.detach()

@@ -51,6 +51,8 @@ class Capture:
     lengths : Tensor or None
         Sequence lengths (int64, CPU, same batch order as ``output``) where known: from a
         ``PackedSequence`` in the output, else from one in the inputs.
+    mask : Tensor or None
+        Boolean ``(batch, time)``, True at real positions (see :attr:`mask`).
     """
 
     __slots__ = (
@@ -136,8 +138,10 @@ class Capture:
 
     @property
     def mask(self) -> Tensor | None:
-        """Boolean ``(batch, time)`` mask, True at real (non-padding) positions: the model
-        call's attention mask (``mask_from=``), or made from ``lengths``; else ``None``."""
+        """Boolean ``(batch, time)`` mask, True at real (non-padding) positions, where known:
+        the model call's attention mask (``mask_from=``), given when the capture was made, or
+        made from ``lengths``; else ``None``.  Pooling and exports use it, whichever side is
+        padded."""
         if self._mask is not None:
             return self._mask
         if self.lengths is None:
@@ -184,12 +188,13 @@ class Capture:
         return held_bytes(t for part in (self._output, self._inputs, self._kwargs)
                           for _, t in iter_tensors(part))
 
-    def to_frame(self, kind: str = "wide", *, reduce: Any = None, meta: Any = None,
-                 bidirectional: bool = False) -> pd.DataFrame:
+    def to_frame(self, kind: str = "wide", *, reduce: Any = None, lengths: Any = None,
+                 meta: Any = None, bidirectional: bool = False) -> pd.DataFrame:
         """This capture as a DataFrame; see :meth:`Recording.to_frame`."""
         from .frame import to_frame
 
-        return to_frame([self], kind, reduce=reduce, meta=meta, bidirectional=bidirectional)
+        return to_frame([self], kind, reduce=reduce, lengths=lengths, meta=meta,
+                        bidirectional=bidirectional)
 
     # -- display ----------------------------------------------------------------------------
     def _where(self) -> str:
@@ -409,9 +414,82 @@ class Recording:
             return caps[which]
         raise TypeError(f"A call is an int index or a str label; got {which!r}.")
 
+    # -- gathering ----------------------------------------------------------------------------
+    def cat(self, name: str, call: int | str | None = None) -> Capture:
+        """The captures of module ``name`` over all calls and steps gathered into one capture,
+        in order (step, then call), concatenated along the batch dimension.
+
+        ``rec[name]`` refuses a module that ran several times; ``rec.cat(name)`` is the
+        deliberate way to put its calls together, e.g. the per-batch captures of a loop over
+        a dataset.  ``call`` keeps one call of each step (an index within the step, or a
+        ``calls=`` label), for a module that runs several times per forward pass.
+
+        Sequences ``(batch, time, ...)`` of different lengths are padded at the end of the
+        time dimension with zeros, and the result's :attr:`Capture.mask` marks the real
+        positions (each capture's own mask kept, whichever side it was padded);
+        ``lengths`` are concatenated where every capture knows them.  Other dimensions must
+        agree.  The result's output is the concatenated primary tensor; its ``step`` and
+        ``call`` are those of the first capture gathered.
+
+        Examples
+        --------
+        >>> import torch, hookscope as hs
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+        >>> with hs.record(model, ["0"]) as rec:
+        ...     for batch in torch.ones(5, 3).split(2):
+        ...         _ = model(batch)
+        >>> rec.cat("0").tensor.shape
+        torch.Size([5, 2])
+        """
+        from .errors import InputError
+
+        caps = self.calls(name)
+        if call is not None:
+            picked = []
+            for step in dict.fromkeys(c.step for c in caps):
+                in_step = [c for c in caps if c.step == step]
+                if isinstance(call, str):
+                    hits = [c for c in in_step if c.label == call]
+                elif isinstance(call, int | np.integer) and -len(in_step) <= call < len(in_step):
+                    hits = [in_step[call]]
+                else:
+                    hits = []
+                if not hits:
+                    raise NotRecordedError(f"{name!r} has no call {call!r} in step {step}.")
+                picked.append(hits[0])
+            caps = picked
+        tensors = [c.tensor for c in caps]
+        first = tensors[0]
+        if first.ndim == 0:
+            raise InputError(f"{name!r} returned scalars, which have no batch to concatenate.")
+        sequence = first.ndim == 3
+        for c, t in zip(caps, tensors, strict=True):
+            tail, want = tuple(t.shape[2 if sequence else 1:]), first.shape[2 if sequence else 1:]
+            if t.ndim != first.ndim or tail != tuple(want):
+                raise InputError(f"cannot concatenate {name!r}: {c._where()} has shape "
+                                 f"{tuple(t.shape)}, the first capture {tuple(first.shape)}.")
+        lengths = mask = None
+        if sequence:
+            time = max(t.shape[1] for t in tensors)
+            masks = [c.mask for c in caps]
+            if any(m is not None for m in masks) or any(t.shape[1] != time for t in tensors):
+                mask = torch.cat([
+                    torch.nn.functional.pad(
+                        (m if m is not None else torch.ones(t.shape[:2])).to("cpu", torch.bool),
+                        (0, time - t.shape[1]), value=False)
+                    for m, t in zip(masks, tensors, strict=True)])
+                tensors = [torch.nn.functional.pad(t, (0, 0, 0, time - t.shape[1]))
+                           for t in tensors]
+            if all(c.lengths is not None for c in caps):
+                lengths = torch.cat([c.lengths for c in caps])
+        labels = {c.label for c in caps}
+        return Capture(name, caps[0].step, caps[0].call, labels.pop() if len(labels) == 1
+                       else None, caps[0].module_type, torch.cat(tensors), lengths=lengths,
+                       mask=mask)
+
     # -- export -----------------------------------------------------------------------------
-    def to_frame(self, kind: str = "wide", *, reduce: Any = None, meta: Any = None,
-                 bidirectional: bool = False) -> pd.DataFrame:
+    def to_frame(self, kind: str = "wide", *, reduce: Any = None, lengths: Any = None,
+                 meta: Any = None, bidirectional: bool = False) -> pd.DataFrame:
         """The recording as a pandas DataFrame.
 
         Parameters
@@ -423,17 +501,37 @@ class Recording:
             concatenation was needed, and are then read-only (``df.copy()`` to edit).
             ``"long"``: tidy, one row per example x position x unit with columns
             ``example, module, call, position, unit, value``; padded positions are left out
-            (using ``lengths``), per-example vectors have ``position`` <NA>; ``module`` and
-            ``call`` are categorical.
-        reduce : {"last", "mean", "max", "sum"} or callable, optional
-            Wide form only: how a ``(batch, time, features)`` capture becomes one vector per
-            example, length-aware (see :func:`hookscope.last_state` and
-            :func:`hookscope.masked_pool`).  Required for sequence captures.
+            (using each capture's mask, or ``lengths=``); per-example vectors have
+            ``position`` <NA>; a feature map ``(batch, channels, *spatial)`` has one row per
+            spatial position (``position`` is the flat row-major index, e.g. ``h * width +
+            w``) and channel (``unit``); ``module`` and ``call`` are categorical.
+        reduce : {"last", "mean", "max", "sum", "flatten"} or callable, optional
+            Wide form only: how a capture with more than two dimensions becomes one vector per
+            example (required for those; ``(batch,)`` and ``(batch, units)`` are kept):
+
+            - sequences ``(batch, time, features)``: ``"last"`` real position (see
+              :func:`hookscope.last_state`), ``"mean"``/``"max"``/``"sum"`` over real
+              positions (see :func:`hookscope.masked_pool`), ``"flatten"`` (all positions);
+            - feature maps ``(batch, channels, *spatial)``: ``"mean"``/``"max"``/``"sum"``
+              over all positions (global pooling), ``"flatten"`` (everything);
+            - a callable ``f(tensor) -> (batch, units)``, e.g. ``lambda t: t.amax((2, 3))``,
+              or ``f(tensor, mask)`` if it takes two positional arguments (``mask``: the
+              ``(batch, time)`` boolean mask of real positions, or ``None``).
+        lengths : (batch,) lengths or (batch, time) mask, optional
+            Real positions of the sequence captures (True/1 = real, any padding side), e.g. a
+            Hugging Face ``attention_mask``; overrides what the captures know.  For a
+            recording of several steps, a list with one entry per step.
         meta : DataFrame or mapping of column -> values, optional
             Per-example metadata (text, label), one row per example: extra index levels
             (wide) or extra columns (long).
         bidirectional : bool
             For ``reduce="last"``: the features are ``[forward, backward]`` halves.
+
+        Raises
+        ------
+        InputError
+            A capture that needs ``reduce``, NaN or infinity met by a reduction (values
+            exported as they are keep NaN), bad lengths or masks, mismatched batches.
 
         Examples
         --------
@@ -446,7 +544,7 @@ class Recording:
         """
         from .frame import to_frame
 
-        return to_frame(self.captures(), kind, reduce=reduce, meta=meta,
+        return to_frame(self.captures(), kind, reduce=reduce, lengths=lengths, meta=meta,
                         bidirectional=bidirectional)
 
     # -- display ----------------------------------------------------------------------------

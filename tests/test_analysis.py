@@ -172,12 +172,14 @@ def test_last_state_bidirectional_matches_pytorch_rnn():
 def test_pooling_bad_lengths():
     x = np.zeros((2, 3, 4))
     for bad, msg in (([0, 1], r"\[1, 3\]"), ([1, 4], r"\[1, 3\]"), ([1], "2 entries|batch"),
-                     ([[1, 2]], "1-D"), ([1.0, 2.0], "integer")):
+                     ([[1, 2]], "mask must have shape"), ([1.0, 2.0], "integer"),
+                     ([[1, 0, 0], [0, 0, 0]], "row 1 of the mask"),
+                     ([[1, 2, 0], [1, 1, 1]], "only 0/1")):
         with pytest.raises(ValueError, match=msg):
             hs.masked_pool(x, bad)
     with pytest.raises(ValueError, match="3-D"):
         hs.last_state(np.zeros((2, 3)), [1, 2])
-    with pytest.raises(ValueError, match="how"):
+    with pytest.raises(ValueError, match="reduce"):
         hs.masked_pool(x, [1, 1], "median")
 
 
@@ -221,7 +223,7 @@ def test_rsa_matches_scipy_and_similarity_matrix():
     x, y = rng.normal(size=(15, 4)), rng.normal(size=(15, 6))
     expected = spearmanr(pdist(x, "cosine"), pdist(y, "cosine"))[0]
     assert hs.rsa(x, y) == pytest.approx(expected)
-    assert hs.rsa(x, y, metric="euclidean", method="pearson") == pytest.approx(
+    assert hs.rsa(x, y, metric="euclidean", correlation="pearson") == pytest.approx(
         np.corrcoef(pdist(x), pdist(y))[0, 1])
     m = hs.similarity_matrix({"x": x, "y": y, "x2": 2 * x})
     assert m.loc["x", "x2"] == pytest.approx(1.0) and m.loc["x", "y"] == m.loc["y", "x"]
@@ -230,3 +232,254 @@ def test_rsa_matches_scipy_and_similarity_matrix():
     assert r.loc["x", "y"] == pytest.approx(expected)
     with pytest.raises(ValueError, match="method"):
         hs.similarity_matrix({"x": x}, method="svcca")
+
+
+# -- numerics and validation (issue 10) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30, 1e38, 1e-38, 1.0])
+def test_cosine_is_scale_invariant_for_any_finite_float32(scale):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 7)).astype(np.float32)
+    y = rng.normal(size=(5, 7)).astype(np.float32)
+    expected = 1 - cdist(x.astype(np.float64), y.astype(np.float64), "cosine")
+    xs, ys = (x * np.float32(scale)).astype(np.float32), (y * np.float32(scale)).astype(np.float32)
+    assert np.isfinite(xs).all()
+    # float32 has ~7 digits; scaling by a power of ten rounds each element once (rel 6e-8).
+    assert np.allclose(hs.cosine(xs, xs), 1, atol=1e-6)
+    assert np.allclose(hs.cosine(xs, ys), np.diag(expected), atol=1e-5)
+    assert np.allclose(hs.cosine_matrix(xs, ys), expected, atol=1e-5)
+    assert np.allclose(hs.cosine_matrix(xs), 1 - cdist(x, x, "cosine"), atol=1e-5)
+    both, both_scaled = np.vstack([x, y]), np.vstack([xs, ys])
+    _, sim = hs.nearest_neighbors(both_scaled, k=2)
+    ref = np.where(np.eye(10, dtype=bool), -np.inf, 1 - cdist(both, both, "cosine"))
+    assert np.allclose(sim, -np.sort(-ref, 1)[:, :2], atol=1e-5)
+
+
+def test_cosine_of_mixed_magnitudes_in_one_row_pair():
+    x = np.array([[1e30, 1e30], [1e-30, 0.0]], dtype=np.float32)
+    y = np.array([[1.0, 1.0], [3e-30, 0.0]], dtype=np.float32)
+    assert np.allclose(hs.cosine(x, y), [1, 1], atol=1e-6)
+
+
+CONSTANT_CALLS = {
+    "cka": lambda c, x: hs.linear_cka(c, x),
+    "cka_reversed": lambda c, x: hs.linear_cka(x, c),
+    "cka_debiased": lambda c, x: hs.linear_cka(c, x, debiased=True),
+    "cka_wide": lambda c, x: hs.linear_cka(np.tile(c, 20), x),        # Gram form
+    "rsa": lambda c, x: hs.rsa(c, x),
+    "rsa_euclidean_pearson": lambda c, x: hs.rsa(c, x, metric="euclidean",
+                                                 correlation="pearson"),
+    "rsa_kendall": lambda c, x: hs.rsa(c, x, correlation="kendall"),
+    "matrix_cka": lambda c, x: hs.similarity_matrix({"c": c, "x": x}),
+    "matrix_debiased": lambda c, x: hs.similarity_matrix({"c": c, "x": x},
+                                                         method="cka_debiased"),
+    "matrix_rsa": lambda c, x: hs.similarity_matrix({"c": c, "x": x}, method="rsa"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(CONSTANT_CALLS))
+def test_constant_input_is_the_same_clear_error_everywhere(variant):
+    x = np.random.default_rng(0).normal(size=(8, 3))
+    constant = np.full((8, 3), 0.1)  # 0.1 is inexact in binary: centring is not exactly 0
+    with pytest.raises(hs.InputError, match="constant"):
+        CONSTANT_CALLS[variant](constant, x)
+
+
+def test_rsa_zero_rows_and_equal_distances_are_errors():
+    x = np.random.default_rng(0).normal(size=(6, 3))
+    zero = x.copy()
+    zero[2] = 0
+    with pytest.raises(hs.InputError, match="row 2 of x is all zeros"):
+        hs.rsa(zero, x)
+    assert np.isfinite(hs.rsa(zero, x, metric="euclidean"))
+    simplex = np.eye(4)  # every pair at the same distance
+    with pytest.raises(hs.InputError, match="distances of x are equal"):
+        hs.rsa(simplex, x[:4], metric="euclidean")
+
+
+def test_rsa_correlations_against_scipy():
+    from scipy.stats import kendalltau, pearsonr
+
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(12, 4)), rng.normal(size=(12, 9))
+    dx, dy = pdist(x, "cityblock"), pdist(y, "cityblock")
+    assert hs.rsa(x, y, metric="cityblock", correlation="kendall") == pytest.approx(
+        kendalltau(dx, dy)[0])
+    assert hs.rsa(x, y, metric="cityblock", correlation="pearson") == pytest.approx(
+        pearsonr(dx, dy)[0])
+    m = hs.similarity_matrix({"x": x, "y": y}, method="rsa", metric="cityblock",
+                             correlation="kendall")
+    assert m.loc["x", "y"] == pytest.approx(kendalltau(dx, dy)[0])
+    with pytest.raises(hs.InputError, match="correlation"):
+        hs.rsa(x, y, correlation="distance")
+
+
+@pytest.mark.parametrize("n, dx, dy", [(30, 200, 150), (40, 10, 7), (25, 300, 5)])
+def test_cka_gram_and_feature_forms_match_numpy(n, dx, dy):
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n, dx)) + 5.0  # an offset: centring matters
+    y = x[:, :dy] @ rng.normal(size=(dy, dy)) if dy <= dx else rng.normal(size=(n, dy))
+    y = y + rng.normal(size=y.shape)
+    assert hs.linear_cka(x, y) == pytest.approx(_numpy_cka(x, y), rel=1e-9)
+    assert hs.linear_cka(x, y, debiased=True) == pytest.approx(_numpy_cka_debiased(x, y),
+                                                               rel=1e-7)
+    m = hs.similarity_matrix({"x": x, "y": y, "z": np.sin(x[:, :3])})
+    assert m.loc["x", "y"] == pytest.approx(_numpy_cka(x, y), rel=1e-9)
+    assert m.loc["z", "x"] == pytest.approx(_numpy_cka(np.sin(x[:, :3]), x), rel=1e-9)
+    d = hs.similarity_matrix({"x": x, "y": y}, method="cka_debiased")
+    assert d.loc["x", "y"] == pytest.approx(_numpy_cka_debiased(x, y), rel=1e-7)
+
+
+def test_cka_of_float32_input_is_computed_in_float64():
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(50, 20)) + 1e3).astype(np.float32)  # large offset
+    y = x @ rng.normal(size=(20, 20)).astype(np.float32)
+    assert hs.linear_cka(x, y) == pytest.approx(
+        _numpy_cka(x.astype(np.float64), y.astype(np.float64)), rel=1e-9)
+
+
+def test_feature_maps_are_flattened_and_3d_is_refused_with_what_to_do():
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(6, 4, 3, 3))
+    other = rng.normal(size=(6, 5))
+    flat = maps.reshape(6, -1)
+    assert np.allclose(hs.cosine(maps, maps + 1), hs.cosine(flat, flat + 1))
+    assert hs.linear_cka(maps, other) == pytest.approx(_numpy_cka(flat, other))
+    idx, _ = hs.nearest_neighbors(torch.from_numpy(maps), k=2)
+    assert np.array_equal(idx, hs.nearest_neighbors(flat, k=2)[0])
+    avgpool = rng.normal(size=(6, 8, 1, 1))  # torchvision's avgpool output
+    assert np.allclose(hs.cosine_matrix(avgpool), hs.cosine_matrix(avgpool[:, :, 0, 0]))
+    with pytest.raises(hs.InputError, match="masked_pool"):
+        hs.cosine(np.ones((2, 3, 4)), np.ones((2, 3, 4)))
+
+
+def test_parameters_are_validated_by_type_and_range():
+    x = np.random.default_rng(0).normal(size=(5, 3))
+    for bad in (-1, 0, 1.5, True, "2"):
+        with pytest.raises(hs.InputError, match="block_size"):
+            hs.nearest_neighbors(x, 1, block_size=bad)
+    for bad in (0, 5, 2.0, True, None):
+        with pytest.raises(hs.InputError, match="k must be an int"):
+            hs.nearest_neighbors(x, bad)
+    assert hs.nearest_neighbors(x, np.int64(2))[0].shape == (5, 2)
+    with pytest.raises(hs.InputError, match="exclude_self"):
+        hs.nearest_neighbors(x, 1, exclude_self="no")
+    with pytest.raises(hs.InputError, match="no neighbours"):
+        hs.nearest_neighbors(x[:1], 1)
+    with pytest.raises(hs.InputError, match="debiased"):
+        hs.linear_cka(x, x, debiased="yes")
+    with pytest.raises(hs.InputError, match="bidirectional"):
+        hs.last_state(np.ones((1, 2, 2)), [1], bidirectional=1)
+    with pytest.raises(hs.InputError, match="metric"):
+        hs.neighborhood_overlap(x, x, 2, metric="manhattan")
+    # Options that do not apply are errors, never silently ignored.
+    with pytest.raises(hs.InputError, match="method='rsa'"):
+        hs.similarity_matrix({"x": x, "y": x}, metric="euclidean")
+    with pytest.raises(hs.InputError, match="Recording"):
+        hs.similarity_matrix({"x": x, "y": x}, reduce="mean")
+    with pytest.raises(TypeError):
+        hs.similarity_matrix({"x": x, "y": x}, rsa_method="pearson")
+    with pytest.raises(hs.InputError, match="same items"):
+        hs.similarity_matrix({"x": x, "y": x[:4]})
+
+
+def test_euclidean_overflow_is_an_error_not_inf():
+    x = np.array([[3e38, 0.0], [-3e38, 0.0], [0.0, 1.0]], dtype=np.float32)
+    with pytest.raises(hs.InputError, match="overflow"):
+        hs.nearest_neighbors(x, 1, metric="euclidean")
+
+
+def test_one_nan_policy_for_pooling():
+    x = np.zeros((2, 3, 2))
+    x[1, 2, 0] = np.nan  # padding for row 1 (length 2): never used
+    for reduce in ("mean", "max", "sum"):
+        assert np.isfinite(hs.masked_pool(x, [3, 2], reduce)).all()
+    assert np.isfinite(hs.last_state(x, [3, 2])).all()
+    x[0, 1, 1] = np.inf  # a real position
+    for reduce in ("mean", "max", "sum"):
+        with pytest.raises(hs.InputError, match=r"real position \(first at index \(0, 1, 1\)"):
+            hs.masked_pool(x, [3, 2], reduce)
+    x[0, 2, 0] = np.nan
+    with pytest.raises(hs.InputError, match="NaN or infinity"):
+        hs.last_state(x, [3, 2])
+    with pytest.raises(hs.InputError, match="NaN or infinity"):
+        hs.masked_pool(np.full((2, 3, 2, 2), np.nan), reduce="max")
+
+
+def _random_mask(rng, batch, time, side):
+    lengths = rng.integers(1, time + 1, size=batch)
+    mask = np.arange(time)[None, :] < lengths[:, None]
+    return mask[:, ::-1].copy() if side == "left" else mask, lengths
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 6), st.integers(1, 3), st.sampled_from(
+    ["left", "right", "holes"]), st.booleans(), st.data())
+def test_masks_any_side_against_loops(batch, time, half, side, as_int, data):
+    rng = np.random.default_rng(data.draw(st.integers(0, 10_000)))
+    x = rng.normal(size=(batch, time, 2 * half))
+    if side == "holes":  # arbitrary masks with at least one real position per row
+        mask = rng.random((batch, time)) < 0.6
+        mask[np.arange(batch), rng.integers(0, time, size=batch)] = True
+    else:
+        mask, _ = _random_mask(rng, batch, time, side)
+    given_mask = mask.astype(np.int64) if as_int else torch.from_numpy(mask)
+    mean = hs.masked_pool(x, given_mask, "mean")
+    mx = hs.masked_pool(x, given_mask, reduce="max")
+    last = hs.last_state(x, given_mask)
+    bi = hs.last_state(torch.from_numpy(x), given_mask, bidirectional=True)
+    for i in range(batch):
+        real = np.flatnonzero(mask[i])
+        assert np.allclose(mean[i], x[i, real].mean(0))
+        assert np.allclose(mx[i], x[i, real].max(0))
+        assert np.array_equal(last[i], x[i, real[-1]])
+        assert np.array_equal(bi[i].numpy(), np.concatenate([x[i, real[-1], :half],
+                                                             x[i, real[0], half:]]))
+
+
+def test_feature_map_pooling_against_torch():
+    x = torch.randn(3, 4, 5, 6)
+    assert torch.allclose(hs.masked_pool(x, reduce="mean"), x.mean((2, 3)))
+    assert torch.equal(hs.masked_pool(x, reduce="max"), x.amax((2, 3)))
+    assert np.allclose(hs.masked_pool(x.numpy(), reduce="sum"), x.sum((2, 3)).numpy())
+    with pytest.raises(hs.InputError, match="feature map"):
+        hs.masked_pool(x, [1, 1, 1])
+    with pytest.raises(hs.InputError, match="3-D"):
+        hs.last_state(x, [1, 1, 1])
+
+
+def test_error_hierarchy():
+    import hookscope.dataset
+    import hookscope.io
+
+    assert issubclass(hs.InputError, hs.HookscopeError) and issubclass(hs.InputError, ValueError)
+    assert hookscope.io.RecordingFileError is hs.RecordingFileError is hs.errors.RecordingFileError
+    assert hookscope.dataset.DatasetError is hs.DatasetError is hs.errors.DatasetError
+    for cls in (hs.RecordingFileError, hs.DatasetError):
+        assert issubclass(cls, hs.HookscopeError) and issubclass(cls, ValueError)
+    # Every public exception class of hookscope derives from HookscopeError.
+    public = [getattr(hs.errors, n) for n in hs.errors.__all__]
+    assert all(issubclass(c, hs.HookscopeError) for c in public)
+    assert set(hs.errors.__all__) <= set(hs.__all__)
+
+
+def test_cka_form_is_chosen_by_shape_and_memory():
+    from hookscope.analysis import _use_gram
+
+    assert _use_gram(500, [16_384, 16_384])                # wide layers: n x n kernels
+    assert _use_gram(2_000, [4_096] * 6)
+    assert not _use_gram(10_000, [600, 600])              # tall: d x d products
+    assert not _use_gram(100_000, [50_000, 50_000])       # Gram matrices would not fit
+
+
+def test_analysis_frame_pooling_imports_go_one_way():
+    import ast
+    from pathlib import Path
+
+    order = ["errors", "_arrays", "pooling", "frame", "analysis"]
+    root = Path(hs.__file__).parent
+    for i, name in enumerate(order):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level}
+        assert imported <= set(order[:i]), (name, imported)  # incl. imports inside functions

@@ -50,6 +50,17 @@ def test_readme_first_five_minutes_runs():
     assert namespace["prem"].lengths.tolist() == [8, 8]
 
 
+def test_readme_transformers_and_cnns_runs():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Transformers and CNNs", 1)[1].split("\n## ", 1)[0]
+    (block,) = _blocks_in(section)
+    exec(compile(block, "README.md", "exec"), {})
+
+
+def _blocks_in(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
 @pytest.mark.skipif(not _has("mkdocs") or not _has("mkdocstrings"),
                     reason="the docs extra is not installed (pip install -e '.[docs]')")
 def test_docs_site_builds_strictly(tmp_path):

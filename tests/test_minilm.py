@@ -46,3 +46,38 @@ def test_every_layer_with_a_glob_and_encode(minilm):
     shapes = {rec[name].tensor.shape[-1] for name in rec}
     assert shapes == {384}
     assert not any(m._forward_hooks for m in minilm.modules())
+
+
+def _sentence_transformers_mean(minilm, features):
+    """sentence-transformers' own mean pooling (its Pooling module), before Normalize."""
+    with torch.no_grad():
+        return minilm[1](minilm[0](dict(features)))["sentence_embedding"]
+
+
+SENTENCES_OF_DIFFERENT_LENGTHS = ["A dog", "Five men are playing frisbee on the beach",
+                                  "Nobody is singing tonight"]
+
+
+def test_masked_mean_equals_sentence_transformers_pooling(minilm):
+    prepare = getattr(minilm, "preprocess", None) or minilm.tokenize
+    features = prepare(SENTENCES_OF_DIFFERENT_LENGTHS)
+    assert not features["attention_mask"].bool().all()  # the batch is padded
+    reference = _sentence_transformers_mean(minilm, features)
+    with torch.no_grad(), hs.record(minilm, ["0.model.encoder.layer.5"]) as rec:
+        minilm(dict(features))
+    df = rec.to_frame(reduce="mean", lengths=features["attention_mask"])
+    assert torch.allclose(torch.from_numpy(df.to_numpy().copy()), reference, atol=1e-5)
+    vectors = hs.recording_vectors(rec, reduce="mean", lengths=features["attention_mask"])
+    assert torch.allclose(torch.from_numpy(vectors["0.model.encoder.layer.5"]), reference,
+                          atol=1e-5)
+
+
+def test_masked_mean_without_the_user_computing_the_mask(minilm):
+    prepare = getattr(minilm, "preprocess", None) or minilm.tokenize
+    features = prepare(SENTENCES_OF_DIFFERENT_LENGTHS)
+    reference = _sentence_transformers_mean(minilm, features)
+    with torch.no_grad(), hs.record(minilm, ["0.model.encoder.layer.5"]) as rec:
+        minilm(dict(features))
+    assert torch.equal(rec["0.model.encoder.layer.5"].mask, features["attention_mask"].bool())
+    df = rec.to_frame(reduce="mean")  # no mask passed: the capture knows it
+    assert torch.allclose(torch.from_numpy(df.to_numpy().copy()), reference, atol=1e-5)

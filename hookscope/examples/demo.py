@@ -198,8 +198,8 @@ def run_minilm(out_dir: Path, out: TextIO = sys.stdout) -> dict:
         features = prepare(texts)
         with torch.no_grad(), hs.record(model, "0.model.encoder.layer.*") as rec:
             embeddings = model(features)["sentence_embedding"]
-    lengths = features["attention_mask"].sum(1)
-    layers = {name.rsplit(".", 1)[-1]: hs.masked_pool(rec[name].tensor, lengths, "mean")
+    mask = features["attention_mask"]  # (batch, time), 1 at real tokens
+    layers = {name.rsplit(".", 1)[-1]: hs.masked_pool(rec[name].tensor, mask, "mean")
               for name in rec}
     print(f"\n  cosine with {PREMISES[0]!r}, per layer 0-5 (mean over real tokens) | the "
           "sentence embedding:", file=out)
