@@ -137,8 +137,9 @@ class Recorder:
         Where the model call's ``(batch, time)`` padding mask is, True (or 1) at real tokens:
         the keyword ``"attention_mask"`` by default (the Hugging Face convention; integer,
         boolean or 0/1 float), or that key of a dict passed positionally
-        (``model(features)`` in sentence-transformers).  Captures whose leading dims are ``(batch, time)`` then know
-        their ``mask``, so reductions and long frames leave padding out with no extra code.
+        (``model(features)`` in sentence-transformers).  Captures whose leading dims are
+        ``(batch, time)`` then know their ``mask``, so reductions and long frames leave
+        padding out with no extra code.
         A callable ``(args, kwargs) -> mask`` reads any other convention, e.g. PyTorch's
         ``src_key_padding_mask``, which is True at *padding*:
         ``mask_from=lambda args, kwargs: ~kwargs["src_key_padding_mask"]``.  ``None`` turns
