@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import CallCountError, ModuleSelectionError
+from .errors import CallCountError, InputError, InputTypeError, ModuleSelectionError
 from .select import resolve_modules
 from .structure import as_permutation
 
@@ -55,7 +55,7 @@ def _per_module(
 ) -> dict[str, Any]:
     """Spread a per-module option ``{name or pattern or type: value}`` over selected names."""
     if not isinstance(value, Mapping):
-        raise TypeError(
+        raise InputTypeError(
             f"{option}= must map module names to values, e.g. {option}={{'encoder': ...}}; "
             f"got {type(value).__name__}."
         )
@@ -100,19 +100,19 @@ def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any =
                  else dict.fromkeys(selected, pick))
         for name, fn in picks.items():
             if not callable(fn):
-                raise TypeError(f"pick= for {name!r} must be callable, got {fn!r}.")
+                raise InputTypeError(f"pick= for {name!r} must be callable, got {fn!r}.")
             fields[name]["pick"] = fn
     for name, labels in _per_module("calls", calls or {}, model, selected).items():
         if isinstance(labels, str) or not all(isinstance(x, str) for x in labels):
-            raise TypeError(f"calls= for {name!r} must be a list of str labels, one per "
+            raise InputTypeError(f"calls= for {name!r} must be a list of str labels, one per "
                             f"call, e.g. ['premise', 'hypothesis']; got {labels!r}.")
         if len(set(labels)) != len(labels):
-            raise ValueError(f"calls= labels for {name!r} repeat: {labels!r}.")
+            raise InputError(f"calls= labels for {name!r} repeat: {labels!r}.")
         fields[name]["labels"] = tuple(labels)
         fields[name]["expected"] = len(labels)
     for name, spec in _per_module("batch_dim", batch_dim or {}, model, selected).items():
         if not (spec is None or isinstance(spec, int | Mapping)):
-            raise TypeError(f"batch_dim= for {name!r} must be an int, None, or a mapping "
+            raise InputTypeError(f"batch_dim= for {name!r} must be an int, None, or a mapping "
                             f"of output path prefixes to dims; got {spec!r}.")
         fields[name]["batch_dim"] = spec
     for name, spec in _per_module("unsort", unsort or {}, model, selected).items():

@@ -21,7 +21,13 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .convert import CloneMode, convert, permute_lengths, snapshot_tensor, state_keys
-from .errors import CallCountError, HookscopeError, UnsupportedModelError
+from .errors import (
+    CallCountError,
+    HookscopeError,
+    InputError,
+    InputTypeError,
+    UnsupportedModelError,
+)
 from .plan import BatchDim, Plan, build_plans
 from .recording import Capture, Recording
 from .select import ModuleSpec, resolve_modules, unwrap
@@ -169,15 +175,15 @@ class Recorder:
         for name, m in selected.items():
             _check_scriptable(m, name)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype= must be a floating torch.dtype such as torch.float16; "
+            raise InputTypeError(f"dtype= must be a floating torch.dtype such as torch.float16; "
                             f"got {dtype!r}. (Integer tensors are never cast.)")
         if clone not in (True, False, "lazy"):
-            raise ValueError(f"clone= must be True, False or 'lazy'; got {clone!r}.")
+            raise InputError(f"clone= must be True, False or 'lazy'; got {clone!r}.")
         if threads not in ("own", "all"):
-            raise ValueError(f"threads= must be 'own' (the thread that enters the block) or "
+            raise InputError(f"threads= must be 'own' (the thread that enters the block) or "
                              f"'all'; got {threads!r}.")
         if mask_from is not None and not (isinstance(mask_from, str) or callable(mask_from)):
-            raise TypeError(f"mask_from= must be a keyword name such as 'attention_mask', a "
+            raise InputTypeError(f"mask_from= must be a keyword name such as 'attention_mask', a "
                             f"callable (args, kwargs) -> mask, or None; got {mask_from!r}.")
         if device is not None:
             device = _check_device(device)
@@ -477,7 +483,7 @@ def _check_scriptable(model: Any, name: str | None = None) -> None:
             "Record the eager nn.Module it was scripted from (torch.jit.script/trace keep "
             "no link to it), or return the values you need from forward().")
     if not isinstance(model, nn.Module):
-        raise TypeError(f"record() needs an nn.Module, got {type(model).__name__}.")
+        raise InputTypeError(f"record() needs an nn.Module, got {type(model).__name__}.")
 
 
 def _check_device(device: torch.device | str) -> torch.device:
@@ -486,7 +492,7 @@ def _check_device(device: torch.device | str) -> torch.device:
         device = torch.device(device)
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, TypeError, ValueError) as exc:
-        raise ValueError(f"device={device!r} cannot hold tensors here ({exc}). Use a device "
+        raise InputError(f"device={device!r} cannot hold tensors here ({exc}). Use a device "
                          "this PyTorch has, e.g. 'cpu'.") from None
     return device
 
@@ -505,7 +511,7 @@ def _padding_mask(mask_from: Any, args: tuple, kwargs: dict) -> Tensor | None:
             return None
         mask = torch.as_tensor(mask)
         if mask.ndim != 2:
-            raise ValueError(f"mask_from= returned a mask of shape {tuple(mask.shape)}; it "
+            raise InputError(f"mask_from= returned a mask of shape {tuple(mask.shape)}; it "
                              "must be (batch, time), True at real positions.")
         return mask.detach().to("cpu") != 0
     mask = kwargs.get(mask_from)

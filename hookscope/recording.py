@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .errors import AmbiguousCallError, CaptureModifiedError, NotRecordedError
+from .errors import AmbiguousCallError, CaptureModifiedError, InputTypeError, NotRecordedError
 from .select import _strip_wrapper_prefix
 from .structure import (
     describe_shape,
@@ -374,7 +374,7 @@ class Recording:
     def __getitem__(self, key: str | tuple[str, int | str]) -> Capture:
         if isinstance(key, tuple):
             if len(key) != 2:
-                raise TypeError(f"Use rec[name] or rec[name, call]; got rec[{key!r}].")
+                raise InputTypeError(f"Use rec[name] or rec[name, call]; got rec[{key!r}].")
             name, which = key
         else:
             name, which = key, None
@@ -412,7 +412,7 @@ class Recording:
                     f"{name!r} ran {len(caps)} time(s); call {which} does not exist."
                 )
             return caps[which]
-        raise TypeError(f"A call is an int index or a str label; got {which!r}.")
+        raise InputTypeError(f"A call is an int index or a str label; got {which!r}.")
 
     # -- gathering ----------------------------------------------------------------------------
     def cat(self, name: str, call: int | str | None = None) -> Capture:

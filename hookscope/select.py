@@ -14,7 +14,7 @@ from functools import lru_cache
 
 from torch import nn
 
-from .errors import ModuleSelectionError
+from .errors import InputTypeError, ModuleSelectionError
 
 __all__ = ["ModuleSpec", "resolve_modules", "unwrap"]
 
@@ -137,7 +137,7 @@ def resolve_modules(
     ['0', '1']
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(
+        raise InputTypeError(
             f"hookscope records torch.nn.Module objects; got {type(model).__name__}. "
             "Pass the model itself (not its output or state_dict)."
         )
@@ -184,7 +184,7 @@ def resolve_modules(
                     f"No module named {spec!r} in {type(inner).__name__}. {_suggest(spec, names)}"
                 )
         else:
-            raise TypeError(
+            raise InputTypeError(
                 f"Cannot select modules with {spec!r} ({type(spec).__name__}): use a dotted "
                 "name, a glob pattern, or an nn.Module subclass such as nn.LSTM."
             )

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .errors import InputTypeError
 from .select import unwrap
 from .structure import describe_shape, iter_tensors
 
@@ -62,7 +63,7 @@ def summary(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> pd
     2    1      1       (2, 3)       0
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"summary() needs an nn.Module, got {type(model).__name__}.")
+        raise InputTypeError(f"summary() needs an nn.Module, got {type(model).__name__}.")
     inner, _ = unwrap(model)
     named = list(inner.named_modules())
     calls = {name: 0 for name, _ in named}
