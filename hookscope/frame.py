@@ -30,6 +30,20 @@ Reduce: TypeAlias = str | Callable[..., Any] | None
 REDUCE_NAMES = ("last", *REDUCTIONS, "flatten")
 
 
+def dense_capture(cap: Any) -> Any:
+    """``cap`` itself, or for a nested (or sparse) primary tensor a capture of the same call
+    whose tensor is dense: nested sequences padded with zeros to ``(batch, max length, ...)``
+    with their ``mask``, so exports and reductions see only the real positions."""
+    t = cap.tensor
+    if not t.is_nested and t.layout is torch.strided:
+        return cap
+    from .recording import Capture
+
+    dense = torch.nested.to_padded_tensor(t, 0.0) if t.is_nested else t.to_dense()
+    return Capture(cap.name, cap.step, cap.call, cap.label, cap.module_type, dense,
+                   lengths=cap.lengths, mask=cap.mask if t.is_nested else None)
+
+
 def _call_key(cap: Any) -> str:
     return cap.label if cap.label is not None else str(cap.call)
 
@@ -50,6 +64,7 @@ def capture_mask(cap: Any, lengths: Any = None) -> Tensor | None:
     """The boolean ``(batch, time)`` mask of real positions of a sequence capture: from
     ``lengths`` (integer lengths or a mask) if given, else the capture's own ``mask``
     (``None`` when unknown, or when the capture is not a ``(batch, time, ...)`` sequence)."""
+    cap = dense_capture(cap)
     t = cap.tensor
     if t.ndim < 2:
         return None
@@ -104,6 +119,7 @@ def capture_matrix(cap: Any, reduce: Reduce = None, *, bidirectional: bool = Fal
     """
     reduce = check_reduce(reduce)
     bidirectional = check_bool(bidirectional, "bidirectional")
+    cap = dense_capture(cap)
     t = cap.tensor
     if t.ndim == 0:
         raise InputError(f"{_where(cap)} returned a scalar, which has no examples; use pick= "
@@ -218,7 +234,7 @@ def recording_vectors(rec: Any, reduce: Reduce = None, *, lengths: Any = None,
     dict of str -> numpy.ndarray
     """
     reduce = check_reduce(reduce)
-    captures = rec.captures()
+    captures = [dense_capture(c) for c in rec.captures()]
     by_step = _lengths_by_step(captures, lengths)
     groups, _ = _grouped(captures)
     multi = {name for (name, _) in groups if sum(1 for (n, _) in groups if n == name) > 1}
@@ -242,7 +258,7 @@ def to_frame(captures: Iterable[Any], kind: str = "wide", *, reduce: Reduce = No
              lengths: Any = None, meta: pd.DataFrame | Mapping[str, Sequence] | None = None,
              bidirectional: bool = False) -> pd.DataFrame:
     """Captures as a DataFrame; see :meth:`hookscope.Recording.to_frame`."""
-    captures = list(captures)
+    captures = [dense_capture(c) for c in captures]
     reduce = check_reduce(reduce)
     bidirectional = check_bool(bidirectional, "bidirectional")
     if not captures:

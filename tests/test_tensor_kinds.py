@@ -210,3 +210,20 @@ def test_live_objects_are_snapshotted_or_named():
     assert first.output[1].step == 1 and first.output[1].tensors[0].tolist() == [1.0, 1.0]
     assert holder.step == 2 and holder.tensors[0].tolist() == [2.0, 2.0]
     assert first.live == ("output[2] (Slotted)",) and "Slotted" in repr(first)
+
+
+def test_nested_captures_export_only_their_real_positions():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+    model = nn.TransformerEncoder(layer, 1).eval()
+    x = torch.randn(3, 5, 8)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 2 + [True] * 3])
+    with torch.no_grad(), hs.record(model, ["layers.0"]) as rec:
+        model(x, src_key_padding_mask=pad)
+    parts = rec["layers.0"].tensor.unbind()
+    expected = torch.stack([p.mean(0) for p in parts]).numpy()  # by hand, per example
+    assert np.allclose(rec.to_frame(reduce="mean").to_numpy(), expected, atol=1e-6)
+    assert np.allclose(hs.recording_vectors(rec, reduce="mean")["layers.0"], expected,
+                       atol=1e-6)
+    long = rec["layers.0"].to_frame(kind="long")
+    assert len(long) == (5 + 3 + 2) * 8
