@@ -56,7 +56,7 @@ def summary_command(path: str, trusted: bool, input_shape: str | None = None,
         table = pd.DataFrame(
             [(n, type(m).__name__, "", "(pass --input-shape)", "",
               sum(p.numel() for p in m.parameters())) for n, m in obj.named_modules()],
-            columns=["name", "type", "calls", "output_shape", "dtype", "params"])
+            columns=["module", "type", "calls", "shape", "dtype", "params"])
     print(hs.format_summary(table), file=out)
     return 0
 

@@ -17,7 +17,8 @@ from .structure import describe_shape, iter_tensors
 
 __all__ = ["format_summary", "summary"]
 
-_COLUMNS = ["name", "type", "calls", "output_shape", "dtype", "params"]
+# The same names as Recording.table() where they mean the same thing.
+_COLUMNS = ["module", "type", "calls", "shape", "dtype", "params"]
 
 
 def _shapes(output: Any) -> tuple[str, str]:
@@ -46,9 +47,9 @@ def summary(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> pd
     Returns
     -------
     pandas.DataFrame
-        One row per submodule in ``named_modules()`` order: ``name`` (what
+        One row per submodule in ``named_modules()`` order: ``module`` (what
         :func:`hookscope.record` accepts), ``type``, ``calls`` (how often it ran; 0 if never),
-        ``output_shape`` (of its first call; several tensors joined by ``;``), ``dtype``, and
+        ``shape`` (of its first call's output; several tensors joined by ``;``), ``dtype``, and
         ``params`` (parameters of the module and its children).  :func:`format_summary` renders
         it for a terminal.
 
@@ -56,11 +57,11 @@ def summary(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> pd
     --------
     >>> import torch, hookscope as hs
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
-    >>> hs.summary(model, torch.randn(2, 4))[["name", "calls", "output_shape", "params"]]
-      name  calls output_shape  params
-    0           1       (2, 3)      15
-    1    0      1       (2, 3)      15
-    2    1      1       (2, 3)       0
+    >>> hs.summary(model, torch.randn(2, 4))[["module", "calls", "shape", "params"]]
+      module  calls   shape  params
+    0             1  (2, 3)      15
+    1      0      1  (2, 3)      15
+    2      1      1  (2, 3)       0
     """
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"summary() needs an nn.Module, got {type(model).__name__}.")
@@ -106,9 +107,9 @@ def format_summary(table: pd.DataFrame) -> str:
     """Render a :func:`summary` table as indented plain text for a terminal."""
     lines = []
     width = {c: max(len(c), *(len(str(v)) for v in table[c])) for c in _COLUMNS[1:]}
-    names = [("  " * n.count(".") + (n.rsplit(".", 1)[-1] if n else "(model)")) for n in table.name]
-    name_w = max(len("name"), *map(len, names))
-    header = "name".ljust(name_w) + "  " + "  ".join(c.ljust(width[c]) for c in _COLUMNS[1:])
+    names = [("  " * n.count(".") + (n.rsplit(".", 1)[-1] if n else "(model)")) for n in table.module]
+    name_w = max(len("module"), *map(len, names))
+    header = "module".ljust(name_w) + "  " + "  ".join(c.ljust(width[c]) for c in _COLUMNS[1:])
     lines.append(header)
     lines.append("-" * len(header))
     for shown, (_, row) in zip(names, table.iterrows(), strict=True):

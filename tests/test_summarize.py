@@ -9,11 +9,11 @@ import hookscope as hs
 
 def test_summary_of_the_story_model(story_model, story_batch):
     table = hs.summary(story_model, story_batch)
-    assert list(table.columns) == ["name", "type", "calls", "output_shape", "dtype", "params"]
-    assert table.name.tolist() == [n for n, _ in story_model.named_modules()]
-    row = table.set_index("name")
+    assert list(table.columns) == ["module", "type", "calls", "shape", "dtype", "params"]
+    assert table.module.tolist() == [n for n, _ in story_model.named_modules()]
+    row = table.set_index("module")
     assert row.loc["encoder", "calls"] == 2 and row.loc["pooling", "calls"] == 2
-    assert row.loc["aggregation", "output_shape"] == str((len(story_batch), 8 * 16))
+    assert row.loc["aggregation", "shape"] == str((len(story_batch), 8 * 16))
     assert row.loc["", "params"] == sum(p.numel() for p in story_model.parameters())
     assert row.loc["encoder", "type"] == "LSTMEncoder"
     text = hs.format_summary(table)
@@ -24,5 +24,5 @@ def test_summary_of_the_story_model(story_model, story_batch):
 def test_summary_marks_modules_that_never_ran():
     model = torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "b": torch.nn.Linear(2, 2)})
     model.forward = lambda x: model["a"](x)
-    table = hs.summary(model, torch.randn(1, 2)).set_index("name")
-    assert table.loc["b", "calls"] == 0 and table.loc["b", "output_shape"] == "never ran"
+    table = hs.summary(model, torch.randn(1, 2)).set_index("module")
+    assert table.loc["b", "calls"] == 0 and table.loc["b", "shape"] == "never ran"

@@ -84,7 +84,7 @@ def test_nested_tensors_from_the_transformer_fast_path():
     assert "nested (3, *, 8)" in repr(rec) and rec._repr_html_()
     assert cap.nbytes >= 10 * 8 * 4
     table = hs.summary(model, x, src_key_padding_mask=pad)  # ... and summary works too
-    assert "nested" in table.set_index("name").loc["layers.0", "output_shape"]
+    assert "nested" in table.set_index("module").loc["layers.0", "shape"]
 
 
 def test_sparse_outputs():
