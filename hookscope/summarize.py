@@ -107,7 +107,8 @@ def format_summary(table: pd.DataFrame) -> str:
     """Render a :func:`summary` table as indented plain text for a terminal."""
     lines = []
     width = {c: max(len(c), *(len(str(v)) for v in table[c])) for c in _COLUMNS[1:]}
-    names = [("  " * n.count(".") + (n.rsplit(".", 1)[-1] if n else "(model)")) for n in table.module]
+    names = [("  " * n.count(".") + (n.rsplit(".", 1)[-1] if n else "(model)"))
+             for n in table.module]
     name_w = max(len("module"), *map(len, names))
     header = "module".ljust(name_w) + "  " + "  ".join(c.ljust(width[c]) for c in _COLUMNS[1:])
     lines.append(header)
