@@ -369,7 +369,8 @@ def _apply_lengths(rec: Any, given: Any, index: int) -> None:
             continue
         batch, time_steps = cap.tensor.shape[:2]
         if len(known) != batch:
-            raise DatasetError(f"batch {index}: lengths= gave {len(known)} rows, but "
+            given_what = "mask rows" if is_mask else "lengths"
+            raise DatasetError(f"batch {index}: lengths= gave {len(known)} {given_what}, but "
                                f"{cap.name!r} has {batch} examples.")
         if is_mask:
             if known.shape[1] != time_steps:
