@@ -210,6 +210,17 @@ def test_lengths_from_the_batch_for_padded_models(tmp_path):
     assert np.allclose(open_dataset(out).numpy(""), expected.numpy())
 
 
+def test_lengths_may_be_a_mask_padded_on_the_left(tmp_path):
+    embed = torch.nn.Embedding(10, 3)
+    ids = torch.tensor([[0, 1, 2, 3], [0, 0, 4, 5]])  # left padding, as decoders batch
+    mask = ids > 0
+    out = record_dataset(embed, [ids], [""], tmp_path / "left", reduce="mean",
+                         lengths=lambda b: b > 0, progress=False)
+    with torch.no_grad():
+        expected = torch.stack([embed(ids[i][mask[i]]).mean(0) for i in range(2)])
+    assert np.allclose(open_dataset(out).numpy(""), expected.numpy())
+
+
 def test_sequences_of_batches_are_indexed_and_resume_builds_nothing_twice(tmp_path):
     class Lazy:
         def __init__(self) -> None:
