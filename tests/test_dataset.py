@@ -540,6 +540,14 @@ def test_an_empty_dataset_reads_as_empty(tmp_path):
     out = record_dataset(torch.nn.Linear(3, 2), [], [""], tmp_path / "empty", progress=False)
     ds = open_dataset(out)
     assert len(ds) == 0 and list(ds.meta().columns) == ["batch", "row"] and ds.meta().empty
+    model = torch.nn.Linear(3, 2)
+    data = [torch.randn(4, 3), torch.randn(0, 3), torch.randn(4, 3)]  # a batch of no examples
+    out = record_dataset(model, data, [""], tmp_path / "gap", shard_rows=4, progress=False,
+                         meta=lambda b: {"x": b[:, 0]})
+    ds = open_dataset(out)  # complete: batches 0..2, the empty one registered too
+    with torch.no_grad():
+        assert np.array_equal(ds.numpy(""), model(torch.cat(data)).numpy())
+    assert ds.meta()["batch"].tolist() == [0] * 4 + [2] * 4
 
 
 def test_captured_and_stored_dtype_are_separate_options(tmp_path):
