@@ -256,6 +256,7 @@ class _Reader:
         encrypted = [name for name, info in self.entries.items() if info.flag_bits & 0x1]
         _expect(not encrypted, f"entries {encrypted[:3]} are marked encrypted")
         self.headers: dict[str, tuple[np.dtype, tuple[int, ...], bool]] = {}
+        self.classes: dict[str, Any] = {}
 
     # Pass 1: structure, sizes and headers; nothing decoded.
     def scan(self, node: Any, where: str, depth: int = 0) -> None:
@@ -372,7 +373,7 @@ class _Reader:
         if kind == "list":
             return items
         if kind == "namedtuple":
-            allowed = _allowed(node["cls"])
+            allowed = self.allowed(node["cls"])
             if allowed is not None and getattr(allowed[0], "_fields", None) == tuple(
                     node["fields"]):
                 return self.rebuild(node["cls"], dict(zip(node["fields"], items, strict=True)),
@@ -389,9 +390,15 @@ class _Reader:
         return self.rebuild(node["cls"], data, RestoredDict,
                             lambda cls: issubclass(cls, Mapping))
 
-    @staticmethod
-    def rebuild(name: str, data: dict, fallback: type, fits: Callable[[type], bool]) -> Any:
-        allowed = _allowed(name)
+    def allowed(self, name: str) -> Any:
+        """The allowlisted class called ``name`` (looked up once per name and load)."""
+        if name not in self.classes:
+            self.classes[name] = _allowed(name)
+        return self.classes[name]
+
+    def rebuild(self, name: str, data: dict, fallback: type,
+                fits: Callable[[type], bool]) -> Any:
+        allowed = self.allowed(name)
         _expect(allowed is None or fits(allowed[0]),
                 f"{name} is stored as a {fallback.__name__} node but is not one")
         if allowed is None:
