@@ -96,7 +96,8 @@ class _ShardWriter:
             else:  # sequence: each example's real positions, a list of fixed-size vectors
                 seqs = [s for p in parts for s in p]
                 lengths = np.array([len(s) for s in seqs])
-                flat = np.concatenate([s.reshape(-1) for s in seqs])
+                flat = np.concatenate([s.reshape(-1) for s in seqs]) if seqs else np.empty(
+                    0, self.manifest["columns"][name]["dtype"])
                 inner = pa.FixedSizeListArray.from_arrays(pa.array(flat), spec["units"])
                 offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
                 arr = pa.ListArray.from_arrays(pa.array(offsets), inner)
@@ -106,7 +107,7 @@ class _ShardWriter:
 
     def flush(self) -> None:
         """Hand the buffered rows to the writer thread (after the previous write finished)."""
-        if not self.n_buffered:
+        if not self.batches:  # (a batch of no examples is registered too: batches stay 0..n-1)
             return
         table = self._table()
         name = f"part-r{self.rank:03d}-{self.next_index:06d}.parquet"

@@ -553,6 +553,14 @@ def test_an_empty_dataset_reads_as_empty(tmp_path):
     out = record_dataset(torch.nn.Linear(3, 2), [], [""], tmp_path / "empty", progress=False)
     ds = open_dataset(out)
     assert len(ds) == 0 and list(ds.meta().columns) == ["batch", "row"] and ds.meta().empty
+    model = torch.nn.Linear(3, 2)
+    data = [torch.randn(4, 3), torch.randn(0, 3), torch.randn(4, 3)]  # a batch of no examples
+    out = record_dataset(model, data, [""], tmp_path / "gap", shard_rows=4, progress=False,
+                         meta=lambda b: {"x": b[:, 0]})
+    ds = open_dataset(out)  # complete: batches 0..2, the empty one registered too
+    with torch.no_grad():
+        assert np.array_equal(ds.numpy(""), model(torch.cat(data)).numpy())
+    assert ds.meta()["batch"].tolist() == [0] * 4 + [2] * 4
 
 
 def test_captured_and_stored_dtype_are_separate_options(tmp_path):
@@ -585,3 +593,44 @@ def test_a_resumed_run_removes_temporaries_of_a_killed_one(small_dataset):
     record_dataset(model, data, [""], out, shard_rows=8, progress=False,
                    meta=lambda b: {"x": b[:, 0].tolist(), "tag": ["a"] * len(b)})
     assert not any(p.exists() for p in stale)
+
+
+def test_fingerprints_follow_what_callables_compute():
+    """Unit checks of the fingerprint of options: equal exactly when the same is computed."""
+    import functools
+
+    from hookscope.fingerprint import setup_fingerprint
+
+    model = torch.nn.Linear(2, 2)
+
+    def fp(value):
+        return setup_fingerprint(model, [""], {"forward": value})
+
+    class Scaled:
+        def __init__(self, k):
+            self.k = k
+
+        def __call__(self, m, b):
+            return m(b * self.k)
+
+    def make(k):
+        return lambda m, b: m(b * k)
+
+    def with_default(m, b, k=2):
+        return m(b * k)
+
+    def with_other_default(m, b, k=3):
+        return m(b * k)
+
+    same = [(make(2), make(2)), (lambda m, b: m(b), lambda m, b: m(b)),
+            (functools.partial(with_default, k=2), functools.partial(with_default, k=2)),
+            (Scaled(2), Scaled(2))]
+    different = [(make(2), make(3)), (with_default, with_other_default),
+                 (functools.partial(with_default, k=2), functools.partial(with_default, k=3)),
+                 (Scaled(2), Scaled(3)), (Scaled(2).__call__, Scaled(3).__call__),
+                 (lambda m, b: m(b), lambda m, b: m(-b)), (None, make(1))]
+    for a, b in same:
+        assert fp(a) == fp(b)
+    for a, b in different:
+        assert fp(a) != fp(b)
+    assert setup_fingerprint(model, [""], {}) != setup_fingerprint(model.train(False), [""], {})

@@ -19,6 +19,7 @@ import torch
 
 import hookscope as hs
 import hookscope.io
+import hookscope.restore
 from hookscope.io import RecordingFileError, Restored, RestoredDict, Unsaved
 from tests.test_story import first_five_minutes
 
@@ -78,7 +79,7 @@ def test_round_trip_of_the_story(tmp_path, story_model, story_batch):
 @pytest.fixture
 def allowlist(monkeypatch):
     """A private copy of the allowlist: classes allowed in a test do not leak into others."""
-    monkeypatch.setattr(hookscope.io, "_ALLOWED", dict(hookscope.io._ALLOWED))
+    monkeypatch.setattr(hookscope.restore, "_ALLOWED", dict(hookscope.restore._ALLOWED))
 
 
 def test_round_trip_structures_inputs_and_bfloat16(tmp_path, allowlist):
@@ -246,7 +247,7 @@ def test_crafted_class_names_are_never_called_or_imported(tmp_path):
     assert isinstance(out[0], RestoredDict) and out[0]["args"] == ["touch", str(marker)]
     assert out[0].hookscope_class == "subprocess:Popen"
     assert isinstance(out[1], Restored) and out[1].args == ["touch", str(marker)]
-    assert out[2].args == ["touch", str(marker)] and type(out[2]).__module__ == "hookscope.io"
+    assert out[2].args == ["touch", str(marker)] and type(out[2]).__module__ == "hookscope.restore"
     assert isinstance(out[3], Restored) and isinstance(out[5], Restored)
     assert rec._module_types[""].__module__ == "unknown"  # a stand-in, not Popen
     assert rec._module_types[""].hookscope_class == "subprocess:Popen"
