@@ -59,7 +59,7 @@ __all__ = ["FORMAT_VERSION", "RecordingFileError", "Restored", "RestoredDict", "
            "allow_class", "load", "save"]
 
 FORMAT = "hookscope-recording"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: nested and sparse tensors, capture masks and live notes
 _MANIFEST = "manifest.json"
 #: Extra bytes, beyond the file's own size, that :func:`load` may decode by default.
 DEFAULT_SLACK_BYTES = 64 * 2**20
@@ -97,6 +97,12 @@ class _Writer:
 
     def tree(self, obj: Any) -> dict[str, Any]:
         if isinstance(obj, Tensor):
+            if obj.is_nested:  # one array per example, and the layout to rebuild it with
+                layout = "jagged" if obj.layout is torch.jagged else "strided"
+                return {"t": "nested", "layout": layout,
+                        "items": [self.tensor(c) for c in obj.unbind()]}
+            if obj.layout is not torch.strided:  # sparse: stored dense, rebuilt as COO
+                return {"t": "sparse", "dense": self.tensor(obj.to_dense())}
             return self.tensor(obj)
         if obj is None or isinstance(obj, bool | int | float | str):
             return {"t": "value", "v": obj}
@@ -122,8 +128,9 @@ class _Writer:
 def save(recording: Recording, path: str | os.PathLike) -> Path:
     """Write a recording to ``path`` in an open format (zip of ``.npy`` + JSON; no pickle).
 
-    The round trip is exact: tensors (dtype included, bfloat16 too), lengths, names, steps,
-    calls, labels, and the structure of outputs and inputs.  Objects with no open-format
+    The round trip is exact: tensors (dtype included, bfloat16 too; nested tensors per
+    example; sparse tensors, which come back in COO layout), lengths, masks, names, steps,
+    calls, labels, ``Capture.live`` notes, and the structure of outputs and inputs.  Objects with no open-format
     representation (rare: a cache object inside an output) are stored as their ``repr`` and
     come back as :class:`Unsaved`, with a warning at save time.
 
@@ -151,6 +158,8 @@ def save(recording: Recording, path: str | os.PathLike) -> Path:
             "inputs": None if cap.inputs is None else w.tree(cap.inputs),
             "kwargs": None if cap.kwargs is None else w.tree(cap.kwargs),
             "lengths": None if cap.lengths is None else w.tensor(cap.lengths),
+            "mask": None if cap._mask is None else w.tensor(cap._mask),
+            "live": list(cap.live),
         })
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION,
@@ -224,7 +233,8 @@ def _remove_stale_temporaries(path: Path) -> None:
 # The NumPy dtypes a tensor can come from: little-endian (or single-byte) numbers and bools.
 _DTYPES = {"bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
            "float16", "float32", "float64", "complex64", "complex128"}
-_NODE_TYPES = {"tensor", "value", "unsaved", "tuple", "list", "namedtuple", "dict", "dataclass"}
+_NODE_TYPES = {"tensor", "value", "unsaved", "tuple", "list", "namedtuple", "dict", "dataclass",
+               "nested", "sparse"}
 
 
 class _BadFileError(Exception):
@@ -269,6 +279,20 @@ class _Reader:
             v = _field(node, "v", where)
             _expect(v is None or isinstance(v, bool | int | float | str),
                     f"{where} holds a {type(v).__name__}, not a plain value")
+        elif kind == "nested":
+            _expect(_field(node, "layout", where) in ("strided", "jagged"),
+                    f"{where}: nested layout must be 'strided' or 'jagged'")
+            items = _field(node, "items", where)
+            _expect(isinstance(items, list) and all(
+                isinstance(v, dict) and v.get("t") == "tensor" for v in items),
+                f"{where}: a nested tensor's items must be tensors")
+            for i, v in enumerate(items):
+                self.scan_tensor(v, f"{where}[{i}]")
+        elif kind == "sparse":
+            dense = _field(node, "dense", where)
+            _expect(isinstance(dense, dict) and dense.get("t") == "tensor",
+                    f"{where}: a sparse tensor is stored as a dense tensor")
+            self.scan_tensor(dense, f"{where}.dense")
         elif kind == "unsaved":
             _expect(isinstance(_field(node, "cls", where), str)
                     and isinstance(_field(node, "text", where), str),
@@ -360,6 +384,15 @@ class _Reader:
         kind = node["t"]
         if kind == "tensor":
             return self.tensor(node)
+        if kind == "nested":
+            items = [self.tensor(v) for v in node["items"]]
+            try:
+                return torch.nested.nested_tensor(
+                    items, layout=torch.jagged if node["layout"] == "jagged" else torch.strided)
+            except (RuntimeError, ValueError, TypeError) as exc:
+                raise _BadFileError(f"a nested tensor cannot be rebuilt ({exc})") from None
+        if kind == "sparse":
+            return self.tensor(node["dense"]).to_sparse()
         if kind == "value":
             return node["v"]
         if kind == "unsaved":
@@ -506,6 +539,12 @@ def _load(f: Any, path: Path, budget: int) -> Recording:
                 reader.scan(c[key], f"{where}.{key}")
         if c["lengths"] is not None:
             _expect(c["lengths"]["t"] == "tensor", f"{where}.lengths is not a tensor")
+        if c.get("mask") is not None:  # version 2
+            _expect(isinstance(c["mask"], dict) and c["mask"].get("t") == "tensor",
+                    f"{where}.mask is not a tensor")
+            reader.scan(c["mask"], f"{where}.mask")
+        _expect(isinstance(c.get("live", []), list) and all(
+            isinstance(x, str) for x in c.get("live", [])), f"{where}.live is not a text list")
     types_ = {name: _module_type(m["type"]) for name, m in zip(names, modules, strict=True)}
     rec = Recording(names, types_, manifest["model_type"])
     rec.steps = manifest["steps"]
@@ -514,10 +553,14 @@ def _load(f: Any, path: Path, budget: int) -> Recording:
         if lengths is not None:
             _expect(lengths.ndim == 1 and not lengths.is_floating_point(),
                     "lengths must be a 1-d integer tensor")
+        mask = None if c.get("mask") is None else reader.tensor(c["mask"])
+        if mask is not None:
+            _expect(mask.ndim == 2 and mask.dtype == torch.bool, "mask must be a 2-d bool tensor")
         rec._add(Capture(
             c["name"], c["step"], c["call"], c["label"], types_[c["name"]],
             reader.tree(c["output"]), None if c["inputs"] is None else reader.tree(c["inputs"]),
-            None if c["kwargs"] is None else reader.tree(c["kwargs"]), lengths))
+            None if c["kwargs"] is None else reader.tree(c["kwargs"]), lengths, mask=mask,
+            live=tuple(c.get("live", ()))))
     for caps in rec._captures.values():
         caps.sort(key=lambda cap: (cap.step, cap.call))
     return rec

@@ -112,7 +112,7 @@ def test_no_pickle_in_the_file(tmp_path, story_model, story_batch):
         for n in names[1:]:  # every array reads without pickle, and none holds objects
             arr = np.lib.format.read_array(io.BytesIO(z.read(n)), allow_pickle=False)
             assert arr.dtype != object
-    assert manifest["format"] == "hookscope-recording" and manifest["version"] == 1
+    assert manifest["format"] == "hookscope-recording" and manifest["version"] == 2
 
 
 def test_unsaved_objects_warn_and_come_back_as_placeholders(tmp_path):
@@ -528,3 +528,55 @@ def test_hugging_face_model_outputs_are_on_the_allowlist(tmp_path):
     back = hs.load(tmp_path / "base.hsrec")[""].output
     assert type(back) is out_cls and torch.equal(back.last_hidden_state, torch.ones(2))
     assert torch.equal(back[0], torch.ones(2))
+
+
+def test_nested_sparse_masks_and_live_notes_round_trip(tmp_path):
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+    encoder = torch.nn.TransformerEncoder(layer, 1).eval()
+    x = torch.randn(2, 4, 8)
+    pad = torch.tensor([[False] * 4, [False, False, True, True]])
+    with torch.no_grad(), hs.record(encoder, ["layers.0"]) as nested:
+        encoder(x, src_key_padding_mask=pad)
+
+    class Tagger(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(3, 3)
+
+        def forward(self, x, attention_mask=None):
+            return self.proj(x).to_sparse(), self
+
+    tagger = Tagger()
+    with hs.record(tagger, ["", "proj"], pick={"": lambda out: out}) as masked:
+        tagger(torch.randn(2, 5, 3), attention_mask=torch.tensor([[1] * 5, [1, 1, 0, 0, 0]]))
+    back = hs.load(hs.save(nested, tmp_path / "nested.hsrec"))["layers.0"]
+    for got, want in zip(back.tensor.unbind(), nested["layers.0"].tensor.unbind(), strict=True):
+        assert torch.equal(got, want)
+    assert back.lengths.tolist() == [4, 2]
+    with pytest.warns(UserWarning, match="Tagger"):  # the module itself has no open format
+        path = hs.save(masked, tmp_path / "masked.hsrec")
+    again = hs.load(path)
+    assert torch.equal(again["proj"].mask, masked["proj"].mask)
+    assert again[""].live == masked[""].live == ("output[1] (Tagger)",)
+    sparse = again[""].output[0]
+    assert sparse.layout is torch.sparse_coo
+    assert torch.equal(sparse.to_dense(), masked[""].output[0].to_dense())
+
+
+def test_version_1_files_still_load(tmp_path, story_model, story_batch):
+    rec, _ = first_five_minutes(story_model, story_batch)
+    path = hs.save(rec, tmp_path / "r.hsrec")
+    old = tmp_path / "v1.hsrec"
+    with zipfile.ZipFile(path) as z, zipfile.ZipFile(old, "w") as out:
+        for name in z.namelist():
+            data = z.read(name)
+            if name == "manifest.json":
+                manifest = json.loads(data)
+                manifest["version"] = 1
+                for c in manifest["captures"]:
+                    del c["mask"], c["live"]
+                data = json.dumps(manifest).encode()
+            out.writestr(name, data)
+    back = hs.load(old)
+    assert torch.equal(back["encoder", "premise"].tensor, rec["encoder", "premise"].tensor)
