@@ -130,9 +130,9 @@ def save(recording: Recording, path: str | os.PathLike) -> Path:
 
     The round trip is exact: tensors (dtype included, bfloat16 too; nested tensors per
     example; sparse tensors, which come back in COO layout), lengths, masks, names, steps,
-    calls, labels, ``Capture.live`` notes, and the structure of outputs and inputs.  Objects with no open-format
-    representation (rare: a cache object inside an output) are stored as their ``repr`` and
-    come back as :class:`Unsaved`, with a warning at save time.
+    calls, labels, ``Capture.live`` notes, and the structure of outputs and inputs.  Objects
+    with no open-format representation (a module kept by reference, see ``Capture.live``) are
+    stored as their ``repr`` and come back as :class:`Unsaved`, with a warning at save time.
 
     Returns the path written.
 
