@@ -7,6 +7,7 @@ Works on anything with the ``Capture`` attributes (``name``, ``step``, ``call``,
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
@@ -37,11 +38,11 @@ def dense_capture(cap: Any) -> Any:
     t = cap.tensor
     if not t.is_nested and t.layout is torch.strided:
         return cap
-    from .recording import Capture
-
-    dense = torch.nested.to_padded_tensor(t, 0.0) if t.is_nested else t.to_dense()
-    return Capture(cap.name, cap.step, cap.call, cap.label, cap.module_type, dense,
-                   lengths=cap.lengths, mask=cap.mask if t.is_nested else None)
+    out = copy.copy(cap)  # the same call, only its tensor made dense
+    out._output = torch.nested.to_padded_tensor(t, 0.0) if t.is_nested else t.to_dense()
+    out._inputs = out._kwargs = out._versions = None
+    out._mask = cap.mask if t.is_nested else cap._mask
+    return out
 
 
 def _call_key(cap: Any) -> str:
