@@ -166,18 +166,22 @@ def read_shard(folder: Path, entry: dict, columns: list[str] | None, verify: boo
     pa, pq = arrow()
     path = folder / entry["file"]
     try:
-        data = path.read_bytes()
+        # Verified: the whole file, hashed, then parsed from those very bytes.  Unverified: only
+        # the columns asked for are read from disk.
+        data = path.read_bytes() if verify else None
+        size = len(data) if data is not None else path.stat().st_size
     except OSError as exc:
         raise DatasetError(f"cannot read shard {path} ({exc}): the dataset is incomplete or "
                            "damaged.") from None
-    if len(data) != entry["bytes"]:
-        raise DatasetError(f"shard {path} is damaged: {len(data)} bytes, the manifest recorded "
+    if size != entry["bytes"]:
+        raise DatasetError(f"shard {path} is damaged: {size} bytes, the manifest recorded "
                            f"{entry['bytes']}.")
-    if verify and sha256_of(data) != entry["sha256"]:
+    if data is not None and sha256_of(data) != entry["sha256"]:
         raise DatasetError(f"shard {path} is damaged: its SHA-256 checksum differs from the one "
                            "recorded in the manifest.")
     try:
-        table = pq.read_table(pa.BufferReader(data), columns=columns)
+        with pa.BufferReader(data) if data is not None else pa.OSFile(str(path)) as source:
+            table = pq.read_table(source, columns=columns)
     except (pa.ArrowException, OSError, ValueError, KeyError) as exc:
         raise DatasetError(f"shard {path} cannot be read as Parquet ({exc}).") from None
     if table.num_rows != entry["rows"]:
