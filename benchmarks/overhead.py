@@ -49,14 +49,16 @@ def nli_case(quick: bool) -> tuple[str, dict[str, Variant]]:
     model, b, sizes = story_batch(quick)
     names = ["encoder", "pooling", "aggregation"]
     raw = raw_hooks(model, names)
-    recorder = hs.record(model, names,
-                         calls={"encoder": ["premise", "hypothesis"],
-                                "pooling": ["premise", "hypothesis"]},
-                         unsort={"encoder": [b.premise_orig_idx, b.hypothesis_orig_idx]})
+    options = {"calls": {"encoder": ["premise", "hypothesis"],
+                         "pooling": ["premise", "hypothesis"]},
+               "unsort": {"encoder": [b.premise_orig_idx, b.hypothesis_orig_idx]}}
+    recorder = hs.record(model, names, **options)
+    lazy = hs.record(model, names, clone="lazy", **options)
     return (f"BiLSTM NLI ({sizes}, lengths 5-40)", {
                 "plain forward": lambda: model(b),
                 "raw hooks (detach)": lambda: raw(lambda: model(b)),
                 "hookscope.record, 3 modules": lambda: recorder.run(b),
+                'hookscope.record, clone="lazy"': lambda: lazy.run(b),
             })
 
 
@@ -70,11 +72,13 @@ def transformer_case(quick: bool) -> tuple[str, dict[str, Variant]]:
     names = ["layers.0", "layers.3", "layers.5"]
     raw = raw_hooks(model, names)
     recorder = hs.record(model, names)
+    lazy = hs.record(model, names, clone="lazy")
     first = hs.record(model, ["layers.0"], stop=True)
     return (f"TransformerEncoder ({layers} layers, d_model {d}, batch {batch} x {seq})", {
         "plain forward": lambda: model(x),
         "raw hooks (detach)": lambda: raw(lambda: model(x)),
         "hookscope.record, 3 modules": lambda: recorder.run(x),
+        'hookscope.record, clone="lazy"': lambda: lazy.run(x),
         "hookscope stop=True, layer 0 of 6": lambda: first.run(x),
     })
 
@@ -92,10 +96,12 @@ def numpy_case(quick: bool) -> tuple[str, dict[str, Variant]]:
     names = ["0", "2", "4"]
     raw = raw_hooks(model, names)
     recorder = hs.record(model, names)
+    lazy = hs.record(model, names, clone="lazy")
     return (f"CNN fed torch.from_numpy (batch {batch}, 3 x {size} x {size})", {
         "plain forward": lambda: model(torch.from_numpy(data)),
         "raw hooks (detach)": lambda: raw(lambda: model(torch.from_numpy(data))),
         "hookscope.record, 3 modules": lambda: recorder.run(torch.from_numpy(data)),
+        'hookscope.record, clone="lazy"': lambda: lazy.run(torch.from_numpy(data)),
     })
 
 
