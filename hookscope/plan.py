@@ -91,9 +91,7 @@ def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any =
     """A validated, immutable ``Plan`` per selected module from ``record()``'s options."""
     fields: dict[str, dict[str, Any]] = {
         name: {"name": name, "module": m, "module_type": type(m), "device": device,
-               "dtype": dtype, "clone": clone, "rnn": isinstance(m, nn.RNNBase),
-               "inner_rnns": tuple(x for x in m.modules()
-                                   if isinstance(x, nn.RNNBase) and x is not m)}
+               "dtype": dtype, "clone": clone, "rnn": isinstance(m, nn.RNNBase)}
         for name, m in selected.items()}
     if pick is not None:
         picks = (_per_module("pick", pick, model, selected) if isinstance(pick, Mapping)
@@ -117,6 +115,9 @@ def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any =
         fields[name]["batch_dim"] = spec
     for name, spec in _per_module("unsort", unsort or {}, model, selected).items():
         _unsort_fields(name, spec, fields[name])
+        m = selected[name]  # RNNs inside a wrapper: their (h, c) are found by identity
+        fields[name]["inner_rnns"] = tuple(x for x in m.modules()
+                                           if isinstance(x, nn.RNNBase) and x is not m)
     for f in fields.values():
         f["plain"] = (f.get("pick") is None and f.get("perms") is None and device is None
                       and dtype is None)

@@ -325,9 +325,13 @@ class Recorder:
         s.pending_inputs.clear()
         s.rnn_keys.clear()
         s.mask = None
-        if self.mask_from is not None:
-            kwargs = rest[0] if rest and isinstance(rest[0], dict) else {}
-            s.mask = _padding_mask(self.mask_from, args, kwargs)
+        mask_from = self.mask_from
+        if mask_from is not None:
+            kwargs = rest[0] if rest else None
+            if type(mask_from) is str and not (kwargs and mask_from in kwargs) and not any(
+                    isinstance(a, Mapping) for a in args):
+                return  # the common case: no mask in this call
+            s.mask = _padding_mask(mask_from, args, kwargs or {})
 
     def _make_hook(self, plan: Plan) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, *rest: Any) -> None:
