@@ -328,9 +328,12 @@ class Recorder:
         mask_from = self.mask_from
         if mask_from is not None:
             kwargs = rest[0] if rest else None
-            if type(mask_from) is str and not (kwargs and mask_from in kwargs) and not any(
-                    isinstance(a, Mapping) for a in args):
-                return  # the common case: no mask in this call
+            if type(mask_from) is str and not (kwargs and mask_from in kwargs):
+                for a in args:  # a features dict passed positionally (sentence-transformers)
+                    if type(a) is not Tensor and isinstance(a, Mapping):
+                        break
+                else:
+                    return  # the common case: no mask in this call
             s.mask = _padding_mask(mask_from, args, kwargs or {})
 
     def _make_hook(self, plan: Plan) -> Callable[..., None]:
