@@ -90,8 +90,8 @@ features = tokenize(texts)
 with torch.no_grad(), hs.record(model, "0.model.encoder.layer.*") as rec:
     embedding = model(features)["sentence_embedding"]
 rec"""),
-("code", """lengths = features["attention_mask"].sum(1)
-layers = {name.rsplit(".", 1)[-1]: hs.masked_pool(rec[name].tensor, lengths, "mean") for name in rec}
+("md", "The model was called with the tokenizer's `attention_mask`: every layer's capture knows where the padding is (`rec[name].mask`), so the mean leaves it out."),
+("code", """layers = {name.rsplit(".", 1)[-1]: hs.masked_pool(rec[name].tensor, rec[name].mask, "mean") for name in rec}
 pooled = torch.nn.functional.normalize(layers["5"], dim=1)
 print("last layer, masked mean + L2 = the package's embedding:", torch.allclose(pooled, embedding, atol=1e-5))
 {name: hs.cosine(x[[0, 0]], x[[1, 2]]).round(3) for name, x in layers.items()}"""),
