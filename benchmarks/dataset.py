@@ -93,19 +93,8 @@ def _job(args: list[str], torchrun: bool = False) -> dict:
 
 def bilstm(n_pairs: int, repeats: int) -> list[dict]:
     import hookscope as hs
-    from hookscope.examples.corpus import generate
-    from hookscope.examples.nli import load_pretrained
 
-    model, vec, _ = load_pretrained()
-    pairs = generate(0)
-    pairs = (pairs * (n_pairs // len(pairs) + 1))[:n_pairs]
-    batches = []
-    for i in range(0, len(pairs), 64):
-        chunk = pairs[i : i + 64]
-        b = vec.batch_transform_nli_padded_sorted([p.premise for p in chunk],
-                                                  [p.hypothesis for p in chunk])
-        b.texts = [p.premise for p in chunk]
-        batches.append(b)
+    model, batches = _story_batches(n_pairs)
 
     def plain() -> None:
         with torch.no_grad():

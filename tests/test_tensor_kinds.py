@@ -61,12 +61,18 @@ def test_numpy_backed_tensors_and_their_views(make, inner, clone):
     assert_no_hooks(model)
 
 
-def test_nested_tensors_from_the_transformer_fast_path():
+def _fast_path_encoder(layers: int):
+    """nn.TransformerEncoder in eval mode with a padding mask: its fast path (under no_grad)
+    returns nested tensors.  Returns (model, x, padding mask) for lengths 5, 3, 2."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
-    model = nn.TransformerEncoder(layer, 2).eval()
-    x = torch.randn(3, 5, 8)
+    model = nn.TransformerEncoder(layer, layers).eval()
     pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 2 + [True] * 3])
+    return model, torch.randn(3, 5, 8), pad
+
+
+def test_nested_tensors_from_the_transformer_fast_path():
+    model, x, pad = _fast_path_encoder(2)
     with torch.no_grad():
         reference = _manual(model, "layers.0", x, src_key_padding_mask=pad)[0]
         assert reference.is_nested  # PyTorch's fast path: what we must record
@@ -213,11 +219,7 @@ def test_live_objects_are_snapshotted_or_named():
 
 
 def test_nested_captures_export_only_their_real_positions():
-    torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
-    model = nn.TransformerEncoder(layer, 1).eval()
-    x = torch.randn(3, 5, 8)
-    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 2 + [True] * 3])
+    model, x, pad = _fast_path_encoder(1)
     with torch.no_grad(), hs.record(model, ["layers.0"]) as rec:
         model(x, src_key_padding_mask=pad)
     parts = rec["layers.0"].tensor.unbind()
