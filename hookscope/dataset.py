@@ -40,7 +40,7 @@ from .dataset_format import (
     write_json_atomic,
 )
 from .dataset_lock import WriterLock
-from .errors import DatasetError
+from .errors import DatasetError, InputError, InputTypeError
 from .fingerprint import setup_fingerprint
 from .frame import capture_mask, capture_matrix
 from .recorder import Recorder
@@ -239,17 +239,17 @@ def record_dataset(
     """
     arrow()  # fail before any work if pyarrow is missing
     if store_dtype not in (torch.float32, torch.float16):
-        raise TypeError(f"store_dtype must be torch.float32 or torch.float16, got "
+        raise InputTypeError(f"store_dtype must be torch.float32 or torch.float16, got "
                         f"{store_dtype!r}.")
     if not isinstance(shard_rows, int) or shard_rows < 1:
-        raise ValueError(f"shard_rows must be a positive int, got {shard_rows!r}.")
+        raise InputError(f"shard_rows must be a positive int, got {shard_rows!r}.")
     if setup_id is not None and not isinstance(setup_id, str):
-        raise TypeError(f"setup_id must be a str, got {setup_id!r}.")
+        raise InputTypeError(f"setup_id must be a str, got {setup_id!r}.")
     out = Path(out)
     rank, world = _dist()
     per_batch_unsort = record_options.pop("unsort", None)
     if per_batch_unsort is not None and not callable(per_batch_unsort):
-        raise TypeError("record_dataset: unsort= must be a callable batch -> {module: "
+        raise InputTypeError("record_dataset: unsort= must be a callable batch -> {module: "
                         "permutation(s)}, since every batch has its own order (e.g. lambda b: "
                         "{'encoder': [b.premise_orig_idx, b.hypothesis_orig_idx]}).")
     recorder = Recorder(model, modules, **record_options)

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import RecordingFileError
+from .errors import InputTypeError, RecordingFileError
 from .recording import Capture, Recording
 from .restore import (
     Restored,
@@ -147,7 +147,8 @@ def save(recording: Recording, path: str | os.PathLike) -> Path:
     True
     """
     if not isinstance(recording, Recording):
-        raise TypeError(f"save() writes a hookscope Recording, got {type(recording).__name__}.")
+        raise InputTypeError(
+            f"save() writes a hookscope Recording, got {type(recording).__name__}.")
     path = Path(path)
     w = _Writer()
     captures = []

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from .errors import InputTypeError
+
 __all__ = ["Restored", "RestoredDict", "allow_class"]
 
 
@@ -62,15 +64,15 @@ def allow_class(cls: type, rebuild: Callable[[type, dict], Any] | None = None) -
         ``cls``, so that ``allow_class`` can decorate a class definition.
     """
     if not isinstance(cls, type):
-        raise TypeError(f"allow_class() takes a class, got {cls!r}.")
+        raise InputTypeError(f"allow_class() takes a class, got {cls!r}.")
     if rebuild is None:
         if (issubclass(cls, tuple) and hasattr(cls, "_fields")) or dataclasses.is_dataclass(cls):
             rebuild = _by_keywords
         elif issubclass(cls, Mapping):
             rebuild = _by_mapping
         else:
-            raise TypeError(f"allow_class(): {cls.__qualname__} is not a namedtuple, dataclass "
-                            "or mapping; pass rebuild=.")
+            raise InputTypeError(f"allow_class(): {cls.__qualname__} is not a namedtuple, "
+                                 "dataclass or mapping; pass rebuild=.")
     _ALLOWED[_class_name(cls)] = (cls, rebuild)
     return cls
 
