@@ -526,7 +526,7 @@ def similarity_matrix(
     *,
     reduce: Reduce = None,
     lengths: ArrayLike | Sequence[ArrayLike] | None = None,
-    bidirectional: bool = False,
+    bidirectional: bool | None = None,
     metric: str | Callable | None = None,
     correlation: str | None = None,
 ) -> pd.DataFrame:
@@ -562,7 +562,7 @@ def similarity_matrix(
     if method != "rsa" and (metric is not None or correlation is not None):
         raise InputError(f"metric= and correlation= apply to method='rsa', not {method!r}.")
     if isinstance(reps, Mapping):
-        if reduce is not None or lengths is not None or bidirectional:
+        if reduce is not None or lengths is not None or bidirectional is not None:
             raise InputError("reduce=, lengths= and bidirectional= apply when reps is a "
                              "Recording; pool mapping values yourself (hs.masked_pool).")
     else:

@@ -182,7 +182,7 @@ def record_dataset(
     shard_rows: int = 10_000,
     resume: bool = True,
     progress: bool = True,
-    bidirectional: bool = False,
+    bidirectional: bool | None = None,
     store_dtype: torch.dtype = torch.float32,
     setup_id: str | None = None,
     **record_options: Any,

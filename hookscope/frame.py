@@ -96,14 +96,15 @@ def _takes_mask(fn: Callable[..., Any]) -> bool:
     return positional >= 2
 
 
-def capture_matrix(cap: Any, reduce: Reduce = None, *, bidirectional: bool = False,
+def capture_matrix(cap: Any, reduce: Reduce = None, *, bidirectional: bool | None = None,
                    lengths: Any = None) -> np.ndarray:
     """One row per example for a capture: ``(batch, units)``.
 
     - ``(batch,)`` is one unit; ``(batch, units)`` is used as it is (``reduce`` is not
       needed, and ignored).
     - A sequence ``(batch, time, features)`` needs ``reduce``: ``"last"`` (the last real
-      position, see :func:`hookscope.last_state`; ``bidirectional`` as there), ``"mean"``,
+      position, see :func:`hookscope.last_state`; ``bidirectional`` as there, by default
+      what the recorder knows: ``Capture.bidirectional``), ``"mean"``,
       ``"max"``, ``"sum"`` over real positions only (see :func:`hookscope.masked_pool`), or
       ``"flatten"`` (every position, padding included).  Real positions come from ``lengths``
       (integer lengths or a ``(batch, time)`` mask) if given, else from the capture's own
@@ -119,7 +120,8 @@ def capture_matrix(cap: Any, reduce: Reduce = None, *, bidirectional: bool = Fal
     they are).
     """
     reduce = check_reduce(reduce)
-    bidirectional = check_bool(bidirectional, "bidirectional")
+    bidirectional = (bool(getattr(cap, "bidirectional", False)) if bidirectional is None
+                     else check_bool(bidirectional, "bidirectional"))
     cap = dense_capture(cap)
     t = cap.tensor
     if t.ndim == 0:
@@ -212,7 +214,7 @@ def _sequence_lengths(cap: Any, by_step: dict[int, Any]) -> Any:
 
 
 def recording_vectors(rec: Any, reduce: Reduce = None, *, lengths: Any = None,
-                      bidirectional: bool = False) -> dict[str, np.ndarray]:
+                      bidirectional: bool | None = None) -> dict[str, np.ndarray]:
     """One ``(examples, units)`` matrix per module (and call) of a recording, steps stacked.
 
     Keys are ``"module"``, or ``"module:call"`` for a module that ran several times per step
@@ -227,8 +229,9 @@ def recording_vectors(rec: Any, reduce: Reduce = None, *, lengths: Any = None,
     lengths : (batch,) lengths or (batch, time) mask, optional
         Real positions of the sequence captures, overriding what they know (a list with one
         entry per step for a recording of several steps).
-    bidirectional : bool
-        For ``reduce="last"``: the features are ``[forward, backward]`` halves.
+    bidirectional : bool, optional
+        For ``reduce="last"``: the features are ``[forward, backward]`` halves.  By default
+        each capture says (``Capture.bidirectional``).
 
     Returns
     -------
@@ -257,11 +260,12 @@ def _meta_frame(meta: Any, n: int) -> pd.DataFrame:
 
 def to_frame(captures: Iterable[Any], kind: str = "wide", *, reduce: Reduce = None,
              lengths: Any = None, meta: pd.DataFrame | Mapping[str, Sequence] | None = None,
-             bidirectional: bool = False) -> pd.DataFrame:
+             bidirectional: bool | None = None) -> pd.DataFrame:
     """Captures as a DataFrame; see :meth:`hookscope.Recording.to_frame`."""
     captures = [dense_capture(c) for c in captures]
     reduce = check_reduce(reduce)
-    bidirectional = check_bool(bidirectional, "bidirectional")
+    if bidirectional is not None:
+        bidirectional = check_bool(bidirectional, "bidirectional")
     if not captures:
         raise InputError("nothing to export: the recording holds no captures (did the model "
                          "run inside the with block?).")
@@ -278,7 +282,7 @@ def to_frame(captures: Iterable[Any], kind: str = "wide", *, reduce: Reduce = No
     raise InputError(f"kind must be 'wide' or 'long', got {kind!r}.")
 
 
-def _wide(captures: list[Any], reduce: Reduce, meta: Any, bidirectional: bool,
+def _wide(captures: list[Any], reduce: Reduce, meta: Any, bidirectional: bool | None,
           by_step: dict[int, Any]) -> pd.DataFrame:
     groups, offsets = _grouped(captures)
     n = offsets[-1]

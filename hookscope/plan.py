@@ -41,6 +41,9 @@ class Plan:
     # (layers * directions, hidden) of RNNs inside this module (a wrapper such as the story's
     # LSTMEncoder): their (h, c) are found by identity when unsort= is given.
     inner_rnns: tuple[nn.RNNBase, ...] = ()
+    # Feature size of a bidirectional RNN's output ([forward, backward] halves) in this module
+    # (itself, or the one RNN inside a wrapper): captures of that width know they are.
+    bidir_units: int | None = None
     expected: int = 1  # calls per forward pass that stop=True waits for
     plain: bool = False  # True: nothing to do to a tensor output but detach and snapshot
 
@@ -91,7 +94,8 @@ def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any =
     """A validated, immutable ``Plan`` per selected module from ``record()``'s options."""
     fields: dict[str, dict[str, Any]] = {
         name: {"name": name, "module": m, "module_type": type(m), "device": device,
-               "dtype": dtype, "clone": clone, "rnn": isinstance(m, nn.RNNBase)}
+               "dtype": dtype, "clone": clone, "rnn": isinstance(m, nn.RNNBase),
+               "bidir_units": _bidirectional_units(m)}
         for name, m in selected.items()}
     if pick is not None:
         picks = (_per_module("pick", pick, model, selected) if isinstance(pick, Mapping)
@@ -122,6 +126,15 @@ def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any =
         f["plain"] = (f.get("pick") is None and f.get("perms") is None and device is None
                       and dtype is None)
     return {name: Plan(**f) for name, f in fields.items()}
+
+
+def _bidirectional_units(module: nn.Module) -> int | None:
+    """``2 * hidden`` if ``module`` is, or wraps exactly one, bidirectional RNN; else None."""
+    rnns = [m for m in module.modules() if isinstance(m, nn.RNNBase)]
+    if len(rnns) != 1 or not rnns[0].bidirectional:
+        return None
+    rnn = rnns[0]
+    return 2 * (getattr(rnn, "proj_size", 0) or rnn.hidden_size)
 
 
 def _unsort_fields(name: str, spec: Any, f: dict[str, Any]) -> None:

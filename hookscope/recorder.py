@@ -405,6 +405,10 @@ class Recorder:
         if lengths is None and (s.mask is not None or type(value) is not Tensor
                                 or value.is_nested):
             lengths, mask = _nested_lengths_or_mask(value, s.mask, perm)
+        bidirectional = False
+        if plan.bidir_units is not None:
+            t = first_tensor(value)
+            bidirectional = t is not None and t.ndim > 1 and t.shape[-1] == plan.bidir_units
         inputs = kwargs_in = None
         if self.inputs:
             pending = s.pending_inputs.get(name)
@@ -413,7 +417,8 @@ class Recorder:
                 if in_versions:
                     versions = [*(versions or []), *in_versions]
         rec._add(Capture(name, rec.steps - 1, call, label, plan.module_type, value, inputs,
-                         kwargs_in, lengths, versions, mask=mask, live=live))
+                         kwargs_in, lengths, versions, mask=mask, live=live,
+                         bidirectional=bidirectional))
         if self.stop and call + 1 == plan.expected:
             s.remaining -= 1
             if s.remaining == 0:

@@ -50,14 +50,21 @@ class Capture:
         Positional and keyword inputs, treated the same way; ``None`` unless ``inputs=True``.
     lengths : Tensor or None
         Sequence lengths (int64, CPU, same batch order as ``output``) where known: from a
-        ``PackedSequence`` in the output, else from one in the inputs.
+        ``PackedSequence`` in the output, else from one in the inputs, or from a nested
+        tensor's sizes.
+    live : tuple of str
+        Objects in the output that could not be snapshotted and are held by reference
+        (``"output[1] (MyCache)"``); empty for most captures.
+    bidirectional : bool
+        Whether the primary tensor is a bidirectional RNN's output (``[forward, backward]``
+        halves): ``reduce="last"`` then takes the backward half at the first real position.
     mask : Tensor or None
         Boolean ``(batch, time)``, True at real positions (see :attr:`mask`).
     """
 
     __slots__ = (
-        "_inputs", "_kwargs", "_mask", "_output", "_versions", "call", "label", "lengths",
-        "live", "module_type", "name", "step",
+        "_inputs", "_kwargs", "_mask", "_output", "_versions", "bidirectional", "call", "label",
+        "lengths", "live", "module_type", "name", "step",
     )  # fmt: skip
 
     def __init__(
@@ -75,6 +82,7 @@ class Capture:
         *,
         mask: Tensor | None = None,
         live: tuple[str, ...] = (),
+        bidirectional: bool = False,
     ) -> None:
         self.name = name
         self.step = step
@@ -88,6 +96,7 @@ class Capture:
         self._mask = mask
         self._versions = versions
         self.live = live
+        self.bidirectional = bidirectional
 
     # -- values -----------------------------------------------------------------------------
     @property
@@ -189,7 +198,7 @@ class Capture:
                           for _, t in iter_tensors(part))
 
     def to_frame(self, kind: str = "wide", *, reduce: Any = None, lengths: Any = None,
-                 meta: Any = None, bidirectional: bool = False) -> pd.DataFrame:
+                 meta: Any = None, bidirectional: bool | None = None) -> pd.DataFrame:
         """This capture as a DataFrame; see :meth:`Recording.to_frame`."""
         from .frame import to_frame
 
@@ -489,7 +498,7 @@ class Recording:
 
     # -- export -----------------------------------------------------------------------------
     def to_frame(self, kind: str = "wide", *, reduce: Any = None, lengths: Any = None,
-                 meta: Any = None, bidirectional: bool = False) -> pd.DataFrame:
+                 meta: Any = None, bidirectional: bool | None = None) -> pd.DataFrame:
         """The recording as a pandas DataFrame.
 
         Parameters
@@ -524,8 +533,10 @@ class Recording:
         meta : DataFrame or mapping of column -> values, optional
             Per-example metadata (text, label), one row per example: extra index levels
             (wide) or extra columns (long).
-        bidirectional : bool
-            For ``reduce="last"``: the features are ``[forward, backward]`` halves.
+        bidirectional : bool, optional
+            For ``reduce="last"``: the features are ``[forward, backward]`` halves.  By default
+            each capture says (``Capture.bidirectional``: the recorder knows a bidirectional
+            RNN's output, also inside a wrapper).
 
         Raises
         ------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -71,3 +72,44 @@ def test_unsort_unpacked_rnn_without_batch_first_uses_dim_1():
     with torch.no_grad(), hs.record(rnn, [""], unsort={"": perm}) as rec:
         out, h = rnn(x)
     assert torch.equal(rec[""].tensor, out[:, perm]) and torch.equal(rec[""].output[1], h[:, perm])
+
+
+def test_last_state_of_a_bidirectional_rnn_is_right_by_default():
+    """The capture knows it holds [forward, backward] halves: reduce="last" equals h_n
+    (forward final state at the last real step, backward at the first) with no argument."""
+    torch.manual_seed(0)
+    gru = nn.GRU(3, 4, batch_first=True, bidirectional=True)
+    lengths = torch.tensor([5, 2, 4])
+    x = torch.randn(3, 5, 3)
+    packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                               enforce_sorted=False)
+    with torch.no_grad(), hs.record(gru, [""]) as rec:
+        _, h_n = gru(packed)
+    cap = rec[""]
+    assert cap.bidirectional
+    expected = torch.cat([h_n[0], h_n[1]], dim=1).numpy()
+    got = rec.to_frame(reduce="last").to_numpy()
+    assert np.allclose(got, expected, atol=1e-6)
+    # Saying otherwise is still possible (the plain last real position of every unit).
+    plain = rec.to_frame(reduce="last", bidirectional=False).to_numpy()
+    assert not np.allclose(plain, expected, atol=1e-3)
+
+
+def test_only_bidirectional_rnn_outputs_are_marked(story_model, story_batch):
+    class Projects(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(3, 4, batch_first=True, bidirectional=True)
+            self.out = nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.out(self.lstm(x)[0])
+
+    with hs.record(story_model, ["encoder", "pooling"],
+                   calls={"encoder": ["p", "h"], "pooling": ["p", "h"]}) as rec:
+        story_model(story_batch)
+    assert rec["encoder", "p"].bidirectional and not rec["pooling", "p"].bidirectional
+    model = Projects()
+    with hs.record(model, ["", "lstm"]) as rec2:
+        model(torch.randn(2, 3, 3))
+    assert rec2["lstm"].bidirectional and not rec2[""].bidirectional
