@@ -171,7 +171,9 @@ def nearest_neighbors(
     indices : numpy.ndarray of int64, shape (q, k)
         Nearest first; ties broken by the lower item index, so results are deterministic.
     scores : numpy.ndarray, shape (q, k)
-        The score of each neighbour (float32 for float32 inputs).
+        The score of each neighbour (float32 for float32 inputs), nearest first: the cosine
+        or dot product (descending) for those metrics, the positive euclidean distance
+        (ascending) for ``"euclidean"``.
 
     Examples
     --------

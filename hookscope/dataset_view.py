@@ -8,6 +8,7 @@ only the shards that hold them, and every shard read is checked against its SHA-
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,15 @@ class DatasetView:
     def __len__(self) -> int:
         return sum(s["rows"] for s in self.manifest["shards"])
 
+    @property
+    def complete(self) -> bool:
+        """Whether the recording ran to its end (``False``: a run that stopped or was killed
+        part-way; the rows written so far are readable, and ``record_dataset`` resumes it)."""
+        return bool(self.manifest.get("complete"))
+
     def __repr__(self) -> str:
-        return (f"DatasetView({str(self.path)!r}: {len(self)} rows, "
+        partial = "" if self.complete else "INCOMPLETE, "
+        return (f"DatasetView({str(self.path)!r}: {partial}{len(self)} rows, "
                 f"{len(self.manifest['shards'])} shards, columns {self.columns})")
 
     def _example_ids(self) -> list[np.ndarray]:
@@ -157,7 +165,8 @@ class DatasetView:
 
 
 def open_dataset(path: str | os.PathLike, *, verify: bool = True) -> DatasetView:
-    """Open a dataset written by :func:`record_dataset` (complete or not).
+    """Open a dataset written by :func:`record_dataset` (complete or not: an incomplete one
+    opens with a ``UserWarning``, and ``DatasetView.complete`` says which).
 
     The manifest is validated when opened, and each shard's size and SHA-256 checksum when it
     is read: a damaged or edited dataset raises :class:`DatasetError` naming the file.
@@ -168,4 +177,9 @@ def open_dataset(path: str | os.PathLike, *, verify: bool = True) -> DatasetView
     if not manifest_path.exists():
         raise DatasetError(f"{path} has no {MANIFEST}: not a hookscope dataset (or a "
                            "multi-process run that did not finish).")
-    return DatasetView(path, read_manifest(manifest_path), verify=verify)
+    view = DatasetView(path, read_manifest(manifest_path), verify=verify)
+    if not view.complete:
+        warnings.warn(f"{path} is incomplete: its recording stopped before the end, and only "
+                      f"the {len(view)} rows written so far are here. Run the same "
+                      "record_dataset(...) again to finish it (it resumes).", stacklevel=2)
+    return view

@@ -89,8 +89,9 @@ def _raise_bad(t: Tensor, mask: Tensor, name: str) -> None:
         raise InputError(f"{name} holds NaN or infinity at a real position (first at index "
                          f"{tuple(bad)}); hookscope never computes with them: clean or drop "
                          "those items first.")
-    raise InputError(f"pooling {name} overflows {t.dtype}: compute in a wider dtype "
-                     "(x.double()).")
+    raise InputError(f"the pooled values overflow {t.dtype} (largest "
+                     f"{torch.finfo(t.dtype).max:.4g}): pool a wider dtype, e.g. record with "
+                     "dtype=torch.float32 or pass tensor.float().")
 
 
 def last_state(padded: ArrayLike, lengths: ArrayLike, *, bidirectional: bool = False,
@@ -201,12 +202,15 @@ def masked_pool(padded: ArrayLike, lengths: ArrayLike | None = None, reduce: str
     t, was_tensor = _as_input(padded)
     if not t.dtype.is_floating_point:
         t = t.double()
+    # Half precision sums and means accumulate in float32 (a mean that fits float16 must not
+    # fail because its sum does not), then come back in the input's dtype.
+    wide = t.float() if t.dtype in (torch.float16, torch.bfloat16) and reduce != "max" else t
     if t.ndim >= 4:
         if lengths is not None:
             raise InputError(f"padded has shape {tuple(t.shape)}, a feature map (batch, "
                              "channels, *spatial): lengths apply to sequences only.")
-        flat = t.reshape(t.shape[0], t.shape[1], -1)
-        out = {"mean": flat.mean, "max": flat.amax, "sum": flat.sum}[reduce](2)
+        flat = wide.reshape(t.shape[0], t.shape[1], -1)
+        out = {"mean": flat.mean, "max": flat.amax, "sum": flat.sum}[reduce](2).to(t.dtype)
         if not bool(torch.isfinite(out).all()):
             _raise_bad(t, None, "padded")
         return _back(out, was_tensor)
@@ -214,19 +218,20 @@ def masked_pool(padded: ArrayLike, lengths: ArrayLike | None = None, reduce: str
         raise InputError(f"padded must be (batch, time, features) or a feature map (batch, "
                          f"channels, *spatial), got shape {tuple(t.shape)}.")
     if not check_bool(batch_first, "batch_first"):
-        t = t.transpose(0, 1)
+        t, wide = t.transpose(0, 1), wide.transpose(0, 1)
     if lengths is None:
-        out = {"mean": t.mean, "max": t.amax, "sum": t.sum}[reduce](1)
+        out = {"mean": wide.mean, "max": wide.amax, "sum": wide.sum}[reduce](1)
         mask = None
     else:
         mask = as_mask(lengths, t.shape[0], t.shape[1])
         keep = mask.to(t.device)[..., None]
         if reduce == "max":
-            out = t.masked_fill(~keep, -torch.inf).amax(1)
+            out = wide.masked_fill(~keep, -torch.inf).amax(1)
         else:
-            out = t.masked_fill(~keep, 0).sum(1)
+            out = wide.masked_fill(~keep, 0).sum(1)
             if reduce == "mean":
                 out = out / mask.sum(1, keepdim=True).to(t.device, out.dtype)
+    out = out.to(t.dtype)
     if not bool(torch.isfinite(out).all()):
         _raise_bad(t, mask, "padded")
     return _back(out, was_tensor)

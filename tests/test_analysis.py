@@ -483,3 +483,12 @@ def test_analysis_frame_pooling_imports_go_one_way():
         tree = ast.parse((root / f"{name}.py").read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level}
         assert imported <= set(order[:i]), (name, imported)  # incl. imports inside functions
+
+
+def test_half_precision_means_accumulate_wide():
+    """A float16 mean that fits float16 must not fail because its sum (80,000) does not."""
+    t = torch.full((2, 4000, 3), 20.0, dtype=torch.float16)
+    out = hs.masked_pool(t, torch.tensor([4000, 7]), "mean")
+    assert out.dtype == torch.float16 and torch.equal(out, torch.full((2, 3), 20.0).half())
+    with pytest.raises(hs.errors.InputError, match="overflow torch.float16"):
+        hs.masked_pool(t, None, "sum")  # the sum itself does not fit: a clear error

@@ -190,7 +190,11 @@ def test_disk_full_keeps_completed_shards_and_resumes(tmp_path, monkeypatch):
     assert len(manifest["shards"]) == 2 and not manifest["complete"]
     assert sorted(p.name for p in (tmp_path / "full" / "shards").iterdir()) == [
         "part-r000-000000.parquet", "part-r000-000001.parquet"]  # no half-written shard
+    with pytest.warns(UserWarning, match="incomplete.*8 rows"):
+        partial = open_dataset(tmp_path / "full")  # readable, but never silently partial
+    assert not partial.complete and "INCOMPLETE" in repr(partial)
     record_dataset(model, data, [""], tmp_path / "full", shard_rows=4, progress=False)
+    assert open_dataset(tmp_path / "full").complete
     with torch.no_grad():  # batch by batch, as the library ran it: BLAS kernels (and so the
         # last bit) depend on the batch size, so one model(torch.cat(data)) may differ.
         expected = torch.cat([model(batch) for batch in data]).numpy()
