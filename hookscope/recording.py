@@ -79,7 +79,6 @@ class Capture:
         kwargs: dict | None = None,
         lengths: Tensor | None = None,
         versions: list[tuple[Tensor, int]] | None = None,
-        *,
         mask: Tensor | None = None,
         live: tuple[str, ...] = (),
         bidirectional: bool = False,
