@@ -2,7 +2,9 @@
 
 Pure functions of a value and a :class:`~hookscope.plan.Plan`: detach, pad ``PackedSequence``
 back, undo the caller's batch sorting (``unsort=``), move/cast, and take a *snapshot* of what
-still aliases the model's memory.  No hooks here, so every rule is testable on plain values.
+still aliases the model's memory; and what a capture knows besides its value (sequence lengths
+from packed inputs or nested sizes, the call's padding mask).  No hooks here, so every rule is
+testable on plain values.
 
 Snapshot rules, per tensor kind (a capture must never change after its call, never crash the
 user's forward, and never pin more memory than it reports):
@@ -32,11 +34,20 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .errors import UnsortError
+from .errors import InputError, UnsortError
 from .plan import Plan
-from .structure import find_batch_dim, map_leaves, pad_packed
+from .structure import find_batch_dim, first_tensor, map_leaves, packed_lengths, pad_packed
 
-__all__ = ["CloneMode", "Converted", "batch_dim_of", "convert", "snapshot_tensor"]
+__all__ = [
+    "CloneMode",
+    "Converted",
+    "batch_dim_of",
+    "convert",
+    "input_lengths",
+    "nested_lengths_or_mask",
+    "padding_mask",
+    "snapshot_tensor",
+]
 
 CloneMode = bool | Literal["lazy"]
 
@@ -258,3 +269,71 @@ def state_keys(output: Any) -> list[tuple]:
     state = output[1]
     leaves = state if isinstance(state, tuple) else (state,)
     return [_state_key(t) for t in leaves if isinstance(t, Tensor)]
+
+
+# -- what a capture knows besides its value: lengths and padding masks ---------------------
+
+
+def padding_mask(mask_from: Any, args: tuple, kwargs: dict) -> Tensor | None:
+    """The model call's ``(batch, time)`` mask, True at real positions, or ``None``.
+
+    A keyword name reads that keyword, or that key of a dict passed positionally (True /
+    non-zero = a real token, the Hugging Face convention); an additive float mask (0 and -inf)
+    is not a padding mask and is ignored.
+    A callable gets ``(args, kwargs)`` and returns the mask itself (or ``None``).
+    """
+    if callable(mask_from):
+        mask = mask_from(args, kwargs)
+        if mask is None:
+            return None
+        mask = torch.as_tensor(mask)
+        if mask.ndim != 2:
+            raise InputError(f"mask_from= returned a mask of shape {tuple(mask.shape)}; it "
+                             "must be (batch, time), True at real positions.")
+        return mask.detach().to("cpu") != 0
+    mask = kwargs.get(mask_from)
+    if mask is None:  # model(batch) with a dict of features (sentence-transformers)
+        mask = next((a[mask_from] for a in args if isinstance(a, Mapping) and mask_from in a),
+                    None)
+    if not isinstance(mask, Tensor) or mask.ndim != 2:
+        return None
+    mask = mask.detach()
+    if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+        return None  # an additive mask (0 / -inf): not "1 = real token"
+    return mask.to("cpu") != 0
+
+
+def input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str) -> Tensor | None:
+    # The story's LSTMEncoder takes a PackedSequence and returns a padded tensor: the
+    # lengths live in the input's batch_sizes.  (Plain loops: this runs on every call.)
+    packed = None
+    for a in args:
+        if isinstance(a, PackedSequence):
+            packed = a
+            break
+    if packed is None and kwargs:
+        for a in kwargs.values():
+            if isinstance(a, PackedSequence):
+                packed = a
+                break
+    if packed is None:
+        return None
+    lengths = packed_lengths(packed)
+    return lengths if perm is None else permute_lengths(lengths, perm, f"{name!r} lengths")
+
+
+def nested_lengths_or_mask(value: Any, mask: Tensor | None,
+                            perm: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Lengths of a nested tensor's sequences, or the model call's attention mask where the
+    primary tensor is ``(batch, time, ...)`` of the mask's shape."""
+    t = first_tensor(value)
+    if t is None:
+        return None, None
+    if t.is_nested:
+        try:
+            return torch.tensor([c.shape[0] for c in t.unbind()], dtype=torch.int64), None
+        except Exception:
+            return None, None
+    if mask is None or t.ndim < 2 or tuple(t.shape[:2]) != tuple(mask.shape):
+        return None, None
+    return None, mask if perm is None else mask[perm]

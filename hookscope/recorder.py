@@ -18,9 +18,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
 
-from .convert import CloneMode, convert, permute_lengths, snapshot_tensor, state_keys
+from .convert import (
+    CloneMode,
+    convert,
+    input_lengths,
+    nested_lengths_or_mask,
+    padding_mask,
+    snapshot_tensor,
+    state_keys,
+)
 from .errors import (
     CallCountError,
     HookscopeError,
@@ -31,7 +38,7 @@ from .errors import (
 from .plan import BatchDim, Plan, build_plans
 from .recording import Capture, Recording
 from .select import ModuleSpec, resolve_modules, unwrap
-from .structure import first_tensor, packed_lengths
+from .structure import first_tensor
 
 __all__ = ["Recorder", "record"]
 
@@ -201,10 +208,7 @@ class Recorder:
         self._prefix = prefix
         self._names = list(self._plans)
         self._module_types = {n: p.module_type for n, p in self._plans.items()}
-        self._hooks = [(p.module, self._make_pre_hook(p) if inputs else None, self._make_hook(p))
-                       for p in self._plans.values()]
-        self._state_hooks = [(rnn, self._make_state_hook()) for p in self._plans.values()
-                             if p.perms is not None and not p.rnn for rnn in p.inner_rnns]
+        self._make_hooks()
         # Hooks added after torch.compile are not seen by the compiled graph (dynamo skips
         # hook guards), which would give an empty recording: run eagerly inside the block.
         self._wrapped_compiled = "_orig_mod." in prefix
@@ -231,12 +235,18 @@ class Recorder:
         new = object.__new__(Recorder)
         new.__dict__.update(self.__dict__)
         new._plans = build_plans(self.model, self._selected, unsort=unsort, **self._options)
-        new._hooks = [(p.module, new._make_pre_hook(p) if new.inputs else None,
-                       new._make_hook(p)) for p in new._plans.values()]
-        new._state_hooks = [(rnn, new._make_state_hook()) for p in new._plans.values()
-                            if p.perms is not None and not p.rnn for rnn in p.inner_rnns]
+        new._make_hooks()
         new._session = None
         return new
+
+    def _make_hooks(self) -> None:
+        """The hook functions of these plans, made once: entering only registers them."""
+        plans = self._plans.values()
+        self._hooks = [(p.module, self._make_pre_hook(p) if self.inputs else None,
+                        self._make_hook(p)) for p in plans]
+        # RNNs inside a wrapper with unsort=: their (h, c) are recognised by identity.
+        self._state_hooks = [(rnn, self._make_state_hook()) for p in plans
+                             if p.perms is not None and not p.rnn for rnn in p.inner_rnns]
 
     # -- entering and leaving ---------------------------------------------------------------
     def __enter__(self) -> Recording:
@@ -334,7 +344,7 @@ class Recorder:
                         break
                 else:
                     return  # the common case: no mask in this call
-            s.mask = _padding_mask(mask_from, args, kwargs or {})
+            s.mask = padding_mask(mask_from, args, kwargs or {})
 
     def _make_hook(self, plan: Plan) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, *rest: Any) -> None:
@@ -401,10 +411,10 @@ class Recorder:
             if s.rnn_keys and not plan.rnn:
                 s.rnn_keys.clear()
         if lengths is None and (args or kwargs):
-            lengths = _input_lengths(args, kwargs, perm, name)
+            lengths = input_lengths(args, kwargs, perm, name)
         if lengths is None and (s.mask is not None or type(value) is not Tensor
                                 or value.is_nested):
-            lengths, mask = _nested_lengths_or_mask(value, s.mask, perm)
+            lengths, mask = nested_lengths_or_mask(value, s.mask, perm)
         bidirectional = False
         if plan.bidir_units is not None:
             t = first_tensor(value)
@@ -507,71 +517,6 @@ def _check_device(device: torch.device | str) -> torch.device:
         raise InputError(f"device={device!r} cannot hold tensors here ({exc}). Use a device "
                          "this PyTorch has, e.g. 'cpu'.") from None
     return device
-
-
-def _padding_mask(mask_from: Any, args: tuple, kwargs: dict) -> Tensor | None:
-    """The model call's ``(batch, time)`` mask, True at real positions, or ``None``.
-
-    A keyword name reads that keyword, or that key of a dict passed positionally (True /
-    non-zero = a real token, the Hugging Face convention); an additive float mask (0 and -inf)
-    is not a padding mask and is ignored.
-    A callable gets ``(args, kwargs)`` and returns the mask itself (or ``None``).
-    """
-    if callable(mask_from):
-        mask = mask_from(args, kwargs)
-        if mask is None:
-            return None
-        mask = torch.as_tensor(mask)
-        if mask.ndim != 2:
-            raise InputError(f"mask_from= returned a mask of shape {tuple(mask.shape)}; it "
-                             "must be (batch, time), True at real positions.")
-        return mask.detach().to("cpu") != 0
-    mask = kwargs.get(mask_from)
-    if mask is None:  # model(batch) with a dict of features (sentence-transformers)
-        mask = next((a[mask_from] for a in args if isinstance(a, Mapping) and mask_from in a),
-                    None)
-    if not isinstance(mask, Tensor) or mask.ndim != 2:
-        return None
-    mask = mask.detach()
-    if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
-        return None  # an additive mask (0 / -inf): not "1 = real token"
-    return mask.to("cpu") != 0
-
-
-def _input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str) -> Tensor | None:
-    # The story's LSTMEncoder takes a PackedSequence and returns a padded tensor: the
-    # lengths live in the input's batch_sizes.  (Plain loops: this runs on every call.)
-    packed = None
-    for a in args:
-        if isinstance(a, PackedSequence):
-            packed = a
-            break
-    if packed is None and kwargs:
-        for a in kwargs.values():
-            if isinstance(a, PackedSequence):
-                packed = a
-                break
-    if packed is None:
-        return None
-    lengths = packed_lengths(packed)
-    return lengths if perm is None else permute_lengths(lengths, perm, f"{name!r} lengths")
-
-
-def _nested_lengths_or_mask(value: Any, mask: Tensor | None,
-                            perm: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-    """Lengths of a nested tensor's sequences, or the model call's attention mask where the
-    primary tensor is ``(batch, time, ...)`` of the mask's shape."""
-    t = first_tensor(value)
-    if t is None:
-        return None, None
-    if t.is_nested:
-        try:
-            return torch.tensor([c.shape[0] for c in t.unbind()], dtype=torch.int64), None
-        except Exception:
-            return None, None
-    if mask is None or t.ndim < 2 or tuple(t.shape[:2]) != tuple(mask.shape):
-        return None, None
-    return None, mask if perm is None else mask[perm]
 
 
 def record(model: nn.Module, modules: ModuleSpec | Iterable[ModuleSpec],
