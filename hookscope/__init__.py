@@ -19,6 +19,7 @@ from .analysis import (
     rsa,
     similarity_matrix,
 )
+from .capture import Capture
 from .dataset import record_dataset
 from .dataset_view import DatasetView, open_dataset
 from .errors import (
@@ -39,7 +40,7 @@ from .frame import recording_vectors
 from .io import allow_class, load, save
 from .pooling import last_state, masked_pool
 from .recorder import Recorder, record
-from .recording import Capture, Recording
+from .recording import Recording
 from .select import resolve_modules
 from .summarize import format_summary, summary
 

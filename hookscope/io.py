@@ -42,8 +42,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .capture import Capture
 from .errors import InputTypeError, RecordingFileError
-from .recording import Capture, Recording
+from .recording import Recording
 from .restore import (
     Restored,
     RestoredDict,

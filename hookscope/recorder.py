@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .capture import Capture
 from .convert import (
     CloneMode,
     convert,
@@ -36,7 +37,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .plan import BatchDim, Plan, build_plans
-from .recording import Capture, Recording
+from .recording import Recording
 from .select import ModuleSpec, resolve_modules, unwrap
 from .structure import first_tensor
 

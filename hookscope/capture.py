@@ -1,0 +1,251 @@
+"""``Capture``: one call of one module — what it returned (a snapshot), what it was given,
+and what is known besides (lengths, padding mask, bidirectional halves, live objects).
+
+Storage and display only: no hooks here (the recorder fills captures), no analysis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .errors import CaptureModifiedError, NotRecordedError
+from .structure import describe_shape, first_tensor, held_bytes, iter_tensors, tensor_shape
+
+__all__ = ["Capture"]
+
+
+class Capture:
+    """One call of one module: what it returned (and, if asked, what it was given).
+
+    Attributes
+    ----------
+    name : str
+        The module's dotted name in the (unwrapped) model.
+    step : int
+        Which forward pass of the model in the ``record`` block (0, 1, ...).
+    call : int
+        Which call of the module within that forward pass (0 for the first).
+    label : str or None
+        The ``calls=`` label of this call (``"premise"``), if one was given.
+    module_type : type
+        The module's class.
+    output : Any
+        The module's output with its structure kept (tensor, tuple, dict, namedtuple,
+        dataclass, ``ModelOutput``); tensors detached, ``PackedSequence`` padded batch-first,
+        ``unsort=`` applied, ``device=``/``dtype=`` applied.
+    inputs, kwargs : tuple, dict or None
+        Positional and keyword inputs, treated the same way; ``None`` unless ``inputs=True``.
+    lengths : Tensor or None
+        Sequence lengths (int64, CPU, same batch order as ``output``) where known: from a
+        ``PackedSequence`` in the output, else from one in the inputs, or from a nested
+        tensor's sizes.
+    live : tuple of str
+        Objects in the output that could not be snapshotted and are held by reference
+        (``"output[1] (MyCache)"``); empty for most captures.
+    bidirectional : bool
+        Whether the primary tensor is a bidirectional RNN's output (``[forward, backward]``
+        halves): ``reduce="last"`` then takes the backward half at the first real position.
+    mask : Tensor or None
+        Boolean ``(batch, time)``, True at real positions (see :attr:`mask`).
+    """
+
+    __slots__ = (
+        "_inputs", "_kwargs", "_mask", "_output", "_versions", "bidirectional", "call", "label",
+        "lengths", "live", "module_type", "name", "step",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        name: str,
+        step: int,
+        call: int,
+        label: str | None,
+        module_type: type,
+        output: Any,
+        inputs: tuple | None = None,
+        kwargs: dict | None = None,
+        lengths: Tensor | None = None,
+        versions: list[tuple[Tensor, int]] | None = None,
+        mask: Tensor | None = None,
+        live: tuple[str, ...] = (),
+        bidirectional: bool = False,
+    ) -> None:
+        self.name = name
+        self.step = step
+        self.call = call
+        self.label = label
+        self.module_type = module_type
+        self._output = output
+        self._inputs = inputs
+        self._kwargs = kwargs
+        self.lengths = lengths
+        self._mask = mask
+        self._versions = versions
+        self.live = live
+        self.bidirectional = bidirectional
+
+    # -- values -----------------------------------------------------------------------------
+    @property
+    def output(self) -> Any:
+        """The module's output, structure kept (checked like :attr:`tensor` for
+        ``clone=False``)."""
+        self.check()
+        return self._output
+
+    @property
+    def inputs(self) -> tuple | None:
+        """Positional inputs (``inputs=True``), else ``None``."""
+        self.check()
+        return self._inputs
+
+    @property
+    def kwargs(self) -> dict | None:
+        """Keyword inputs (``inputs=True``), else ``None``."""
+        self.check()
+        return self._kwargs
+
+    def check(self) -> None:
+        """Raise :class:`CaptureModifiedError` if a value recorded with ``clone=False`` has
+        been changed in place since it was recorded (only such captures can be)."""
+        if self._versions is None:
+            return
+        for t, version in self._versions:
+            if t._version != version:
+                raise CaptureModifiedError(
+                    f"{self._where()}: a tensor recorded with clone=False was modified in place "
+                    f"after it was recorded (version {version} -> {t._version}), e.g. by "
+                    "nn.ReLU(inplace=True) or x.add_(). Its value is no longer what the module "
+                    "returned. Record again with clone=True (the default)."
+                )
+
+    @property
+    def tensor(self) -> Tensor:
+        """The primary tensor: the output if it is a tensor, else its first tensor leaf (use
+        ``pick=`` when recording to choose another)."""
+        self.check()
+        t = first_tensor(self._output)
+        if t is None:
+            raise NotRecordedError(
+                f"{self._where()} returned no tensor ({type(self._output).__name__}); see "
+                ".output, or use pick= to select a tensor when recording."
+            )
+        return t
+
+    @property
+    def mask(self) -> Tensor | None:
+        """Boolean ``(batch, time)`` mask, True at real (non-padding) positions, where known:
+        the model call's attention mask (``mask_from=``), given when the capture was made, or
+        made from ``lengths``; else ``None``.  Pooling and exports use it, whichever side is
+        padded."""
+        if self._mask is not None:
+            return self._mask
+        if self.lengths is None:
+            return None
+        t = first_tensor(self._output)
+        n = len(self.lengths)
+        if t is not None and t.is_nested:
+            time = int(self.lengths.max()) if n else 0
+        else:
+            time = t.shape[1] if t.ndim > 1 and t.shape[0] == n else t.shape[0]
+        return torch.arange(time).unsqueeze(0) < self.lengths.unsqueeze(1)
+
+    def numpy(self) -> np.ndarray:
+        """The primary tensor as a NumPy array (on CPU; bfloat16 becomes float32, which NumPy
+        lacks).  A nested tensor comes back padded with zeros to ``(batch, max length, ...)``
+        (``lengths`` and ``mask`` say which positions are real); a sparse one dense."""
+        t = self.tensor.detach()
+        if t.is_nested:
+            t = torch.nested.to_padded_tensor(t, 0.0)
+        elif t.layout is not torch.strided:
+            t = t.to_dense()
+        t = t.cpu()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        return t.numpy()
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        """Shape of the primary tensor; for a nested tensor, ``(batch, None, ...)`` with
+        ``None`` where examples differ (their shapes: :attr:`shapes`)."""
+        t = first_tensor(self._output)
+        return None if t is None else tensor_shape(t)
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]] | None:
+        """Per-example shapes of a nested primary tensor, else ``None``."""
+        t = first_tensor(self._output)
+        return None if t is None or not t.is_nested else [tuple(c.shape) for c in t.unbind()]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this capture really holds: every distinct storage under its output and
+        inputs, counted once and whole (a view keeps its whole storage alive)."""
+        return held_bytes(t for part in (self._output, self._inputs, self._kwargs)
+                          for _, t in iter_tensors(part))
+
+    def to_frame(self, kind: str = "wide", *, reduce: Any = None, lengths: Any = None,
+                 meta: Any = None, bidirectional: bool | None = None) -> pd.DataFrame:
+        """This capture as a DataFrame; see :meth:`Recording.to_frame`."""
+        from .frame import to_frame
+
+        return to_frame([self], kind, reduce=reduce, lengths=lengths, meta=meta,
+                        bidirectional=bidirectional)
+
+    # -- display ----------------------------------------------------------------------------
+    def _where(self) -> str:
+        label = f" ({self.label!r})" if self.label is not None else ""
+        return f"{self.name!r} step {self.step} call {self.call}{label}"
+
+    def _row(self) -> dict[str, Any]:
+        t = first_tensor(self._output)
+        return {
+            "module": self.name,
+            "step": self.step,
+            "call": self.call,
+            "label": self.label,
+            "type": self.module_type.__name__,
+            "shape": None if t is None else describe_shape(t),
+            "dtype": None if t is None else str(t.dtype).replace("torch.", ""),
+            "device": None if t is None else str(t.device),
+            "bytes": self.nbytes,
+            "lengths": self.lengths is not None or self._mask is not None,
+        }
+
+    def _stats(self) -> dict[str, float | None]:
+        """Summary statistics of the primary tensor (over real positions where lengths are
+        known), for display."""
+        none = {"mean": None, "std": None, "min": None, "max": None}
+        t = first_tensor(self._output)
+        if t is None or not (t.is_floating_point() or t.is_complex()):
+            return none
+        if t.is_nested:  # every value of a nested tensor is real
+            values = torch.cat([c.detach().float().flatten() for c in t.unbind()])
+        elif t.layout is not torch.strided:
+            values = t.detach().to_dense().float()
+        else:
+            values = t.detach().float()
+            mask = self.mask if t.ndim > 2 else None
+            if mask is not None and tuple(mask.shape) == tuple(t.shape[:2]):
+                values = values[mask.to(t.device)]
+        if values.numel() == 0:
+            return none
+        return {"mean": float(values.mean()), "std": float(values.std()) if values.numel() > 1
+                else 0.0, "min": float(values.min()), "max": float(values.max())}
+
+    def _repr_html_(self) -> str:
+        row = {**self._row(), **self._stats()}
+        return pd.DataFrame([row]).to_html(index=False, na_rep="", float_format="{:.4g}".format)
+
+    def __repr__(self) -> str:
+        r = self._row()
+        lengths = ", lengths known" if r["lengths"] else ""
+        live = f", live objects (not snapshots): {', '.join(self.live)}" if self.live else ""
+        return (
+            f"Capture({self._where()}, {r['type']}, shape={r['shape']}, dtype={r['dtype']}"
+            f"{lengths}{live})"
+        )
