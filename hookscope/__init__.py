@@ -22,6 +22,7 @@ from .analysis import (
 from .capture import Capture
 from .dataset import record_dataset
 from .dataset_view import DatasetView, open_dataset
+from .edit import CallInfo, at, patch
 from .errors import (
     AmbiguousCallError,
     CallCountError,
@@ -49,6 +50,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AmbiguousCallError",
     "CallCountError",
+    "CallInfo",
     "Capture",
     "CaptureModifiedError",
     "DatasetError",
@@ -66,6 +68,7 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "allow_class",
+    "at",
     "cosine",
     "cosine_matrix",
     "format_summary",
@@ -77,6 +80,7 @@ __all__ = [
     "neighborhood_change",
     "neighborhood_overlap",
     "open_dataset",
+    "patch",
     "record",
     "record_dataset",
     "recording_vectors",

@@ -14,7 +14,14 @@ import torch
 from torch import Tensor
 
 from .errors import CaptureModifiedError, NotRecordedError
-from .structure import describe_shape, first_tensor, held_bytes, iter_tensors, tensor_shape
+from .structure import (
+    describe_shape,
+    first_tensor,
+    held_bytes,
+    iter_tensors,
+    map_leaves,
+    tensor_shape,
+)
 
 __all__ = ["Capture"]
 
@@ -55,8 +62,8 @@ class Capture:
     """
 
     __slots__ = (
-        "_inputs", "_kwargs", "_mask", "_output", "_versions", "bidirectional", "call", "label",
-        "lengths", "live", "module_type", "name", "step",
+        "_grads", "_inputs", "_kwargs", "_mask", "_output", "_versions", "bidirectional", "call",
+        "label", "lengths", "live", "module_type", "name", "step",
     )  # fmt: skip
 
     def __init__(
@@ -88,6 +95,7 @@ class Capture:
         self._versions = versions
         self.live = live
         self.bidirectional = bidirectional
+        self._grads: Any = None  # a grads.GradStore with grads=True
 
     # -- values -----------------------------------------------------------------------------
     @property
@@ -135,6 +143,29 @@ class Capture:
                 ".output, or use pick= to select a tensor when recording."
             )
         return t
+
+    @property
+    def grad(self) -> Tensor | None:
+        """Gradient of the loss with respect to the primary tensor (:attr:`tensor`), recorded
+        with ``grads=True``: same shape, batch order, device and dtype as the value; ``None``
+        until a ``backward()`` reaches it (or if the loss does not depend on it).  Gradients of
+        several ``backward()`` calls add up."""
+        grads = self._grad_store()
+        path = next((p for p, _ in iter_tensors(self._output)), None)
+        return None if path is None else grads.get(path)
+
+    @property
+    def grad_output(self) -> Any:
+        """Gradients of every tensor of :attr:`output`, in its structure (``None`` where no
+        gradient arrived), recorded with ``grads=True``."""
+        grads = self._grad_store()
+        return map_leaves(self._output, lambda path, _: grads.get(path))
+
+    def _grad_store(self) -> dict:
+        if self._grads is None:
+            raise NotRecordedError(f"{self._where()} was recorded without gradients; record "
+                                   "with grads=True and call backward() on the loss.")
+        return self._grads.grads
 
     @property
     def mask(self) -> Tensor | None:
@@ -189,12 +220,13 @@ class Capture:
                           for _, t in iter_tensors(part))
 
     def to_frame(self, kind: str = "wide", *, reduce: Any = None, lengths: Any = None,
-                 meta: Any = None, bidirectional: bool | None = None) -> pd.DataFrame:
+                 meta: Any = None, bidirectional: bool | None = None,
+                 values: str = "value") -> pd.DataFrame:
         """This capture as a DataFrame; see :meth:`Recording.to_frame`."""
         from .frame import to_frame
 
         return to_frame([self], kind, reduce=reduce, lengths=lengths, meta=meta,
-                        bidirectional=bidirectional)
+                        bidirectional=bidirectional, values=values)
 
     # -- display ----------------------------------------------------------------------------
     def _where(self) -> str:

@@ -87,7 +87,7 @@ def _uses_whole_storage(x: Tensor) -> bool:
 class Converted:
     """What :func:`convert` made of one value."""
 
-    __slots__ = ("lengths", "live", "permuted", "value", "versions")
+    __slots__ = ("dims", "lengths", "live", "permuted", "value", "versions")
 
     def __init__(self) -> None:
         self.value: Any = None
@@ -95,6 +95,7 @@ class Converted:
         self.versions: list[tuple[Tensor, int]] | None = None
         self.live: list[str] = []  # objects kept by reference: "path (type)"
         self.permuted = 0  # leaves indexed with the permutation
+        self.dims: dict[tuple, int | None] = {}  # with a permutation: each leaf's batch dim
 
 
 def convert(
@@ -104,13 +105,15 @@ def convert(
     perm: Tensor | None = None,
     where: str = "",
     rnn_state_keys: set | None = None,
+    dims: Mapping[tuple, int | None] | None = None,
 ) -> Converted:
     """Detach, pad, unsort, move/cast and snapshot every leaf of ``value`` by ``plan``'s rules.
 
     ``perm`` is this call's ``unsort=`` permutation (validated by the plan); every leaf with a
     batch dimension is indexed with it, and a permutation that no leaf can take is an error.
     ``rnn_state_keys`` identifies the (h, c) tensors that RNNs inside ``plan.module`` returned
-    in this call (see :func:`batch_dim_of`).
+    in this call (see :func:`batch_dim_of`).  ``dims`` gives the batch dimension of leaves by
+    path where it was already decided (an edited output keeps its original's dims).
     """
     out = Converted()
     if plan.clone is False:
@@ -129,7 +132,11 @@ def convert(
             x = x.detach()
         own = not packed  # still the model's own memory?
         if perm is not None:
-            dim = batch_dim_of(plan, path, x, packed, len(perm), where, rnn_state_keys)
+            if dims is not None and path in dims:
+                dim = dims[path]
+            else:
+                dim = batch_dim_of(plan, path, x, packed, len(perm), where, rnn_state_keys)
+            out.dims[path] = dim
             if dim is not None:
                 x = x.index_select(dim, perm.to(x.device, non_blocking=True))
                 own = False
@@ -149,7 +156,7 @@ def convert(
 
     out.value = map_leaves(value, leaf, other=other)
     if perm is not None:
-        if out.permuted == 0:
+        if out.permuted == 0 and dims is None:
             raise UnsortError(
                 f"unsort for {where}: no tensor in the output has a dimension of the "
                 f"permutation's length {len(perm)}, so nothing would be put back in order. "

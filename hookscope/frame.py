@@ -8,7 +8,6 @@ Works on anything with the ``Capture`` attributes (``name``, ``step``, ``call``,
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -20,6 +19,7 @@ from torch import Tensor
 from ._arrays import check_bool, check_finite, to_numpy
 from .errors import InputError
 from .pooling import REDUCTIONS, as_mask, last_state, masked_pool
+from .structure import takes_two_args
 
 __all__ = ["REDUCE_NAMES", "Reduce", "capture_matrix", "recording_vectors", "to_frame"]
 
@@ -42,6 +42,27 @@ def dense_capture(cap: Any) -> Any:
     out._output = torch.nested.to_padded_tensor(t, 0.0) if t.is_nested else t.to_dense()
     out._inputs = out._kwargs = out._versions = None
     out._mask = cap.mask if t.is_nested else cap._mask
+    return out
+
+
+#: ``values=`` of ``to_frame``: what each capture contributes.
+VALUES = ("value", "grad", "value*grad")
+
+
+def values_capture(cap: Any, values: str) -> Any:
+    """``cap`` itself for ``values="value"``; else a capture of the same call whose tensor is
+    its gradient (``"grad"``) or value times gradient (``"value*grad"``, an attribution)."""
+    if values == "value":
+        return cap
+    if values not in VALUES:
+        raise InputError(f"values must be one of {VALUES}; got {values!r}.")
+    grad = cap.grad
+    if grad is None:
+        raise InputError(f"{cap._where()}: no gradient has arrived, so values={values!r} has "
+                         "nothing to export. Call backward() on a loss that depends on it.")
+    out = copy.copy(cap)  # the same call, its tensor replaced
+    out._output = grad if values == "grad" else cap.tensor * grad
+    out._inputs = out._kwargs = out._versions = None
     return out
 
 
@@ -79,21 +100,6 @@ def capture_mask(cap: Any, lengths: Any = None) -> Tensor | None:
         raise InputError(f"{_where(cap)}: its mask has shape {tuple(mask.shape)} but the "
                          f"capture's (batch, time) is {tuple(t.shape[:2])}.")
     return mask.bool()
-
-
-def _takes_mask(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` accepts a second positional argument (the mask)."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # some builtins have no signature: call with one
-        return False
-    positional = 0
-    for p in params:
-        if p.kind is p.VAR_POSITIONAL:
-            return True
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            positional += 1
-    return positional >= 2
 
 
 def capture_matrix(cap: Any, reduce: Reduce = None, *, bidirectional: bool | None = None,
@@ -147,7 +153,7 @@ def capture_matrix(cap: Any, reduce: Reduce = None, *, bidirectional: bool | Non
         return to_numpy(t.reshape(t.shape[0], -1), readonly=True)
     if callable(reduce):
         mask = None if feature_map else capture_mask(cap, lengths)
-        out = reduce(t, mask) if _takes_mask(reduce) else reduce(t)
+        out = reduce(t, mask) if takes_two_args(reduce) else reduce(t)
         out = torch.as_tensor(out)
         if out.ndim != 2 or out.shape[0] != t.shape[0]:
             raise InputError(f"reduce callable returned shape {tuple(out.shape)} for "
@@ -260,9 +266,9 @@ def _meta_frame(meta: Any, n: int) -> pd.DataFrame:
 
 def to_frame(captures: Iterable[Any], kind: str = "wide", *, reduce: Reduce = None,
              lengths: Any = None, meta: pd.DataFrame | Mapping[str, Sequence] | None = None,
-             bidirectional: bool | None = None) -> pd.DataFrame:
+             bidirectional: bool | None = None, values: str = "value") -> pd.DataFrame:
     """Captures as a DataFrame; see :meth:`hookscope.Recording.to_frame`."""
-    captures = [dense_capture(c) for c in captures]
+    captures = [dense_capture(values_capture(c, values)) for c in captures]
     reduce = check_reduce(reduce)
     if bidirectional is not None:
         bidirectional = check_bool(bidirectional, "bidirectional")

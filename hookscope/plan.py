@@ -20,6 +20,8 @@ from .structure import as_permutation
 __all__ = ["BatchDim", "Plan", "build_plans"]
 
 BatchDim = int | Mapping[tuple, int | None] | None
+#: ``edit=``: ``fn(output, call) -> new output`` (``call``: :class:`CallInfo`), or ``fn(output)``.
+EditFn = Callable[..., Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +48,19 @@ class Plan:
     bidir_units: int | None = None
     expected: int = 1  # calls per forward pass that stop=True waits for
     plain: bool = False  # True: nothing to do to a tensor output but detach and snapshot
+    # edit=: one function for every call, or a tuple with one (or None) per call.
+    edits: tuple[EditFn | None, ...] | EditFn | None = None
+    grads: bool = False  # grads=True: tensor hooks keep the gradient of each call's output
 
     def perm(self, call: int) -> Tensor | None:
         if isinstance(self.perms, tuple):
             return self.perms[call] if call < len(self.perms) else None
         return self.perms
+
+    def edit(self, call: int) -> EditFn | None:
+        if isinstance(self.edits, tuple):
+            return self.edits[call] if call < len(self.edits) else None
+        return self.edits
 
 
 def _per_module(
@@ -90,12 +100,13 @@ def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any =
                 unsort: Mapping[Any, Any] | None = None,
                 batch_dim: Mapping[Any, BatchDim] | None = None,
                 device: torch.device | None = None, dtype: torch.dtype | None = None,
-                clone: Any = True) -> dict[str, Plan]:
+                clone: Any = True, edit: Mapping[Any, Any] | None = None,
+                grads: bool = False) -> dict[str, Plan]:
     """A validated, immutable ``Plan`` per selected module from ``record()``'s options."""
     fields: dict[str, dict[str, Any]] = {
         name: {"name": name, "module": m, "module_type": type(m), "device": device,
                "dtype": dtype, "clone": clone, "rnn": isinstance(m, nn.RNNBase),
-               "bidir_units": _bidirectional_units(m)}
+               "bidir_units": _bidirectional_units(m), "grads": grads}
         for name, m in selected.items()}
     if pick is not None:
         picks = (_per_module("pick", pick, model, selected) if isinstance(pick, Mapping)
@@ -122,10 +133,36 @@ def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any =
         m = selected[name]  # RNNs inside a wrapper: their (h, c) are found by identity
         fields[name]["inner_rnns"] = tuple(x for x in m.modules()
                                            if isinstance(x, nn.RNNBase) and x is not m)
+    for name, spec in _per_module("edit", edit or {}, model, selected).items():
+        fields[name]["edits"] = _edit_spec(name, spec, fields[name].get("labels"))
     for f in fields.values():
         f["plain"] = (f.get("pick") is None and f.get("perms") is None and device is None
-                      and dtype is None)
+                      and dtype is None and f.get("edits") is None and not grads)
     return {name: Plan(**f) for name, f in fields.items()}
+
+
+def _edit_spec(name: str, spec: Any, labels: tuple[str, ...] | None) -> Any:
+    """``edit=`` of one module: a function (every call), a list with a function or None per
+    call, or ``{label: function}`` (needs ``calls=`` labels)."""
+    if callable(spec):
+        return spec
+    if isinstance(spec, Mapping):
+        if labels is None:
+            raise CallCountError(f"edit= for {name!r} is keyed by labels, but calls= gives "
+                                 f"{name!r} no labels; add calls={{{name!r}: [...]}}.")
+        unknown = set(spec) - set(labels)
+        if unknown:
+            raise CallCountError(f"edit= for {name!r} names unknown labels {sorted(unknown)}; "
+                                 f"labels: {list(labels)}.")
+        spec = [spec.get(lab) for lab in labels]
+    if not isinstance(spec, list | tuple) or not all(f is None or callable(f) for f in spec):
+        raise InputTypeError(
+            f"edit= for {name!r} must be a function fn(output, call) -> new output, a list "
+            f"with a function (or None) per call, or {{label: function}}; got {spec!r}.")
+    if labels is not None and len(spec) > len(labels):
+        raise CallCountError(f"edit= gives {name!r} {len(spec)} functions but calls= gives "
+                             f"{len(labels)} labels.")
+    return tuple(spec)
 
 
 def _bidirectional_units(module: nn.Module) -> int | None:

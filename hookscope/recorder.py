@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ from .convert import (
     snapshot_tensor,
     state_keys,
 )
+from .edit import CallInfo, apply_edit
 from .errors import (
     CallCountError,
     HookscopeError,
@@ -36,6 +38,7 @@ from .errors import (
     InputTypeError,
     UnsupportedModelError,
 )
+from .grads import attach_grad_hooks, require_grads
 from .plan import BatchDim, Plan, build_plans
 from .recording import Recording
 from .select import ModuleSpec, resolve_modules, unwrap
@@ -66,8 +69,8 @@ class _Stop(BaseException):
 class _Session:
     """The state of one entered block: the recording, call counters, handles."""
 
-    __slots__ = ("counts", "handles", "mask", "pending_inputs", "rec", "remaining",
-                 "rnn_keys", "stance", "thread")
+    __slots__ = ("counts", "handles", "mask", "no_grad_warned", "pending_inputs", "rec",
+                 "remaining", "rnn_keys", "stance", "thread")
 
     def __init__(self, rec: Recording, n_plans: int, thread: int | None) -> None:
         self.rec = rec
@@ -79,6 +82,7 @@ class _Session:
         self.stance: Any = None
         self.mask: Tensor | None = None  # the model call's attention mask, if any
         self.rnn_keys: set[tuple] = set()  # (h, c) returned by RNNs inside wrappers
+        self.no_grad_warned = False
 
 
 class Recorder:
@@ -158,6 +162,23 @@ class Recorder:
         ``src_key_padding_mask``, which is True at *padding*:
         ``mask_from=lambda args, kwargs: ~kwargs["src_key_padding_mask"]``.  ``None`` turns
         this off.
+    edit : {module: function, [function per call] or {label: function}}, optional
+        Change what a module returns: ``fn(output, call) -> new output`` (or ``fn(output)``),
+        where ``call`` is a :class:`~hookscope.edit.CallInfo` (``name``, ``step``, ``call``,
+        ``label``); the model continues with what it returns (``None`` is an error: return
+        the output itself to leave it unchanged).  The function sees the output **in the
+        caller's batch order** where ``unsort=`` is given, and what it returns is put back in
+        the model's order.  :func:`hookscope.at` edits one part of a structured output.  The
+        capture holds the value *after* the edit (what the model continued with); a recorder
+        entered outside this one sees the value before it.
+    grads : bool
+        Keep the gradient of the loss with respect to each recorded output
+        (:attr:`Capture.grad`, :attr:`Capture.grad_output`), per call, converted like the
+        value (padded, unsorted, moved, cast).  Call ``backward()`` inside the block or after
+        it while the graph is alive; repeated ``backward()`` calls add up, as ``.grad`` does.
+        Outputs that do not require grad (a frozen model) are made to, without changing any
+        value or the model's own gradients; under ``torch.no_grad()`` there is no graph and
+        ``Capture.grad`` stays ``None`` (a warning says so).
 
     """
 
@@ -177,6 +198,8 @@ class Recorder:
         clone: CloneMode = True,
         threads: str = "own",
         mask_from: str | Callable[[tuple, dict], Any] | None = "attention_mask",
+        edit: Mapping[ModuleSpec, Any] | None = None,
+        grads: bool = False,
     ) -> None:
         _check_scriptable(model)
         selected = resolve_modules(model, modules)
@@ -195,6 +218,8 @@ class Recorder:
                             f"callable (args, kwargs) -> mask, or None; got {mask_from!r}.")
         if device is not None:
             device = _check_device(device)
+        if not isinstance(grads, bool):
+            raise InputTypeError(f"grads= must be True or False; got {grads!r}.")
         self.model = model
         self.inputs = inputs
         self.stop = stop
@@ -202,7 +227,7 @@ class Recorder:
         self.mask_from = mask_from
         self._selected = selected
         self._options = {"pick": pick, "calls": calls, "batch_dim": batch_dim, "clone": clone,
-                         "device": device, "dtype": dtype}
+                         "device": device, "dtype": dtype, "edit": edit, "grads": grads}
         self._plans = build_plans(model, selected, unsort=unsort, **self._options)
         inner, prefix = unwrap(model)
         self._model_type = type(inner).__name__
@@ -347,16 +372,18 @@ class Recorder:
                     return  # the common case: no mask in this call
             s.mask = padding_mask(mask_from, args, kwargs or {})
 
-    def _make_hook(self, plan: Plan) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, *rest: Any) -> None:
+    def _make_hook(self, plan: Plan) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple, *rest: Any) -> Any:
             # (kwargs, output) with kwargs; (output,) in the instant of a registration that
             # another thread's forward sees half-done: never break that forward.
             s = self._session
+            new = None  # what the model continues with, if an edit (or grads=) changed it
             if s is not None and (s.thread is None or s.thread == _get_ident()):
                 kwargs, output = rest if len(rest) == 2 else ({}, rest[0])
-                self._record_call(s, plan, args, kwargs, output)
+                new = self._record_call(s, plan, args, kwargs, output)
             if _PENDING_STOPS:
                 _raise_pending_stop(module, hook)
+            return new
 
         hook._hookscope = True  # type: ignore[attr-defined]
         return hook
@@ -383,7 +410,7 @@ class Recorder:
         return state_hook
 
     def _record_call(self, s: _Session, plan: Plan, args: tuple, kwargs: dict,
-                     output: Any) -> None:
+                     output: Any) -> Any:
         rec = s.rec
         if rec.steps == 0:  # a module called without the model's own forward (model.encode)
             rec.steps = 1
@@ -394,7 +421,7 @@ class Recorder:
         labels = plan.labels
         label = labels[call] if labels is not None and call < len(labels) else None
         live: tuple[str, ...] = ()
-        perm = lengths = mask = versions = None
+        perm = lengths = mask = versions = grads = returned = None
         if plan.plain and type(output) is Tensor:  # the common case, without the tree walk
             value = output.detach()
             if plan.clone is True:
@@ -403,10 +430,24 @@ class Recorder:
                 value, version = snapshot_tensor(value, plan.clone)
                 versions = None if version is None else [version]
         else:
-            value = plan.pick(output) if plan.pick is not None else output
             perm = plan.perm(call) if plan.perms is not None else None
             where = f"{name!r} call {call}" + (f" ({label!r})" if label else "")
-            converted = convert(value, plan, perm=perm, where=where, rnn_state_keys=s.rnn_keys)
+            dims = None
+            edit = plan.edit(call) if plan.edits is not None else None
+            if edit is not None:
+                info = CallInfo(name, rec.steps - 1, call, label)
+                output, dims = apply_edit(edit, output, plan, info, perm, s.rnn_keys, where)
+                returned = output
+                if plan.pick is not None:
+                    dims = None  # the dims are of the whole output, not of the picked part
+            if plan.grads:
+                returned = self._require_grads(s, output, returned, where)
+                output = output if returned is None else returned
+            value = plan.pick(output) if plan.pick is not None else output
+            converted = convert(value, plan, perm=perm, where=where, rnn_state_keys=s.rnn_keys,
+                                dims=dims)
+            if plan.grads:
+                grads = attach_grad_hooks(value, output, plan, perm, converted.dims, where)
             value, lengths, versions = converted.value, converted.lengths, converted.versions
             live = tuple(converted.live)
             if s.rnn_keys and not plan.rnn:
@@ -427,13 +468,31 @@ class Recorder:
                 (inputs, kwargs_in), in_versions = pending.pop()
                 if in_versions:
                     versions = [*(versions or []), *in_versions]
-        rec._add(Capture(name, rec.steps - 1, call, label, plan.module_type, value, inputs,
-                         kwargs_in, lengths, versions, mask, live, bidirectional))  # positional:
+        capture = Capture(name, rec.steps - 1, call, label, plan.module_type, value, inputs,
+                          kwargs_in, lengths, versions, mask, live, bidirectional)  # positional:
         # keywords cost half a microsecond per capture here
+        if grads is not None:
+            capture._grads = grads
+        rec._add(capture)
         if self.stop and call + 1 == plan.expected:
             s.remaining -= 1
             if s.remaining == 0:
                 _PENDING_STOPS.setdefault(_get_ident(), set()).add(self)
+        return returned
+
+    @staticmethod
+    def _require_grads(s: _Session, output: Any, returned: Any, where: str) -> Any:
+        """``grads=True``: the output made to require grad where it did not (``None`` if
+        nothing changed and no edit did); a warning, once per block, without a graph."""
+        if not torch.is_grad_enabled():
+            if not s.no_grad_warned:
+                s.no_grad_warned = True
+                warnings.warn(f"grads=True, but {where} ran without autograd (torch.no_grad() "
+                              "or inference_mode): no gradient will reach its capture "
+                              "(Capture.grad stays None).", stacklevel=4)
+            return returned
+        new = require_grads(output)
+        return returned if new is output else new
 
     def _check_counts(self, rec: Recording) -> None:
         problems = []

@@ -258,7 +258,8 @@ class Recording:
 
     # -- export -----------------------------------------------------------------------------
     def to_frame(self, kind: str = "wide", *, reduce: Any = None, lengths: Any = None,
-                 meta: Any = None, bidirectional: bool | None = None) -> pd.DataFrame:
+                 meta: Any = None, bidirectional: bool | None = None,
+                 values: str = "value") -> pd.DataFrame:
         """The recording as a pandas DataFrame.
 
         Parameters
@@ -297,6 +298,11 @@ class Recording:
             For ``reduce="last"``: the features are ``[forward, backward]`` halves.  By default
             each capture says (``Capture.bidirectional``: the recorder knows a bidirectional
             RNN's output, also inside a wrapper).
+        values : {"value", "grad", "value*grad"}
+            What to export of each capture: the recorded value (default), its gradient
+            (:attr:`Capture.grad`, recorded with ``grads=True`` after ``backward()``), or
+            value times gradient, the usual first-order attribution.  Reductions and masks
+            apply alike.
 
         Raises
         ------
@@ -316,7 +322,7 @@ class Recording:
         from .frame import to_frame
 
         return to_frame(self.captures(), kind, reduce=reduce, lengths=lengths, meta=meta,
-                        bidirectional=bidirectional)
+                        bidirectional=bidirectional, values=values)
 
     # -- display ----------------------------------------------------------------------------
     def table(self) -> pd.DataFrame:

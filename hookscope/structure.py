@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "map_leaves",
     "packed_lengths",
     "pad_packed",
+    "takes_two_args",
     "tensor_shape",
 ]
 
@@ -254,3 +256,19 @@ def find_batch_dim(shape: torch.Size, batch: int, where: str, path: Path) -> int
         f"batch_dim={{name: {{{path!r}: dim}}}} (a path prefix maps to a dim, None leaves the "
         "leaf alone), or record only the batched tensor with pick=."
     )
+
+
+def takes_two_args(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` accepts a second positional argument (``reduce=`` callables may take a
+    mask, ``edit=`` functions the call they edit)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature: call with one
+        return False
+    positional = 0
+    for p in params:
+        if p.kind is p.VAR_POSITIONAL:
+            return True
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            positional += 1
+    return positional >= 2
