@@ -182,8 +182,8 @@ def patch(model: nn.Module, patches: Mapping[Any, Any], *, index: Any = None,
         sequence (``torch.IndexExpression``-style tuples; ``numpy.s_[:, 3]`` reads well).  The
         source may have the module output's full shape or the shape of that part.
     modules : list, optional
-        Further modules to record during the patched run (the patched ones are recorded too,
-        with the patched value).
+        Further modules to record during the patched run.  The patched ones are recorded
+        too, with the patched value, and so are those that ``calls=``/``unsort=`` name.
     **options
         Any option of :func:`~hookscope.record` (``calls=``, ``unsort=``, ``stop=``, ...).
 
@@ -224,8 +224,12 @@ def patch(model: nn.Module, patches: Mapping[Any, Any], *, index: Any = None,
         where_index = index.get(key) if per_module_index else index
         edits[key] = _per_call(spec, lambda s, i=where_index: _patch_fn(s, i))
     extra = [modules] if isinstance(modules, str | type) else list(modules)
-    return Recorder(model, [*patches, *(m for m in extra if m not in patches)], edit=edits,
-                    **options)
+    # Modules that calls= / unsort= speak of are recorded too (one labels dict serves the
+    # clean recording and the patched run).
+    for option in ("calls", "unsort", "batch_dim"):
+        extra.extend(options.get(option) or ())
+    recorded = list(dict.fromkeys([*patches, *extra]))
+    return Recorder(model, recorded, edit=edits, **options)
 
 
 def _per_call(spec: Any, make: Callable[[Any], EditFn]) -> Any:
