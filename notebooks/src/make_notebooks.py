@@ -64,6 +64,26 @@ change.head(5)"""),
 ("code", """import matplotlib
 import hookscope.plot as hp
 hp.neighborhood_change_chart(change, top=12);"""),
+("md", """## From looking to testing
+
+*If the premise's pooled vector were the hypothesis's, would the prediction flip?* `hs.patch`
+puts the hypothesis's pooled vector (from the recording above) into the premise's call of the
+pooling layer; everything else runs as usual."""),
+("code", """calls = {"encoder": ["premise", "hypothesis"], "pooling": ["premise", "hypothesis"]}
+with torch.no_grad(), hs.patch(model, {"pooling": {"premise": rec["pooling", "hypothesis"]}},
+                               calls=calls):
+    patched = model(batch)
+{"before": [LABELS[i] for i in scores.argmax(1)], "premise := hypothesis": [LABELS[i] for i in patched.argmax(1)]}"""),
+("md", """*Which encoder units does the decision depend on?* `grads=True` keeps the gradient of the
+loss for every call; value × gradient over the real positions ranks the units for pair 0."""),
+("code", """unsort = {"encoder": [batch.premise_orig_idx, batch.hypothesis_orig_idx]}
+with hs.record(model, ["encoder"], calls={"encoder": calls["encoder"]}, unsort=unsort,
+               grads=True) as grec:
+    out = model(batch)
+    out[0, out[0].argmax()].backward()
+prem = grec["encoder", "premise"]
+attribution = (prem.tensor * prem.grad)[0][prem.mask[0]].sum(0)
+attribution.abs().topk(5)"""),
 ]
 
 minilm = [
