@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py            # full sizes (minutes on 2 CPU cores)
     python benchmarks/overhead.py --quick    # tiny sizes, seconds (run by the test suite)
+    python benchmarks/overhead.py --cases intervene   # only edit= and grads=True
 
 Variants are interleaved (A B C A B C ...) within each repeat so that drift of the machine hits
 all of them alike; each repeat reports medians, and the table shows the median over repeats.
@@ -162,33 +163,164 @@ def tiny_case(quick: bool) -> tuple[str, dict[str, Variant]]:
 TINY_LOOP = 100
 
 
+# -- edit= and grads=True against hand-written hooks doing the same (autograd on) -----------
+
+
+def _models(quick: bool) -> list[tuple[str, nn.Module, Callable[[], object], list[str], dict]]:
+    """The two real-size models: the story's BiLSTM (edits and gradients through unsort=) and
+    a 6-layer transformer encoder."""
+    nli, b, sizes = story_batch(quick)
+    d, batch, seq = (64, 4, 16) if quick else (384, 32, 128)
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d, nhead=4, dim_feedforward=4 * d, batch_first=True,
+                                       dropout=0.0)
+    enc = nn.TransformerEncoder(layer, 6, enable_nested_tensor=False).eval()
+    x = torch.randn(batch, seq, d)
+    perms = [b.premise_orig_idx, b.hypothesis_orig_idx]
+    return [
+        (f"BiLSTM NLI ({sizes}), encoder x 2 calls, unsort=", nli, lambda: nli(b), ["encoder"],
+         {"calls": {"encoder": ["premise", "hypothesis"]}, "unsort": {"encoder": perms}},
+         ),
+        (f"TransformerEncoder (6 x d {d}, {batch} x {seq}), 3 layers", enc, lambda: enc(x),
+         ["layers.0", "layers.3", "layers.5"], {}),
+    ]
+
+
+def hand_edit_hooks(model: nn.Module, names: list[str], perms: list | None):
+    """What a careful user writes: per call, put the batch in the caller's order, apply the
+    (identity) edit, keep a clone, put it back in the model's order."""
+    modules = dict(model.named_modules())
+
+    def run(call: Callable[[], object]) -> list:
+        store: list = []
+        counts = dict.fromkeys(names, 0)
+
+        def make(name: str):
+            def hook(m, i, o):
+                k = counts[name]
+                counts[name] += 1
+                t = o[0] if isinstance(o, tuple) else o
+                if perms is not None:
+                    t = t.index_select(0, perms[k])
+                t = (lambda v: v)(t)  # the identity edit
+                store.append(t.detach().clone())
+                if perms is not None:
+                    t = t.index_select(0, perms[k].argsort())
+                return (t, *o[1:]) if isinstance(o, tuple) else t
+            return hook
+
+        handles = [modules[n].register_forward_hook(make(n)) for n in names]
+        try:
+            call()
+        finally:
+            for h in handles:
+                h.remove()
+        return store
+
+    return run
+
+
+def hand_grad_hooks(model: nn.Module, names: list[str], perms: list | None):
+    """Clone each output, and keep its gradient (put in the caller's order) in backward."""
+    modules = dict(model.named_modules())
+
+    def run(call: Callable[[], object]) -> tuple[list, list]:
+        values: list = []
+        grads: list = []
+        counts = dict.fromkeys(names, 0)
+
+        def make(name: str):
+            def hook(m, i, o):
+                k = counts[name]
+                counts[name] += 1
+                t = o[0] if isinstance(o, tuple) else o
+                perm = None if perms is None else perms[k]
+                values.append((t if perm is None else t.index_select(0, perm)).detach().clone())
+                t.register_hook(lambda g: grads.append(
+                    (g if perm is None else g.index_select(0, perm)).clone()))
+            return hook
+
+        handles = [modules[n].register_forward_hook(make(n)) for n in names]
+        try:
+            call().sum().backward()
+        finally:
+            for h in handles:
+                h.remove()
+        return values, grads
+
+    return run
+
+
+def intervene_cases(quick: bool) -> list[tuple[str, dict[str, Variant]]]:
+    cases = []
+    for title, model, call, names, options in _models(quick):
+        perms = options.get("unsort", {}).get("encoder")
+        identity = {n: (lambda out: out) for n in names}
+        edit = hs.record(model, names, edit=identity, **options)
+        grads = hs.record(model, names, grads=True, **options)
+        hand_edit = hand_edit_hooks(model, names, perms)
+        hand_grads = hand_grad_hooks(model, names, perms)
+
+        def edited(call=call, edit=edit) -> None:
+            with edit:
+                call()
+
+        def with_grads(call=call, grads=grads) -> None:
+            with grads:
+                call().sum().backward()
+
+        cases.append((f"{title}: edit= (identity), forward only", {
+            "plain forward": call,
+            "hand-written hooks: unsort, edit, clone, re-sort": lambda h=hand_edit, c=call: h(c),
+            "hookscope.record(edit=identity)": edited,
+        }))
+        cases.append((f"{title}: grads=True, forward + backward", {
+            "plain forward": lambda c=call: c().sum().backward(),
+            "hand-written hooks: clone + tensor hook": lambda h=hand_grads, c=call: h(c),
+            "hookscope.record(grads=True)": with_grads,
+        }))
+    return cases
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cases", nargs="+", default=["record", "intervene"],
+                   choices=["record", "intervene"],
+                   help="record: recording overhead (inference); intervene: edit= and "
+                        "grads=True against hand-written hooks (autograd on)")
     args = p.parse_args(argv)
     iters = {"tiny": 5, "nli": 5, "transformer": 5, "numpy": 5, "nested": 5} if args.quick \
         else {"tiny": 50, "nli": 15, "transformer": 8, "numpy": 15, "nested": 8}
-    results = []
+    results: list[dict] = []
+
+    def report(title: str, times: dict[str, list[float]]) -> None:
+        base = times["plain forward"]
+        print(f"\n### {title}\n\n| variant | median per call | ratio to plain (per repeat) |")
+        print("|---|---:|---|")
+        for name, ts in times.items():
+            ratios = [t / b for t, b in zip(ts, base, strict=True)]
+            med = statistics.median(ts)
+            unit = f"{med * 1e3:.2f} ms" if med > 1e-3 else f"{med * 1e6:.1f} µs"
+            print(f"| {name} | {unit} | {statistics.median(ratios):.3f}x "
+                  f"({', '.join(f'{r:.3f}' for r in ratios)}) |")
+            results.append({"case": title, "variant": name, "seconds": ts,
+                            "ratio_to_plain": ratios})
+
+    record_cases = (("nli", nli_case), ("transformer", transformer_case),
+                    ("numpy", numpy_case), ("nested", nested_case), ("tiny", tiny_case))
     with torch.inference_mode():
-        for key, make in (("nli", nli_case), ("transformer", transformer_case),
-                          ("numpy", numpy_case), ("nested", nested_case), ("tiny", tiny_case)):
+        for key, make in record_cases if "record" in args.cases else ():
             title, variants = make(args.quick)
             times = interleaved(variants, iters[key], args.repeats)
             if key == "tiny":
                 times = {k: [t / TINY_LOOP for t in v] for k, v in times.items()}
-            base = times["plain forward"]
-            print(f"\n### {title}\n\n| variant | median per call | ratio to plain (per repeat) |")
-            print("|---|---:|---|")
-            for name, ts in times.items():
-                ratios = [t / b for t, b in zip(ts, base, strict=True)]
-                med = statistics.median(ts)
-                unit = f"{med * 1e3:.2f} ms" if med > 1e-3 else f"{med * 1e6:.1f} µs"
-                print(f"| {name} | {unit} | {statistics.median(ratios):.3f}x "
-                      f"({', '.join(f'{r:.3f}' for r in ratios)}) |")
-                results.append({"case": title, "variant": name, "seconds": ts,
-                                "ratio_to_plain": ratios})
+            report(title, times)
+    intervene = intervene_cases(args.quick) if "intervene" in args.cases else []
+    for title, variants in intervene:  # autograd on: edits and gradients
+        report(title, interleaved(variants, iters["transformer"], args.repeats))
     if args.json:
         info = {"python": sys.version.split()[0], "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "cpu": platform.processor() or
