@@ -269,7 +269,8 @@ class Recorder:
         """The hook functions of these plans, made once: entering only registers them."""
         plans = self._plans.values()
         self._hooks = [(p.module, self._make_pre_hook(p) if self.inputs else None,
-                        self._make_hook(p)) for p in plans]
+                        self._make_fast_hook(p) if self._fast(p) else self._make_hook(p))
+                       for p in plans]
         # RNNs inside a wrapper with unsort=: their (h, c) are recognised by identity.
         self._state_hooks = [(rnn, self._make_state_hook()) for p in plans
                              if p.perms is not None and not p.rnn for rnn in p.inner_rnns]
@@ -384,6 +385,43 @@ class Recorder:
             if _PENDING_STOPS:
                 _raise_pending_stop(module, hook)
             return new
+
+        hook._hookscope = True  # type: ignore[attr-defined]
+        return hook
+
+    def _fast(self, plan: Plan) -> bool:
+        """Whether the module's hook can take the short path (a tensor output copied as it
+        is, nothing to pick, unsort, move, cast, edit, differentiate or stop at)."""
+        return (plan.plain and plan.clone is True and plan.bidir_units is None
+                and not self.inputs and not self.stop)
+
+    def _make_fast_hook(self, plan: Plan) -> Callable[..., None]:
+        """The hot path for small models: the general hook's work for a tensor output of a
+        module called with one tensor, inlined (a model call that gives a padding mask, a
+        nested tensor or packed inputs takes the general path)."""
+        name, labels, module_type = plan.name, plan.labels, plan.module_type
+
+        def hook(module: nn.Module, args: tuple, *rest: Any) -> None:
+            s = self._session
+            if s is not None and (s.thread is None or s.thread == _get_ident()):
+                output = rest[-1]
+                if (type(output) is not Tensor or s.mask is not None or len(args) != 1
+                        or type(args[0]) is not Tensor or (len(rest) == 2 and rest[0])
+                        or output.is_nested):
+                    self._record_call(s, plan, args, rest[0] if len(rest) == 2 else {},
+                                      output)
+                else:
+                    rec = s.rec
+                    if rec.steps == 0:  # a module called without the model's own forward
+                        rec.steps = 1
+                    counts = s.counts
+                    call = counts.get(name, 0)
+                    counts[name] = call + 1
+                    label = labels[call] if labels is not None and call < len(labels) else None
+                    rec._captures[name].append(Capture(
+                        name, rec.steps - 1, call, label, module_type, output.detach().clone()))
+            if _PENDING_STOPS:
+                _raise_pending_stop(module, hook)
 
         hook._hookscope = True  # type: ignore[attr-defined]
         return hook
