@@ -238,6 +238,19 @@ def test_parameter_gradients_are_unchanged_by_recording(story_model, story_batch
         assert torch.equal(a, b)
 
 
+def test_grads_are_right_when_the_model_changes_the_output_in_place():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(inplace=True),
+                                torch.nn.Linear(6, 2))
+    x = torch.randn(5, 4)
+    with hs.record(model, ["0"], grads=True) as rec:
+        model(x).pow(2).sum().backward()
+    h = model[0](x).detach().requires_grad_()
+    (g,) = torch.autograd.grad(model[2](torch.relu(h)).pow(2).sum(), [h])
+    assert torch.equal(rec["0"].grad, g)
+    assert (rec["0"].tensor < 0).any()  # the value before the in-place ReLU
+
+
 def test_grads_after_the_block_while_the_graph_lives_and_they_add_up(mlp):
     x = torch.randn(5, 4)
     with hs.record(mlp, ["2"], grads=True) as rec:
