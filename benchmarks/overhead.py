@@ -186,9 +186,11 @@ def _models(quick: bool) -> list[tuple[str, nn.Module, Callable[[], object], lis
     ]
 
 
-def hand_edit_hooks(model: nn.Module, names: list[str], perms: list | None):
-    """What a careful user writes: per call, put the batch in the caller's order, apply the
-    (identity) edit, keep a clone, put it back in the model's order."""
+def hand_written(model: nn.Module, names: list[str], perms: list | None, grads: bool):
+    """What a careful user writes, per call of each module: with ``grads=False``, put the
+    batch in the caller's order, apply the (identity) edit, keep a clone, put it back in the
+    model's order; with ``grads=True``, keep a clone and, in backward, the gradient (in the
+    caller's order)."""
     modules = dict(model.named_modules())
 
     def run(call: Callable[[], object]) -> list:
@@ -200,53 +202,31 @@ def hand_edit_hooks(model: nn.Module, names: list[str], perms: list | None):
                 k = counts[name]
                 counts[name] += 1
                 t = o[0] if isinstance(o, tuple) else o
-                if perms is not None:
-                    t = t.index_select(0, perms[k])
+                perm = None if perms is None else perms[k]
+                if grads:
+                    store.append((t if perm is None else t.index_select(0, perm)).detach()
+                                 .clone())
+                    t.register_hook(lambda g: store.append(
+                        (g if perm is None else g.index_select(0, perm)).clone()))
+                    return None
+                if perm is not None:
+                    t = t.index_select(0, perm)
                 t = (lambda v: v)(t)  # the identity edit
                 store.append(t.detach().clone())
-                if perms is not None:
-                    t = t.index_select(0, perms[k].argsort())
+                if perm is not None:
+                    t = t.index_select(0, perm.argsort())
                 return (t, *o[1:]) if isinstance(o, tuple) else t
             return hook
 
         handles = [modules[n].register_forward_hook(make(n)) for n in names]
         try:
-            call()
+            out = call()
+            if grads:
+                out.sum().backward()
         finally:
             for h in handles:
                 h.remove()
         return store
-
-    return run
-
-
-def hand_grad_hooks(model: nn.Module, names: list[str], perms: list | None):
-    """Clone each output, and keep its gradient (put in the caller's order) in backward."""
-    modules = dict(model.named_modules())
-
-    def run(call: Callable[[], object]) -> tuple[list, list]:
-        values: list = []
-        grads: list = []
-        counts = dict.fromkeys(names, 0)
-
-        def make(name: str):
-            def hook(m, i, o):
-                k = counts[name]
-                counts[name] += 1
-                t = o[0] if isinstance(o, tuple) else o
-                perm = None if perms is None else perms[k]
-                values.append((t if perm is None else t.index_select(0, perm)).detach().clone())
-                t.register_hook(lambda g: grads.append(
-                    (g if perm is None else g.index_select(0, perm)).clone()))
-            return hook
-
-        handles = [modules[n].register_forward_hook(make(n)) for n in names]
-        try:
-            call().sum().backward()
-        finally:
-            for h in handles:
-                h.remove()
-        return values, grads
 
     return run
 
@@ -258,8 +238,8 @@ def intervene_cases(quick: bool) -> list[tuple[str, dict[str, Variant]]]:
         identity = {n: (lambda out: out) for n in names}
         edit = hs.record(model, names, edit=identity, **options)
         grads = hs.record(model, names, grads=True, **options)
-        hand_edit = hand_edit_hooks(model, names, perms)
-        hand_grads = hand_grad_hooks(model, names, perms)
+        hand_edit = hand_written(model, names, perms, grads=False)
+        hand_grads = hand_written(model, names, perms, grads=True)
 
         def edited(call=call, edit=edit) -> None:
             with edit:

@@ -147,14 +147,7 @@ def _edit_spec(name: str, spec: Any, labels: tuple[str, ...] | None) -> Any:
     if callable(spec):
         return spec
     if isinstance(spec, Mapping):
-        if labels is None:
-            raise CallCountError(f"edit= for {name!r} is keyed by labels, but calls= gives "
-                                 f"{name!r} no labels; add calls={{{name!r}: [...]}}.")
-        unknown = set(spec) - set(labels)
-        if unknown:
-            raise CallCountError(f"edit= for {name!r} names unknown labels {sorted(unknown)}; "
-                                 f"labels: {list(labels)}.")
-        spec = [spec.get(lab) for lab in labels]
+        spec = _by_label("edit", name, spec, labels)
     if not isinstance(spec, list | tuple) or not all(f is None or callable(f) for f in spec):
         raise InputTypeError(
             f"edit= for {name!r} must be a function fn(output, call) -> new output, a list "
@@ -163,6 +156,19 @@ def _edit_spec(name: str, spec: Any, labels: tuple[str, ...] | None) -> Any:
         raise CallCountError(f"edit= gives {name!r} {len(spec)} functions but calls= gives "
                              f"{len(labels)} labels.")
     return tuple(spec)
+
+
+def _by_label(option: str, name: str, spec: Mapping[str, Any],
+              labels: tuple[str, ...] | None) -> list[Any]:
+    """``{label: value}`` -> a list with a value (or None) per call, in label order."""
+    if labels is None:
+        raise CallCountError(f"{option}= for {name!r} is keyed by labels, but calls= gives "
+                             f"{name!r} no labels; add calls={{{name!r}: [...]}}.")
+    unknown = set(spec) - set(labels)
+    if unknown:
+        raise CallCountError(f"{option}= for {name!r} names unknown labels {sorted(unknown)}; "
+                             f"labels: {list(labels)}.")
+    return [spec.get(lab) for lab in labels]
 
 
 def _bidirectional_units(module: nn.Module) -> int | None:
@@ -180,14 +186,7 @@ def _unsort_fields(name: str, spec: Any, f: dict[str, Any]) -> None:
         f["perms"] = as_permutation(spec, f"{name!r} (every call)")
         return
     if isinstance(spec, Mapping):  # {label: perm}
-        if labels is None:
-            raise CallCountError(f"unsort= for {name!r} is keyed by labels, but "
-                                 f"calls= gives {name!r} no labels.")
-        unknown = set(spec) - set(labels)
-        if unknown:
-            raise CallCountError(f"unsort= for {name!r} names unknown labels "
-                                 f"{sorted(unknown)}; labels: {list(labels)}.")
-        spec = [spec.get(lab) for lab in labels]
+        spec = _by_label("unsort", name, spec, labels)
     perms = tuple(None if p is None else as_permutation(p, f"{name!r} call {i}")
                   for i, p in enumerate(spec))
     if labels is not None and len(perms) != len(labels):
