@@ -51,8 +51,9 @@ def apply_edit(fn: EditFn, output: Any, plan: Plan, info: CallInfo, perm: Tensor
             if isinstance(x, PackedSequence):
                 raise UnsortError(
                     f"edit for {where}: the output holds a PackedSequence, which cannot be "
-                    "shown in the caller's batch order. Edit the module that returns it "
-                    "padded (the story's encoder wrapper), or drop unsort= for this module.")
+                    "shown in the caller's batch order. Edit the module that pads it "
+                    "(pad_packed_sequence) instead, or drop unsort= for this module and edit "
+                    "in the model's sorted order.")
             dim = batch_dim_of(whole, path, x, False, len(perm), where, rnn_state_keys)
             dims[path] = dim
             return x if dim is None else x.index_select(dim, perm.to(x.device))
@@ -61,12 +62,13 @@ def apply_edit(fn: EditFn, output: Any, plan: Plan, info: CallInfo, perm: Tensor
         if all(d is None for d in dims.values()):
             raise UnsortError(f"unsort for {where}: no tensor in the output has a dimension of "
                               f"the permutation's length {len(perm)}.")
-    new = fn(shown, info) if takes_two_args(fn) else fn(shown)
+    new = fn(shown, info) if takes_two_args(fn, required=True) else fn(shown)
     if new is None:
         raise InputError(
             f"edit for {where} returned None. Return the value the model continues with (the "
             "output itself to leave it unchanged); editing it in place and returning nothing "
             "would be lost where unsort= reorders the batch.")
+    _check_like(new, output, where)
     if perm is None:
         return new, None
     inverse = perm.argsort()
@@ -86,6 +88,23 @@ def apply_edit(fn: EditFn, output: Any, plan: Plan, info: CallInfo, perm: Tensor
         return x.index_select(dim, inverse.to(x.device))
 
     return map_leaves(new, to_model), dims
+
+
+def _check_like(new: Any, output: Any, where: str) -> None:
+    """What an edit returns must fit where the module's output went: same shapes, dtypes and
+    devices for the tensors at the same places (else the model fails later, far from here)."""
+    before = dict(iter_tensors(output))
+    for path, t in iter_tensors(new):
+        old = before.get(path)
+        if old is None or old.is_nested or t.is_nested:
+            continue
+        if (old.shape, old.dtype, old.device) != (t.shape, t.dtype, t.device):
+            at_ = "output" + "".join(f"[{k!r}]" for k in path)
+            raise InputError(
+                f"edit for {where} returned {at_} of shape {tuple(t.shape)}, {t.dtype} on "
+                f"{t.device}, where the module returned {tuple(old.shape)}, {old.dtype} on "
+                f"{old.device}: the model continues with it, so keep shape, dtype and device "
+                "(e.g. torch.zeros_like(out), out.clone() edited in place).")
 
 
 # -- editing one part of a structured output ------------------------------------------------
@@ -119,7 +138,7 @@ def at(path: Any, fn: Callable[..., Any]) -> Callable[[Any, CallInfo], Any]:
     True
     """
     keys = path if isinstance(path, tuple) else (path,)
-    two = takes_two_args(fn)
+    two = takes_two_args(fn, required=True)
 
     def edit(output: Any, call: CallInfo) -> Any:
         return _replace_at(output, keys, lambda part: fn(part, call) if two else fn(part), ())

@@ -269,6 +269,9 @@ def to_frame(captures: Iterable[Any], kind: str = "wide", *, reduce: Reduce = No
              bidirectional: bool | None = None, values: str = "value") -> pd.DataFrame:
     """Captures as a DataFrame; see :meth:`hookscope.Recording.to_frame`."""
     captures = [dense_capture(values_capture(c, values)) for c in captures]
+    if kind == "long" and values != "value":  # the column says what it holds
+        return to_frame(captures, kind, reduce=reduce, lengths=lengths, meta=meta,
+                        bidirectional=bidirectional).rename(columns={"value": values})
     reduce = check_reduce(reduce)
     if bidirectional is not None:
         bidirectional = check_bool(bidirectional, "bidirectional")

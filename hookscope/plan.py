@@ -92,7 +92,7 @@ def _is_one_perm(value: Any) -> bool:
     """A single permutation (tensor, array, list of ints) rather than a list of them."""
     if isinstance(value, list | tuple):
         return not value or isinstance(value[0], int)
-    return True
+    return not isinstance(value, Mapping)  # {label: permutation} is per call
 
 
 def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any = None,
@@ -134,7 +134,9 @@ def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any =
         fields[name]["inner_rnns"] = tuple(x for x in m.modules()
                                            if isinstance(x, nn.RNNBase) and x is not m)
     for name, spec in _per_module("edit", edit or {}, model, selected).items():
-        fields[name]["edits"] = _edit_spec(name, spec, fields[name].get("labels"))
+        edits = fields[name]["edits"] = _edit_spec(name, spec, fields[name].get("labels"))
+        if isinstance(edits, tuple):  # one per call: stop=True waits for all of them
+            fields[name]["expected"] = max(fields[name].get("expected", 1), len(edits))
     for f in fields.values():
         f["plain"] = (f.get("pick") is None and f.get("perms") is None and device is None
                       and dtype is None and f.get("edits") is None and not grads)

@@ -168,9 +168,13 @@ class Recorder:
         ``label``); the model continues with what it returns (``None`` is an error: return
         the output itself to leave it unchanged).  The function sees the output **in the
         caller's batch order** where ``unsort=`` is given, and what it returns is put back in
-        the model's order.  :func:`hookscope.at` edits one part of a structured output.  The
-        capture holds the value *after* the edit (what the model continued with); a recorder
-        entered outside this one sees the value before it.
+        the model's order.  :func:`hookscope.at` edits one part of a structured output.  What
+        it returns must keep the output's shapes, dtypes and devices (checked).  A second
+        parameter with a default keeps its default (``fn(out, scale=0.5)`` gets no call).
+        Edited modules are recorded too, holding the value *after* the edit (what the model
+        continued with).  The edit runs before every other forward hook on the module, so
+        other observers (an outer recorder, transformers' ``output_hidden_states``) see the
+        edited value as well.
     grads : bool
         Keep the gradient of the loss with respect to each recorded output
         (:attr:`Capture.grad`, :attr:`Capture.grad_output`), per call, converted like the
@@ -202,6 +206,12 @@ class Recorder:
         grads: bool = False,
     ) -> None:
         _check_scriptable(model)
+        if edit:  # an edited module is recorded too (with the edited value)
+            if not isinstance(edit, Mapping):
+                raise InputTypeError("edit= must map modules to functions, e.g. "
+                                     f"edit={{'encoder': fn}}; got {type(edit).__name__}.")
+            listed = [modules] if isinstance(modules, str | type | nn.Module) else list(modules)
+            modules = [*listed, *(k for k in edit if k not in listed)]
         selected = resolve_modules(model, modules)
         for name, m in selected.items():
             _check_scriptable(m, name)
@@ -269,8 +279,8 @@ class Recorder:
         """The hook functions of these plans, made once: entering only registers them."""
         plans = self._plans.values()
         self._hooks = [(p.module, self._make_pre_hook(p) if self.inputs else None,
-                        self._make_fast_hook(p) if self._fast(p) else self._make_hook(p))
-                       for p in plans]
+                        self._make_fast_hook(p) if self._fast(p) else self._make_hook(p),
+                        p.edits is not None) for p in plans]
         # RNNs inside a wrapper with unsort=: their (h, c) are recognised by identity.
         self._state_hooks = [(rnn, self._make_state_hook()) for p in plans
                              if p.perms is not None and not p.rnn for rnn in p.inner_rnns]
@@ -289,10 +299,12 @@ class Recorder:
             add(self.model.register_forward_pre_hook(self._new_step, with_kwargs=True))
             for rnn, hook in self._state_hooks:
                 add(rnn.register_forward_hook(hook))
-            for module, pre_hook, hook in self._hooks:
+            for module, pre_hook, hook, edits in self._hooks:
                 if pre_hook is not None:
                     add(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-                add(module.register_forward_hook(hook, with_kwargs=True))
+                # An edit goes first: every other hook on the module (an outer recorder,
+                # transformers' output_hidden_states) sees what the model continues with.
+                add(module.register_forward_hook(hook, with_kwargs=True, prepend=edits))
             self._session = s
         except BaseException:
             _close(s)
@@ -535,23 +547,26 @@ class Recorder:
     def _check_counts(self, rec: Recording) -> None:
         problems = []
         for name, plan in self._plans.items():
-            n_expected = len(plan.labels) if plan.labels is not None else (
-                len(plan.perms) if isinstance(plan.perms, tuple) else None)
-            if n_expected is None:
+            if plan.labels is not None:
+                n_expected, given = len(plan.labels), "labels"
+            elif isinstance(plan.perms, tuple):
+                n_expected, given = len(plan.perms), "unsort permutations"
+            elif isinstance(plan.edits, tuple):
+                n_expected, given = len(plan.edits), "edit functions (or patches)"
+            else:
                 continue
             per_step: dict[int, int] = {}
             for c in rec._captures[name]:
                 per_step[c.step] = per_step.get(c.step, 0) + 1
             for step, n in sorted(per_step.items()):
                 if n != n_expected:
-                    given = "labels" if plan.labels is not None else "unsort permutations"
                     problems.append(f"{name!r} ran {n} time(s) in step {step}, but {n_expected} "
                                     f"{given} were given")
         if problems:
             raise CallCountError(
-                "calls= / unsort= disagree with what ran: " + "; ".join(problems) + ". The "
-                "recording is complete (rec.calls(name) lists every call); fix the labels to "
-                "match the number of calls per forward pass.")
+                "calls= / unsort= / edit= disagree with what ran: " + "; ".join(problems)
+                + ". The recording is complete (rec.calls(name) lists every call); give one "
+                "per call of the module in a forward pass.")
 
 
 def _close(s: _Session) -> None:

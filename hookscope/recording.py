@@ -302,7 +302,8 @@ class Recording:
             What to export of each capture: the recorded value (default), its gradient
             (:attr:`Capture.grad`, recorded with ``grads=True`` after ``backward()``), or
             value times gradient, the usual first-order attribution.  Reductions and masks
-            apply alike.
+            apply alike; the long form's ``value`` column is then named ``grad`` or
+            ``value*grad``.
 
         Raises
         ------

@@ -258,9 +258,10 @@ def find_batch_dim(shape: torch.Size, batch: int, where: str, path: Path) -> int
     )
 
 
-def takes_two_args(fn: Callable[..., Any]) -> bool:
+def takes_two_args(fn: Callable[..., Any], *, required: bool = False) -> bool:
     """Whether ``fn`` accepts a second positional argument (``reduce=`` callables may take a
-    mask, ``edit=`` functions the call they edit)."""
+    mask, ``edit=`` functions the call they edit); with ``required``, only a second parameter
+    without a default counts (``def f(out, scale=0.5)`` keeps its default)."""
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # some builtins have no signature: call with one
@@ -269,6 +270,7 @@ def takes_two_args(fn: Callable[..., Any]) -> bool:
     for p in params:
         if p.kind is p.VAR_POSITIONAL:
             return True
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and not (
+                required and p.default is not p.empty):
             positional += 1
     return positional >= 2

@@ -76,13 +76,38 @@ def test_edit_every_call_with_a_one_argument_function(story_model, story_batch):
     assert torch.equal(scores, story_model.feedforward(story_model.aggregation(u * 2, v * 2)))
 
 
-def test_a_recorder_outside_the_editing_one_sees_the_value_before_the_edit(mlp):
+def test_every_other_hook_on_the_module_sees_the_edited_value(mlp):
+    """The edit hook goes first: an outer recorder and a hand-written hook registered before
+    the block see what the model continues with."""
     x = torch.randn(3, 4)
-    with hs.record(mlp, ["0"]) as before, hs.record(mlp, ["0"], edit={"0": torch.zeros_like}) \
-            as after:
-        mlp(x)
-    assert torch.equal(before["0"].tensor, mlp[0](x).detach())
-    assert torch.equal(after["0"].tensor, torch.zeros(3, 8))
+    seen = []
+    handle = mlp[0].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    try:
+        with hs.record(mlp, ["0"]) as outer, \
+                hs.record(mlp, ["2"], edit={"0": torch.zeros_like}) as inner:
+            mlp(x)
+    finally:
+        handle.remove()
+    for value in (outer["0"].tensor, inner["0"].tensor, seen[0]):
+        assert torch.equal(value, torch.zeros(3, 8))
+    assert "0" in inner  # the edited module is recorded, though not in the list
+
+
+def test_unsort_and_edit_by_label_and_per_call_lists(story_model, story_batch):
+    perms = {"premise": story_batch.premise_orig_idx,
+             "hypothesis": story_batch.hypothesis_orig_idx}
+    with hs.record(story_model, ["encoder"], calls=ENCODER_CALLS,
+                   unsort={"encoder": perms}) as by_label:
+        story_model(story_batch)
+    with hs.record(story_model, ["encoder"], calls=ENCODER_CALLS,
+                   unsort=unsort(story_batch)) as by_list:
+        story_model(story_batch)
+    assert torch.equal(by_label["encoder", "hypothesis"].tensor,
+                       by_list["encoder", "hypothesis"].tensor)
+    # A per-call list longer than the calls is an error, not a silently unused edit.
+    with pytest.raises(CallCountError, match="2 edit functions"), \
+            hs.record(story_model, ["pooling"], edit={"pooling": [None, None]}):
+        story_model.pooling(torch.randn(2, 3, 4))
 
 
 def test_edit_errors_are_clear_and_leave_no_hooks(mlp, story_model, story_batch):
@@ -91,14 +116,25 @@ def test_edit_errors_are_clear_and_leave_no_hooks(mlp, story_model, story_batch)
             hs.record(mlp, ["0"], edit={"0": lambda out: None}):
         mlp(x)
     assert_no_hooks(mlp)
-    with pytest.raises(ModuleSelectionError, match="not among the recorded"):
-        hs.record(mlp, ["0"], edit={"2": lambda out: out})
+    with pytest.raises(ModuleSelectionError, match="No module named"):
+        hs.record(mlp, ["0"], edit={"nonexistent": lambda out: out})
+    with pytest.raises(InputError, match=r"shape \(3, 4\), torch.float32"), \
+            hs.record(mlp, ["0"], edit={"0": lambda out: out[:, :4]}):
+        mlp(x)
+    with pytest.raises(InputError, match="torch.float64"), \
+            hs.record(mlp, ["0"], edit={"0": lambda out: out.double()}):
+        mlp(x)
+    scale_seen = []
+    with hs.record(mlp, ["0"], edit={"0": lambda out, scale=2.0: scale_seen.append(scale)
+                                     or out * scale}):
+        mlp(x)
+    assert scale_seen == [2.0]  # a defaulted second parameter keeps its default
     with pytest.raises(CallCountError, match="no labels"):
         hs.record(mlp, ["0"], edit={"0": {"premise": lambda out: out}})
     with pytest.raises(hs.InputTypeError, match="function"):
         hs.record(mlp, ["0"], edit={"0": 3})
     # With unsort=, the batch must stay the batch: it is mapped back to the model's order.
-    with pytest.raises(InputError, match="batch size"), hs.record(
+    with pytest.raises(InputError, match="keep shape"), hs.record(
             story_model, ["encoder"], calls=ENCODER_CALLS, unsort=unsort(story_batch),
             edit={"encoder": hs.at(0, lambda t: t[:2])}):
         story_model(story_batch)
@@ -329,3 +365,24 @@ def bert_model():
                                      num_attention_heads=4, intermediate_size=64,
                                      attn_implementation="eager")
     return transformers.BertModel(config).eval()
+
+
+def test_transformers_hidden_states_report_the_edit_every_time():
+    """transformers adds its own output_hidden_states hooks on first use; the edit runs
+    before them, on the first call and on every later one."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        with hs.record(model, [], edit={"transformer.h.0": _zero_primary}):
+            out = model(ids, output_hidden_states=True)
+        assert torch.equal(out.hidden_states[1], torch.zeros_like(out.hidden_states[1]))
+
+
+def _zero_primary(out):
+    """Zero a block's hidden states, whether the block returns a tensor or a tuple."""
+    if isinstance(out, torch.Tensor):
+        return torch.zeros_like(out)
+    return hs.at(0, torch.zeros_like)(out, None)
