@@ -247,6 +247,10 @@ def record_dataset(
         raise InputTypeError(f"setup_id must be a str, got {setup_id!r}.")
     out = Path(out)
     rank, world = _dist()
+    if record_options.get("grads"):
+        raise InputError("record_dataset runs inference only (no backward pass), so grads=True "
+                         "would stay empty; record gradients with hs.record(..., grads=True) "
+                         "around your own forward and backward.")
     per_batch_unsort = record_options.pop("unsort", None)
     if per_batch_unsort is not None and not callable(per_batch_unsort):
         raise InputTypeError("record_dataset: unsort= must be a callable batch -> {module: "

@@ -343,6 +343,8 @@ def test_grads_errors_and_warnings(mlp):
         mlp(x)
     with pytest.raises(hs.InputTypeError, match="grads="):
         hs.record(mlp, ["0"], grads="yes")
+    with pytest.raises(InputError, match="inference only"):
+        hs.record_dataset(mlp, ["0"], [x], "unused-dir", grads=True)
 
 
 def test_to_frame_exports_grad_and_value_times_grad(mlp):
