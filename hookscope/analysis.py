@@ -281,7 +281,7 @@ def neighborhood_change(x: ArrayLike, y: ArrayLike, k: int, labels: Sequence[Any
 
     Parameters
     ----------
-    x, y : (n, d_x), (n, d_y)
+    x, y : arrays of shape (n, d_x) and (n, d_y)
         Two representations of the same n items.
     k : int
         Neighbourhood size.
@@ -417,7 +417,7 @@ def linear_cka(x: ArrayLike, y: ArrayLike, *, debiased: bool = False) -> float:
 
     Parameters
     ----------
-    x, y : (n, d_x), (n, d_y)
+    x, y : arrays of shape (n, d_x) and (n, d_y)
         The same n items in two spaces (feature maps are flattened).
     debiased : bool
 
@@ -494,7 +494,7 @@ def rsa(x: ArrayLike, y: ArrayLike, *, metric: str | Callable = "cosine",
 
     Parameters
     ----------
-    x, y : (n, d_x), (n, d_y)
+    x, y : arrays of shape (n, d_x) and (n, d_y)
         The same n >= 3 items in two spaces (feature maps are flattened).
     metric : str or callable
         Any ``scipy.spatial.distance.pdist`` metric.
@@ -544,10 +544,16 @@ def similarity_matrix(
         ``recording_vectors(reps, reduce=reduce, lengths=lengths, bidirectional=bidirectional)``.
     method : {"cka", "cka_debiased", "rsa"}
         Linear CKA (see :func:`linear_cka`), debiased linear CKA, or RSA (see :func:`rsa`).
-    reduce, lengths, bidirectional
+    reduce : callable or str, optional
         Recordings only: as in :func:`hookscope.recording_vectors`.
-    metric, correlation
-        ``method="rsa"`` only: as in :func:`rsa` (defaults ``"cosine"``, ``"spearman"``).
+    lengths : lengths or mask, optional
+        Recordings only: as in :func:`hookscope.recording_vectors`.
+    bidirectional : bool, optional
+        Recordings only: as in :func:`hookscope.recording_vectors`.
+    metric : str or callable, optional
+        ``method="rsa"`` only: as in :func:`rsa` (default ``"cosine"``).
+    correlation : str, optional
+        ``method="rsa"`` only: as in :func:`rsa` (default ``"spearman"``).
 
     Returns
     -------

@@ -191,7 +191,11 @@ def record_dataset(
 
     Parameters
     ----------
-    model, modules, **record_options
+    model : nn.Module
+        As for :func:`hookscope.record`.
+    modules : str, type, nn.Module, or list of them
+        As for :func:`hookscope.record`.
+    **record_options
         As for :func:`hookscope.record` (``calls=``, ``pick=``, ``dtype=`` (the captured
         dtype) ...), except that ``unsort=`` is a callable ``unsort(batch) -> {module:
         permutation(s)}``: each batch has its own order.
@@ -206,7 +210,7 @@ def record_dataset(
         fingerprint: model classes, training flags, parameter and buffer bytes, modules, every
         option, and the callables' code and captured values (see :mod:`hookscope.fingerprint`).
         One writer at a time: a second run on the same folder is refused.
-    reduce : {"last", "mean", "max", "sum"}, callable or None
+    reduce : callable, {"last", "mean", "max", "sum"} or None
         Length-aware reduction of sequence captures to one vector per example (see
         :meth:`hookscope.Recording.to_frame`).  ``None`` keeps per-example vectors as they are
         and stores sequence captures as each example's real positions (a list of vectors).

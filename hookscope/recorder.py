@@ -107,19 +107,19 @@ class Recorder:
         Move captured tensors there (e.g. ``"cpu"`` to keep GPU memory free).
     dtype : torch.dtype, optional
         Cast captured floating-point tensors (integer tensors are left alone).
-    pick : callable or {module: callable}, optional
+    pick : callable or dict of {module: callable}, optional
         Keep only part of a structured output, e.g. ``lambda out: out[0]``.  A small view of a
         large tensor (``lambda out: out[:, 0]``) is stored compactly.
-    calls : {module: [label, ...]}, optional
+    calls : dict of {module: [label, ...]}, optional
         Labels for the calls of a module within one forward pass, e.g.
         ``{"encoder": ["premise", "hypothesis"]}``.  A module that runs a different number of
         times than it has labels is reported (``CallCountError`` when the block ends).
-    unsort : {module: permutation or [permutation per call] or {label: permutation}}, optional
+    unsort : dict of {module: permutation, [permutation per call] or {label: permutation}}, optional
         Restore the original batch order of a batch the caller sorted by length: each leaf's
         batch dimension is indexed with the permutation (``captured = output[perm]``), and so
         are ``lengths``.  Validated: 1-D, integer, a permutation of ``range(batch)``, of the
         batch size of every leaf it is applied to (else :class:`~hookscope.errors.UnsortError`).
-    batch_dim : {module: int or {path prefix: dim or None}}, optional
+    batch_dim : dict of {module: int or {path prefix: dim or None}}, optional
         Where the batch dimension is, for ``unsort=``.  By default it is found per leaf: the
         only dimension with the batch size (RNN hidden states: dim 1; sequences padded from a
         ``PackedSequence``: dim 0); several candidates raise ``UnsortError`` instead of guessing.

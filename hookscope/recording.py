@@ -274,7 +274,7 @@ class Recording:
             ``position`` <NA>; a feature map ``(batch, channels, *spatial)`` has one row per
             spatial position (``position`` is the flat row-major index, e.g. ``h * width +
             w``) and channel (``unit``); ``module`` and ``call`` are categorical.
-        reduce : {"last", "mean", "max", "sum", "flatten"} or callable, optional
+        reduce : callable or {"last", "mean", "max", "sum", "flatten"}, optional
             Wide form only: how a capture with more than two dimensions becomes one vector per
             example (required for those; ``(batch,)`` and ``(batch, units)`` are kept):
 

@@ -74,3 +74,50 @@ def test_docs_site_builds_strictly(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     assert "Exact k nearest neighbours" in api and "hookscope.record" in api
+    text = _visible_text(api)
+    roles = re.findall(r":(?:py:)?(?:class|func|meth|attr|mod|data|exc|obj):`?[\w.~]*", text)
+    assert not roles, f"Sphinx roles rendered literally in the API page: {roles[:10]}"
+    defaults = _default_column(api)
+    assert len(defaults) > 50
+    odd = [(name, d) for name, d in defaults if not _reads_as_default(d)]
+    assert not odd, f"parameter tables whose Default column is not a default: {odd}"
+    assert ("calls", "None") in defaults  # not "module: [label"
+    assert '<a class="autorefs autorefs-internal" title="hookscope.Recording"' in api
+
+
+def _visible_text(page: str) -> str:
+    import html
+
+    page = re.sub(r"<(script|style)\b.*?</\1>", " ", page, flags=re.S)
+    return html.unescape(re.sub(r"<[^>]+>", " ", page))
+
+
+def _default_column(page: str) -> list[tuple[str, str]]:
+    """(parameter, default) of every row of the API page's parameter tables."""
+    rows = []
+    for table in re.findall(r"<table>.*?</table>", page, flags=re.S):
+        if "<th>Default</th>" not in table:
+            continue
+        for row in re.findall(r"<tr\b.*?</tr>", table, flags=re.S)[1:]:
+            cells = [" ".join(_visible_text(c).split())
+                     for c in re.findall(r"<td.*?</td>", row, flags=re.S)]
+            rows.append((cells[0], cells[-1]))
+    return rows
+
+
+def _reads_as_default(text: str) -> bool:
+    import ast
+
+    if text == "required" or re.fullmatch(r"[\w.]+", text):
+        return True
+    try:
+        ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return False
+    return True
+
+
+def test_default_column_check_catches_a_type_in_it():
+    assert _reads_as_default("None") and _reads_as_default("'attention_mask'")
+    assert not _reads_as_default("module: [label")
+    assert _visible_text("<p>:class:<code>x</code></p>").strip().startswith(":class:")
