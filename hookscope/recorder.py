@@ -95,11 +95,12 @@ class Recorder:
         (``torch.compiler.set_stance("force_eager")``): a compiled graph does not see hooks
         added after it was compiled, and a recording must not silently miss them.
         TorchScript modules cannot be hooked: an error says so.
-    modules : str, type, or list of them
+    modules : str, type, nn.Module, or list of them
         Exact dotted names from ``model.named_modules()``, glob patterns
-        (``"encoder.layer.*.output"``; ``*`` is one name segment, ``**`` several), or module
-        classes (``nn.LSTM``: every instance).  Selecting nothing is an error that lists the
-        closest real names.
+        (``"encoder.layer.*.output"``; ``*`` is one name segment, ``**`` several), module
+        classes (``nn.LSTM``: every instance), or the submodules themselves
+        (``model.encoder``; recorded under their names).  Selecting nothing is an error that
+        lists the closest real names.
     inputs : bool
         Also record each call's positional and keyword inputs (``Capture.inputs`` /
         ``Capture.kwargs``), as the module received them (``unsort=`` is not applied to them).
@@ -532,8 +533,9 @@ def record(model: nn.Module, modules: ModuleSpec | Iterable[ModuleSpec],
     ----------
     model : nn.Module
         The model; see :class:`Recorder` for wrappers, compiled and scripted models.
-    modules : str, type, or list of them
-        What to record: exact dotted names, glob patterns, or module classes.
+    modules : str, type, nn.Module, or list of them
+        What to record: exact dotted names, glob patterns, module classes, or submodules
+        (``model.encoder``).
     **options
         Every option of :class:`Recorder` (``inputs``, ``device``, ``dtype``, ``pick``,
         ``calls``, ``unsort``, ``batch_dim``, ``stop``, ``clone``, ``threads``,
