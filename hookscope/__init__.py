@@ -46,6 +46,16 @@ from .summarize import format_summary, summary
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    """``hs.plot`` without ``import hookscope.plot`` (matplotlib is imported only when a plot
+    function is called)."""
+    if name == "plot":
+        import importlib
+
+        return importlib.import_module(".plot", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "AmbiguousCallError",
     "CallCountError",
@@ -77,6 +87,7 @@ __all__ = [
     "neighborhood_change",
     "neighborhood_overlap",
     "open_dataset",
+    "plot",
     "record",
     "record_dataset",
     "recording_vectors",

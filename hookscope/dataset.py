@@ -254,8 +254,9 @@ def record_dataset(
     per_batch_unsort = record_options.pop("unsort", None)
     if per_batch_unsort is not None and not callable(per_batch_unsort):
         raise InputTypeError("record_dataset: unsort= must be a callable batch -> {module: "
-                        "permutation(s)}, since every batch has its own order (e.g. lambda b: "
-                        "{'encoder': [b.premise_orig_idx, b.hypothesis_orig_idx]}).")
+                        "permutation(s)}, since every batch has its own order (e.g. lambda "
+                        "batch: {'encoder': batch['sort_order']}, where your collate function "
+                        "keeps the permutation it sorted by).")
     recorder = Recorder(model, modules, **record_options)
     fingerprint = setup_fingerprint(model, modules, {
         "reduce": reduce, "store_dtype": store_dtype, "bidirectional": bidirectional,

@@ -337,7 +337,7 @@ class Recording:
         head = (f"Recording of {self.model_type}: {len(self)} module(s), "
                 f"{sum(map(len, self._captures.values()))} capture(s), {self.steps} step(s)")
         with pd.option_context("display.width", 120, "display.max_columns", 20):
-            return head + "\n" + self.table().to_string(index=False, na_rep="")
+            return head + "\n" + _blank_missing(self.table()).to_string(index=False)
 
     def _repr_html_(self) -> str:
         """The :meth:`table` with summary statistics of each capture, for Jupyter."""
@@ -354,5 +354,9 @@ class Recording:
                     value = next(values)
                     column[i] = None if value is None else f"{value:.4g}"
             table[key] = column
-        shown = table.astype(object).where(table.notna(), "")  # blanks, not <NA>
-        return head + shown.to_html(index=False)
+        return head + _blank_missing(table).to_html(index=False)
+
+
+def _blank_missing(table: pd.DataFrame) -> pd.DataFrame:
+    """Missing values (``None``, ``<NA>``) shown as blanks, in the terminal as in HTML."""
+    return table.astype(object).where(table.notna(), "")
