@@ -67,3 +67,55 @@ def test_summary_of_state_dict_and_trusted_model(tmp_path, capsys):
     assert main(["summary", str(tmp_path / "model.pt"), "--trust-pickle",
                  "--input-shape", "5,7"]) == 2  # wrong shape: a clear message, no traceback
     assert "did not run on an input of shape (5, 7)" in capsys.readouterr().err
+
+
+def test_help_is_plain_text_and_version_is_there(capsys):
+    import hookscope as hs
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and ":func:" not in text and "story" not in text
+    assert "hookscope demo" in text and "hookscope summary" in text
+    for command in ("demo", "summary"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "``" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"hookscope {hs.__version__}"
+
+
+def test_summary_shows_full_names_that_record_accepts(tmp_path, capsys):
+    import hookscope as hs
+
+    model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU()))
+    torch.save(model, tmp_path / "model.pt")
+    assert main(["summary", str(tmp_path / "model.pt"), "--trust-pickle"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert names == ['""', "0", "0.0", "0.1"]
+    for name in names:
+        with hs.record(model, [name.strip('"')]) as rec:  # each one, copied, selects its module
+            model(torch.randn(1, 2))
+        assert len(rec) == 1
+
+
+def test_summary_errors_say_what_is_wrong_and_hint_only_where_it_helps(tmp_path, capsys):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    assert main(["summary", str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "--trust-pickle" not in err
+    torch.jit.script(model).save(str(tmp_path / "scripted.pt"))
+    assert main(["summary", str(tmp_path / "scripted.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "TorchScript" in err and "--trust-pickle" not in err
+    (tmp_path / "junk.pt").write_text("not a model")
+    assert main(["summary", str(tmp_path / "junk.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load" in err and "--trust-pickle" not in err
+    torch.save(model, tmp_path / "model.pt")
+    assert main(["summary", str(tmp_path / "model.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "--trust-pickle" in err and "Sequential" in err
+    assert "\x1b" not in err and len(err.splitlines()) == 1  # no colour codes, one line
