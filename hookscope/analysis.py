@@ -558,7 +558,8 @@ def similarity_matrix(
     Returns
     -------
     pandas.DataFrame
-        Symmetric, names on both axes, 1 on the diagonal.
+        Symmetric, the representations' names on both axes (for a recording, the axes are
+        named ``"module"``), 1 on the diagonal.
 
     Raises
     ------
@@ -573,8 +574,10 @@ def similarity_matrix(
         if reduce is not None or lengths is not None or bidirectional is not None:
             raise InputError("reduce=, lengths= and bidirectional= apply when reps is a "
                              "Recording; pool mapping values yourself (hs.masked_pool).")
+        axis = None
     else:
         reps = recording_vectors(reps, reduce, lengths=lengths, bidirectional=bidirectional)
+        axis = "module"
     names = list(reps)
     if not names:
         raise InputError("similarity_matrix needs at least one representation.")
@@ -603,4 +606,5 @@ def similarity_matrix(
     for i, a in enumerate(names):
         for j in range(i + 1, len(names)):
             out[i, j] = out[j, i] = pair(a, names[j])
-    return pd.DataFrame(out, index=pd.Index(names, name="a"), columns=pd.Index(names, name="b"))
+    return pd.DataFrame(out, index=pd.Index(names, name=axis),
+                        columns=pd.Index(names, name=axis))
