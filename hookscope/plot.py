@@ -138,15 +138,16 @@ def overlap_histogram(change: pd.DataFrame, *, ax: Any = None,
     ax.set_xticks(range(k + 1))
     ax.set_xlabel(f"neighbours kept (of {k})")
     ax.set_ylabel("items")
-    ax.axvline(kept.mean(), color="#c44e52", linestyle="--")
-    ax.text(kept.mean(), counts.max(), f" mean {kept.mean() / k:.2f}", color="#c44e52",
-            va="top", fontsize=9)
+    ax.axvline(kept.mean(), color="#c44e52", linestyle="--",
+               label=f"mean: {kept.mean():.1f} kept (overlap {kept.mean() / k:.2f})")
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    ax.set_ylim(0, counts.max() * 1.15)
     ax.set_title(title)
     return ax
 
 
 def neighbor_diagram(change: pd.DataFrame, item: Any, *, ax: Any = None,
-                     before: str = "before", after: str = "after", width: int = 48) -> Any:
+                     before: str = "before", after: str = "after", width: int = 60) -> Any:
     """One item's k nearest neighbours in two columns, ``before`` and ``after``
     (:func:`hookscope.neighborhood_change`): a neighbour kept in both is joined by a grey line,
     one that left is red, one that entered is green.
@@ -163,21 +164,25 @@ def neighbor_diagram(change: pd.DataFrame, item: Any, *, ax: Any = None,
     row = change.loc[item]
     old, new = list(row["before"]), list(row["after"])
     k = len(old)
+    colours = {"kept": "#555555", "left": "#c44e52", "entered": "#2e8b57"}
     ax = _axes(ax, (10, 0.35 * k + 1))
     ax.set_xlim(0, 1)
-    ax.set_ylim(k - 0.4, -1.2)
+    ax.set_ylim(k - 0.4, -1.3)
     ax.axis("off")
-    ax.text(0.0, -0.9, before, fontweight="bold", fontsize=9)
-    ax.text(1.0, -0.9, after, fontweight="bold", fontsize=9, ha="right")
-    colours = {"kept": "#555555", "left": "#c44e52", "entered": "#55a868"}
+    # The columns meet in the middle, so the lines always touch their sentences.
+    ax.text(0.43, -0.9, before, fontweight="bold", fontsize=9, ha="right")
+    ax.text(0.57, -0.9, after, fontweight="bold", fontsize=9)
     for i, name in enumerate(old):
-        ax.text(0.0, i, f"{i + 1}. {_short(name, width)}", fontsize=8, va="center",
+        ax.text(0.43, i, f"{_short(name, width)}  {i + 1}", fontsize=8, va="center", ha="right",
                 color=colours["kept" if name in new else "left"])
         if name in new:
             ax.plot([0.44, 0.56], [i, new.index(name)], color=colours["kept"], linewidth=1)
     for j, name in enumerate(new):
-        ax.text(1.0, j, f"{_short(name, width)} .{j + 1}", fontsize=8, va="center", ha="right",
+        ax.text(0.57, j, f"{j + 1}  {_short(name, width)}", fontsize=8, va="center",
                 color=colours["kept" if name in old else "entered"])
     kept = sum(name in new for name in old)
-    ax.set_title(f"{_short(item, 70)}: kept {kept} of {k} neighbours", fontsize=9, loc="left")
+    ax.set_title(f"{_short(item, 70)}: kept {kept} of {k} neighbours", fontsize=10, loc="left",
+                 fontweight="bold")
+    ax.set_title("red: left the neighbourhood, green: entered it" if kept < k else "",
+                 fontsize=8, loc="right", color="#555555")
     return ax

