@@ -139,12 +139,16 @@ def save_figure(fig: Any, path: Path, report: Report, alt: str) -> tuple[Path, s
     return path, "the plot above, as an image file"
 
 
+def _has_pyarrow() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pyarrow") is not None
+
+
 def write_frame(frame: pd.DataFrame, stem: Path) -> tuple[Path, str]:
     """Write a (wide) DataFrame as Parquet where pyarrow is installed, else as CSV; return the
     path and the line of pandas that reads it back exactly."""
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
+    if not _has_pyarrow():
         path = stem.with_suffix(".csv")
         frame.to_csv(path)
         rows, cols = frame.index.nlevels, frame.columns.nlevels
