@@ -66,9 +66,19 @@ def _check_report(path: Path, rows: int) -> None:
 def test_minilm_demo(tmp_path):
     done = _run("demo", "--model", "minilm", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "layer x layer CKA" in done.stdout
-    cka = (tmp_path / "minilm_layer_cka.csv").read_text().splitlines()
-    assert len(cka) == 7  # header + 6 layers
+    out = done.stdout
+    assert "layer x layer CKA" in out and "{" not in out  # tables, not raw dicts
+    import pandas as pd
+
+    cka = pd.read_csv(tmp_path / "minilm_layer_cka.csv", index_col=0)
+    names = [f"0.model.encoder.layer.{i}" for i in range(6)]
+    assert list(cka.index) == list(cka.columns) == names and cka.index.name == "module"
+    overlap = pd.read_csv(tmp_path / "minilm_overlap.csv", index_col=0)
+    assert list(overlap.index) == names and overlap.iloc[-1, -1] == 1.0
+    assert (tmp_path / "minilm_layers.png").stat().st_size > 0
+    page = (tmp_path / "report.html").read_text()
+    assert "0.model.encoder.layer.5" in page and "data:image/png;base64," in page
+    assert "<style>" in page and 'src="minilm' not in page
 
 
 def test_summary_of_state_dict_and_trusted_model(tmp_path, capsys):

@@ -213,14 +213,7 @@ def _write_story(out_dir: Path, report: Report, rec: Any, story: pd.DataFrame, n
     report.table(table[["sentence", "kept (of 5)", "before", "after"]], index=False,
                  fold=f"All {len(change)} sentences with their 5 nearest neighbours before and "
                       "after pooling (click to open, then filter)")
-    report.heading("Files")
-    path = out_dir / "report.html"
-    files = [*written, (path, "this page: self-contained, it can be moved or mailed alone")]
-    report.table(pd.DataFrame([(p.name, how) for p, how in files],
-                              columns=["file", "how to read it (pandas as pd, hookscope as hs)"]),
-                 index=False)
-    written.append((report.write(path), ""))
-    return written
+    return report.write(out_dir / "report.html", written)
 
 
 def main(model: str = "story", out_dir: str | Path = "hookscope-demo",

@@ -98,6 +98,8 @@ class Report:
         table is folded away and gets a filter box."""
         self._tables += 1
         table_id = f"table{self._tables}"
+        if index:  # the index as ordinary columns: no separate row for its name
+            frame, index = frame.rename_axis(columns=None).reset_index(), False
         body = readable(frame, digits, sep=_LINE).to_html(
             index=index, escape=True, table_id=table_id, border=0
         ).replace(_LINE, "<br>")  # a list: one entry per line
@@ -122,9 +124,16 @@ class Report:
                 f"<script>{_FILTER_JS}</script></head><body>\n"
                 + "\n".join(self.parts) + "\n</body></html>\n")
 
-    def write(self, path: Path) -> Path:
+    def write(self, path: Path, files: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+        """End the page with the list of ``files`` (path, how to read it) and write it to
+        ``path``; return ``files`` with the page added."""
+        files = [*files, (path, "this page: self-contained, it can be moved or mailed alone")]
+        self.heading("Files")
+        self.table(pd.DataFrame([(p.name, how) for p, how in files],
+                                columns=["file", "how to read it (pandas as pd, hookscope as hs)"]),
+                   index=False)
         path.write_text(self.render(), encoding="utf-8")
-        return path
+        return files
 
 
 def save_figure(fig: Any, path: Path, report: Report, alt: str) -> tuple[Path, str]:
@@ -136,7 +145,7 @@ def save_figure(fig: Any, path: Path, report: Report, alt: str) -> tuple[Path, s
     plt.close(fig)
     path.write_bytes(buffer.getvalue())
     report.figure(buffer.getvalue(), alt)
-    return path, "the plot above, as an image file"
+    return path, "the figure of report.html, as a PNG image"
 
 
 def _has_pyarrow() -> bool:
