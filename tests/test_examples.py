@@ -71,3 +71,17 @@ def test_demo_frames_read_back_as_written_with_or_without_pyarrow(tmp_path, monk
             assert back.index.names == frame.index.names
             as_text = lambda labels: [tuple(map(str, t)) for t in labels]  # noqa: E731
             assert as_text(back.columns) == as_text(frame.columns)
+
+
+def test_demo_without_matplotlib_writes_the_report_and_says_what_to_install(tmp_path,
+                                                                            monkeypatch):
+    import io
+
+    from hookscope.examples import demo
+
+    monkeypatch.setattr(demo, "_pyplot", lambda: None)
+    result = demo.run_story(tmp_path, n_sentences=40, out=io.StringIO())
+    names = sorted(p.name for p, _ in result["written"])
+    assert "neighbourhoods.png" not in names and "report.html" in names
+    page = (tmp_path / "report.html").read_text()
+    assert "pip install matplotlib" in page and "<img" not in page

@@ -199,12 +199,8 @@ def _write_story(out_dir: Path, report: Report, rec: Any, story: pd.DataFrame, n
                 "final state, and by the max-pooled vector. Mean overlap: "
                 f"{mean_overlap:.2f} (1 = unchanged). Below, the story's sentences, then the "
                 "sentences whose neighbourhood changed most.")
-    fig = _story_figure(change, items)
-    if fig is None:
-        report.text("(pip install matplotlib for the plots)", note=True)
-    else:
-        written.append(save_figure(fig, out_dir / "neighbourhoods.png", report,
-                                   "neighbourhood change before and after pooling"))
+    written += save_figure(_story_figure(change, items), out_dir / "neighbourhoods.png", report,
+                           "neighbourhood change before and after pooling")
     table = change.rename_axis("sentence").reset_index()
     table.insert(1, "kept (of 5)", (table.pop("overlap") * 5).round().astype(int))
     report.text("The 10 sentences whose neighbourhood changed most:")

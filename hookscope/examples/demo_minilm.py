@@ -109,13 +109,8 @@ def run_minilm(out_dir: Path, out: TextIO = sys.stdout) -> dict:
     report.text("'embedding' is the model's own sentence embedding (after its pooling and "
                 "normalisation).")
     report.heading("Layer-by-layer similarity and neighbourhoods")
-    written: list[tuple[Path, str]] = []
-    fig = _figure(cka, overlaps)
-    if fig is None:
-        report.text("(pip install matplotlib for the plots)", note=True)
-    else:
-        written.append(save_figure(fig, out_dir / "minilm_layers.png", report,
-                                   "layer by layer CKA and neighbourhood overlap"))
+    written = save_figure(_figure(cka, overlaps), out_dir / "minilm_layers.png", report,
+                          "layer by layer CKA and neighbourhood overlap")
     report.text("Linear CKA (columns: the layer number N of 0.model.encoder.layer.N):")
     report.table(cka.rename(columns=lambda n: n.rsplit(".", 1)[-1]), digits=2)
     report.text(f"Mean overlap of each sentence's {K} nearest neighbours (cosine):")

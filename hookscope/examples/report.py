@@ -136,8 +136,12 @@ class Report:
         return files
 
 
-def save_figure(fig: Any, path: Path, report: Report, alt: str) -> tuple[Path, str]:
-    """Write a matplotlib figure to ``path`` (PNG), embed it in ``report``, close it."""
+def save_figure(fig: Any, path: Path, report: Report, alt: str) -> list[tuple[Path, str]]:
+    """Write a matplotlib figure to ``path`` (PNG), embed it in ``report``, close it; return
+    the file written.  ``fig`` is None without matplotlib: the report says what to install."""
+    if fig is None:
+        report.text("(pip install matplotlib for the plots)", note=True)
+        return []
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
@@ -145,7 +149,7 @@ def save_figure(fig: Any, path: Path, report: Report, alt: str) -> tuple[Path, s
     plt.close(fig)
     path.write_bytes(buffer.getvalue())
     report.figure(buffer.getvalue(), alt)
-    return path, "the figure of report.html, as a PNG image"
+    return [(path, "the figure of report.html, as a PNG image")]
 
 
 def _has_pyarrow() -> bool:
