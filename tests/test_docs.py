@@ -140,3 +140,19 @@ def test_default_column_check_catches_a_type_in_it():
     assert _reads_as_default("None") and _reads_as_default("'attention_mask'")
     assert not _reads_as_default("module: [label")
     assert _visible_text("<p>:class:<code>x</code></p>").strip().startswith(":class:")
+
+
+@pytest.mark.skipif(not _has("griffe"), reason="the docs extra is not installed")
+def test_roles_become_optional_links():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "griffe_sphinx_roles", ROOT / "tools" / "griffe_sphinx_roles.py")
+    roles = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(roles)
+    out = roles.rewrite("see :class:`~hookscope.Recording`, :meth:`Recorder.run` and "
+                        ":class:`torch.nn.Module`")
+    assert ":class:" not in out and ":meth:" not in out
+    assert '<autoref identifier="hookscope.Recording" optional><code>Recording</code>' in out
+    assert 'identifier="hookscope.Recorder.run" optional><code>Recorder.run</code>' in out
+    assert 'identifier="torch.nn.Module" optional><code>torch.nn.Module</code>' in out
