@@ -44,6 +44,7 @@ from .errors import DatasetError, InputError, InputTypeError
 from .fingerprint import setup_fingerprint
 from .frame import capture_mask, capture_matrix
 from .recorder import Recorder
+from .select import by_name
 
 __all__ = ["DatasetError", "record_dataset"]
 
@@ -258,10 +259,11 @@ def record_dataset(
                         "batch: {'encoder': batch['sort_order']}, where your collate function "
                         "keeps the permutation it sorted by).")
     recorder = Recorder(model, modules, **record_options)
-    fingerprint = setup_fingerprint(model, modules, {
+    fingerprint = setup_fingerprint(model, by_name(model, modules), {
         "reduce": reduce, "store_dtype": store_dtype, "bidirectional": bidirectional,
         "lengths": lengths, "forward": forward, "meta": meta, "world_size": world,
-        "record": record_options, "unsort": per_batch_unsort}, setup_id)
+        "record": {k: by_name(model, v) for k, v in record_options.items()},
+        "unsort": per_batch_unsort}, setup_id)
     _make_folder(out)
     with WriterLock(out, rank):
         manifest_path = out / (MANIFEST if world == 1 else f"manifest-r{rank:03d}.json")

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import InputTypeError, ModuleSelectionError
 
-__all__ = ["ModuleSpec", "describe_spec", "resolve_modules", "unwrap"]
+__all__ = ["ModuleSpec", "by_name", "describe_spec", "resolve_modules", "unwrap"]
 
 # A dotted name, a glob pattern, an nn.Module subclass, or a submodule object itself.
 ModuleSpec = str | type | nn.Module
@@ -111,6 +111,19 @@ def _name_of(module: nn.Module, model: nn.Module, inner: nn.Module) -> str:
         f"The {type(module).__name__} object passed to select modules is not a submodule of "
         f"this {type(inner).__name__}: pass modules of the recorded model itself (as "
         "model.named_modules() lists them), or their names.")
+
+
+def by_name(model: nn.Module, specs: object) -> object:
+    """``specs`` (one, a list, or a mapping keyed by specs) with every submodule object replaced
+    by its name: what a fingerprint of the selection should see (two submodules with equal
+    weights are still different selections)."""
+    if isinstance(specs, nn.Module):
+        return _name_of(specs, model, unwrap(model)[0])
+    if isinstance(specs, dict) and any(isinstance(k, nn.Module) for k in specs):
+        return {by_name(model, k): v for k, v in specs.items()}
+    if isinstance(specs, list | tuple) and any(isinstance(s, nn.Module) for s in specs):
+        return type(specs)(by_name(model, s) for s in specs)
+    return specs  # unchanged (the same object), so fingerprints of existing datasets hold
 
 
 def _suggest(spec: str, names: Sequence[str]) -> str:
