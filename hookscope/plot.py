@@ -134,7 +134,9 @@ def overlap_histogram(change: pd.DataFrame, *, ax: Any = None,
     counts = np.bincount(kept, minlength=k + 1)
     ax = _axes(ax, (6, 3.5))
     bars = ax.bar(range(k + 1), counts, color="#4c72b0")
-    ax.bar_label(bars, fontsize=8)
+    for label in ax.bar_label(bars, fontsize=8, padding=2):
+        label.set_bbox({"facecolor": "white", "edgecolor": "none", "pad": 1})
+        label.set_zorder(3)  # readable over the mean line
     ax.set_xticks(range(k + 1))
     ax.set_xlabel(f"neighbours kept (of {k})")
     ax.set_ylabel("items")
