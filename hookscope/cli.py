@@ -146,11 +146,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--input-dtype", default="float32",
                    help="dtype of the example input (int64 for token ids: zeros)")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .examples.demo import main as demo
+    try:
+        if args.command == "demo":
+            from .examples.demo import main as demo
 
-        return demo(args.model, args.out)
-    return summary_command(args.path, args.trust_pickle, args.input_shape, args.input_dtype)
+            return demo(args.model, args.out)
+        return summary_command(args.path, args.trust_pickle, args.input_shape,
+                               args.input_dtype)
+    except BrokenPipeError:  # `hookscope summary model.pt | head`: the reader has had enough
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

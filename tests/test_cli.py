@@ -150,3 +150,16 @@ def test_summary_errors_say_what_is_wrong_and_hint_only_where_it_helps(tmp_path,
     err = capsys.readouterr().err
     assert "--trust-pickle" in err and "Sequential" in err
     assert "\x1b" not in err and len(err.splitlines()) == 1  # no colour codes, one line
+
+
+def test_summary_piped_into_head_ends_quietly(tmp_path):
+    model = torch.nn.Sequential(*[torch.nn.Identity() for _ in range(3000)])  # > a pipe buffer
+    torch.save(model, tmp_path / "long.pt")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "hookscope", "summary", str(tmp_path / "long.pt"),
+               "--trust-pickle"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.readline().startswith(b"module")
+    proc.stdout.close()  # what `| head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err
