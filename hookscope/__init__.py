@@ -47,6 +47,16 @@ from .summarize import format_summary, summary
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    """``hs.plot`` without ``import hookscope.plot`` (matplotlib is imported only when a plot
+    function is called)."""
+    if name == "plot":
+        import importlib
+
+        return importlib.import_module(".plot", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "AmbiguousCallError",
     "CallCountError",
@@ -81,6 +91,7 @@ __all__ = [
     "neighborhood_overlap",
     "open_dataset",
     "patch",
+    "plot",
     "record",
     "record_dataset",
     "recording_vectors",

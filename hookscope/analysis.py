@@ -281,7 +281,7 @@ def neighborhood_change(x: ArrayLike, y: ArrayLike, k: int, labels: Sequence[Any
 
     Parameters
     ----------
-    x, y : (n, d_x), (n, d_y)
+    x, y : arrays of shape (n, d_x) and (n, d_y)
         Two representations of the same n items.
     k : int
         Neighbourhood size.
@@ -417,7 +417,7 @@ def linear_cka(x: ArrayLike, y: ArrayLike, *, debiased: bool = False) -> float:
 
     Parameters
     ----------
-    x, y : (n, d_x), (n, d_y)
+    x, y : arrays of shape (n, d_x) and (n, d_y)
         The same n items in two spaces (feature maps are flattened).
     debiased : bool
 
@@ -494,7 +494,7 @@ def rsa(x: ArrayLike, y: ArrayLike, *, metric: str | Callable = "cosine",
 
     Parameters
     ----------
-    x, y : (n, d_x), (n, d_y)
+    x, y : arrays of shape (n, d_x) and (n, d_y)
         The same n >= 3 items in two spaces (feature maps are flattened).
     metric : str or callable
         Any ``scipy.spatial.distance.pdist`` metric.
@@ -544,15 +544,22 @@ def similarity_matrix(
         ``recording_vectors(reps, reduce=reduce, lengths=lengths, bidirectional=bidirectional)``.
     method : {"cka", "cka_debiased", "rsa"}
         Linear CKA (see :func:`linear_cka`), debiased linear CKA, or RSA (see :func:`rsa`).
-    reduce, lengths, bidirectional
+    reduce : callable or str, optional
         Recordings only: as in :func:`hookscope.recording_vectors`.
-    metric, correlation
-        ``method="rsa"`` only: as in :func:`rsa` (defaults ``"cosine"``, ``"spearman"``).
+    lengths : lengths or mask, optional
+        Recordings only: as in :func:`hookscope.recording_vectors`.
+    bidirectional : bool, optional
+        Recordings only: as in :func:`hookscope.recording_vectors`.
+    metric : str or callable, optional
+        ``method="rsa"`` only: as in :func:`rsa` (default ``"cosine"``).
+    correlation : str, optional
+        ``method="rsa"`` only: as in :func:`rsa` (default ``"spearman"``).
 
     Returns
     -------
     pandas.DataFrame
-        Symmetric, names on both axes, 1 on the diagonal.
+        Symmetric, the representations' names on both axes (for a recording, the axes are
+        named ``"module"``), 1 on the diagonal.
 
     Raises
     ------
@@ -567,8 +574,10 @@ def similarity_matrix(
         if reduce is not None or lengths is not None or bidirectional is not None:
             raise InputError("reduce=, lengths= and bidirectional= apply when reps is a "
                              "Recording; pool mapping values yourself (hs.masked_pool).")
+        axis = None
     else:
         reps = recording_vectors(reps, reduce, lengths=lengths, bidirectional=bidirectional)
+        axis = "module"
     names = list(reps)
     if not names:
         raise InputError("similarity_matrix needs at least one representation.")
@@ -597,4 +606,5 @@ def similarity_matrix(
     for i, a in enumerate(names):
         for j in range(i + 1, len(names)):
             out[i, j] = out[j, i] = pair(a, names[j])
-    return pd.DataFrame(out, index=pd.Index(names, name="a"), columns=pd.Index(names, name="b"))
+    return pd.DataFrame(out, index=pd.Index(names, name=axis),
+                        columns=pd.Index(names, name=axis))

@@ -44,6 +44,7 @@ from .errors import DatasetError, InputError, InputTypeError
 from .fingerprint import setup_fingerprint
 from .frame import capture_mask, capture_matrix
 from .recorder import Recorder
+from .select import by_name
 
 __all__ = ["DatasetError", "record_dataset"]
 
@@ -191,7 +192,11 @@ def record_dataset(
 
     Parameters
     ----------
-    model, modules, **record_options
+    model : nn.Module
+        As for :func:`hookscope.record`.
+    modules : str, type, nn.Module, or list of them
+        As for :func:`hookscope.record`.
+    **record_options
         As for :func:`hookscope.record` (``calls=``, ``pick=``, ``dtype=`` (the captured
         dtype) ...), except that ``unsort=`` is a callable ``unsort(batch) -> {module:
         permutation(s)}``: each batch has its own order.
@@ -206,7 +211,7 @@ def record_dataset(
         fingerprint: model classes, training flags, parameter and buffer bytes, modules, every
         option, and the callables' code and captured values (see :mod:`hookscope.fingerprint`).
         One writer at a time: a second run on the same folder is refused.
-    reduce : {"last", "mean", "max", "sum"}, callable or None
+    reduce : callable, {"last", "mean", "max", "sum"} or None
         Length-aware reduction of sequence captures to one vector per example (see
         :meth:`hookscope.Recording.to_frame`).  ``None`` keeps per-example vectors as they are
         and stores sequence captures as each example's real positions (a list of vectors).
@@ -254,13 +259,15 @@ def record_dataset(
     per_batch_unsort = record_options.pop("unsort", None)
     if per_batch_unsort is not None and not callable(per_batch_unsort):
         raise InputTypeError("record_dataset: unsort= must be a callable batch -> {module: "
-                        "permutation(s)}, since every batch has its own order (e.g. lambda b: "
-                        "{'encoder': [b.premise_orig_idx, b.hypothesis_orig_idx]}).")
+                        "permutation(s)}, since every batch has its own order (e.g. lambda "
+                        "batch: {'encoder': batch['sort_order']}, where your collate function "
+                        "keeps the permutation it sorted by).")
     recorder = Recorder(model, modules, **record_options)
-    fingerprint = setup_fingerprint(model, modules, {
+    fingerprint = setup_fingerprint(model, by_name(model, modules), {
         "reduce": reduce, "store_dtype": store_dtype, "bidirectional": bidirectional,
         "lengths": lengths, "forward": forward, "meta": meta, "world_size": world,
-        "record": record_options, "unsort": per_batch_unsort}, setup_id)
+        "record": {k: by_name(model, v) for k, v in record_options.items()},
+        "unsort": per_batch_unsort}, setup_id)
     _make_folder(out)
     with WriterLock(out, rank):
         manifest_path = out / (MANIFEST if world == 1 else f"manifest-r{rank:03d}.json")

@@ -190,13 +190,13 @@ def patch(model: nn.Module, patches: Mapping[Any, Any], *, index: Any = None,
     ----------
     model : nn.Module
         The model.
-    patches : {module: source, [source per call] or {label: source}}
+    patches : dict of {module: source, [source per call] or {label: source}}
         What each module should return instead.  A source is a :class:`~hookscope.Capture`
         (e.g. from a clean run: its whole output is patched in, leaf by leaf), a tensor or a
         NumPy array (the module's primary tensor).  Values are in the caller's batch order,
         as captures are (``unsort=`` maps them to the model's order); they are moved to the
         module output's device and dtype.  ``None`` in a per-call list leaves that call alone.
-    index : index expression or {module: index}, optional
+    index : index expression or dict of {module: index}, optional
         Patch only part of the tensor, e.g. ``(slice(None), 3)`` for position 3 of every
         sequence (``torch.IndexExpression``-style tuples; ``numpy.s_[:, 3]`` reads well).  The
         source may have the module output's full shape or the shape of that part.

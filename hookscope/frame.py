@@ -230,7 +230,7 @@ def recording_vectors(rec: Any, reduce: Reduce = None, *, lengths: Any = None,
     Parameters
     ----------
     rec : Recording
-    reduce : {"last", "mean", "max", "sum", "flatten"} or callable, optional
+    reduce : callable or {"last", "mean", "max", "sum", "flatten"}, optional
         Needed for sequence and feature-map captures; see :meth:`hookscope.Recording.to_frame`.
     lengths : (batch,) lengths or (batch, time) mask, optional
         Real positions of the sequence captures, overriding what they know (a list with one

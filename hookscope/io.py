@@ -28,9 +28,9 @@ import hashlib
 import json
 import keyword
 import os
+import secrets
 import socket
 import struct
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -175,8 +175,7 @@ def save(recording: Recording, path: str | os.PathLike) -> Path:
         warnings.warn(f"save(): objects of {sorted(w.unsaved)} have no open-format "
                       "representation; they are stored as their repr.", stacklevel=2)
     _remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp",
-                               dir=path.parent or ".")
+    fd, tmp = _create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
@@ -192,6 +191,20 @@ def save(recording: Recording, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _create_temporary(path: Path) -> tuple[int, str]:
+    """A new temporary file beside ``path``, with the permissions of any file the user creates
+    (0o666 less the umask; ``tempfile.mkstemp`` would make it private, 0o600)."""
+    for _ in range(100):
+        tmp = (path.parent or Path(".")) / (
+            f"{_temp_prefix(path)}{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                           0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")  # pragma: no cover
 
 
 def _temp_prefix(path: Path) -> str:

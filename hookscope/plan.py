@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import CallCountError, InputError, InputTypeError, ModuleSelectionError
-from .select import resolve_modules
+from .select import describe_spec, resolve_modules
 from .structure import as_permutation
 
 __all__ = ["BatchDim", "Plan", "build_plans"]
@@ -77,7 +77,7 @@ def _per_module(
         try:
             hits = resolve_modules(model, key)
         except ModuleSelectionError as exc:
-            raise ModuleSelectionError(f"{option}= key {key!r}: {exc}") from None
+            raise ModuleSelectionError(f"{option}= key {describe_spec(key)}: {exc}") from None
         missing = [n for n in hits if n not in selected]
         if missing:
             raise ModuleSelectionError(

@@ -99,11 +99,12 @@ class Recorder:
         (``torch.compiler.set_stance("force_eager")``): a compiled graph does not see hooks
         added after it was compiled, and a recording must not silently miss them.
         TorchScript modules cannot be hooked: an error says so.
-    modules : str, type, or list of them
+    modules : str, type, nn.Module, or list of them
         Exact dotted names from ``model.named_modules()``, glob patterns
-        (``"encoder.layer.*.output"``; ``*`` is one name segment, ``**`` several), or module
-        classes (``nn.LSTM``: every instance).  Selecting nothing is an error that lists the
-        closest real names.
+        (``"encoder.layer.*.output"``; ``*`` is one name segment, ``**`` several), module
+        classes (``nn.LSTM``: every instance), or the submodules themselves
+        (``model.encoder``; recorded under their names).  Selecting nothing is an error that
+        lists the closest real names.
     inputs : bool
         Also record each call's positional and keyword inputs (``Capture.inputs`` /
         ``Capture.kwargs``), as the module received them (``unsort=`` is not applied to them).
@@ -111,19 +112,19 @@ class Recorder:
         Move captured tensors there (e.g. ``"cpu"`` to keep GPU memory free).
     dtype : torch.dtype, optional
         Cast captured floating-point tensors (integer tensors are left alone).
-    pick : callable or {module: callable}, optional
+    pick : callable or dict of {module: callable}, optional
         Keep only part of a structured output, e.g. ``lambda out: out[0]``.  A small view of a
         large tensor (``lambda out: out[:, 0]``) is stored compactly.
-    calls : {module: [label, ...]}, optional
+    calls : dict of {module: [label, ...]}, optional
         Labels for the calls of a module within one forward pass, e.g.
         ``{"encoder": ["premise", "hypothesis"]}``.  A module that runs a different number of
         times than it has labels is reported (``CallCountError`` when the block ends).
-    unsort : {module: permutation or [permutation per call] or {label: permutation}}, optional
+    unsort : dict of {module: permutation, [permutation per call] or {label: permutation}}, optional
         Restore the original batch order of a batch the caller sorted by length: each leaf's
         batch dimension is indexed with the permutation (``captured = output[perm]``), and so
         are ``lengths``.  Validated: 1-D, integer, a permutation of ``range(batch)``, of the
         batch size of every leaf it is applied to (else :class:`~hookscope.errors.UnsortError`).
-    batch_dim : {module: int or {path prefix: dim or None}}, optional
+    batch_dim : dict of {module: int or {path prefix: dim or None}}, optional
         Where the batch dimension is, for ``unsort=``.  By default it is found per leaf: the
         only dimension with the batch size (RNN hidden states: dim 1; sequences padded from a
         ``PackedSequence``: dim 0); several candidates raise ``UnsortError`` instead of guessing.
@@ -162,7 +163,7 @@ class Recorder:
         ``src_key_padding_mask``, which is True at *padding*:
         ``mask_from=lambda args, kwargs: ~kwargs["src_key_padding_mask"]``.  ``None`` turns
         this off.
-    edit : {module: function, [function per call] or {label: function}}, optional
+    edit : dict of {module: function, [function per call] or {label: function}}, optional
         Change what a module returns: ``fn(output, call) -> new output`` (or ``fn(output)``),
         where ``call`` is a :class:`~hookscope.edit.CallInfo` (``name``, ``step``, ``call``,
         ``label``); the model continues with what it returns (``None`` is an error: return
@@ -644,8 +645,9 @@ def record(model: nn.Module, modules: ModuleSpec | Iterable[ModuleSpec],
     ----------
     model : nn.Module
         The model; see :class:`Recorder` for wrappers, compiled and scripted models.
-    modules : str, type, or list of them
-        What to record: exact dotted names, glob patterns, or module classes.
+    modules : str, type, nn.Module, or list of them
+        What to record: exact dotted names, glob patterns, module classes, or submodules
+        (``model.encoder``).
     **options
         Every option of :class:`Recorder` (``inputs``, ``device``, ``dtype``, ``pick``,
         ``calls``, ``unsort``, ``batch_dim``, ``stop``, ``clone``, ``threads``,

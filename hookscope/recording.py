@@ -275,7 +275,7 @@ class Recording:
             ``position`` <NA>; a feature map ``(batch, channels, *spatial)`` has one row per
             spatial position (``position`` is the flat row-major index, e.g. ``h * width +
             w``) and channel (``unit``); ``module`` and ``call`` are categorical.
-        reduce : {"last", "mean", "max", "sum", "flatten"} or callable, optional
+        reduce : callable or {"last", "mean", "max", "sum", "flatten"}, optional
             Wide form only: how a capture with more than two dimensions becomes one vector per
             example (required for those; ``(batch,)`` and ``(batch, units)`` are kept):
 
@@ -344,7 +344,7 @@ class Recording:
         head = (f"Recording of {self.model_type}: {len(self)} module(s), "
                 f"{sum(map(len, self._captures.values()))} capture(s), {self.steps} step(s)")
         with pd.option_context("display.width", 120, "display.max_columns", 20):
-            return head + "\n" + self.table().to_string(index=False, na_rep="")
+            return head + "\n" + _blank_missing(self.table()).to_string(index=False)
 
     def _repr_html_(self) -> str:
         """The :meth:`table` with summary statistics of each capture, for Jupyter."""
@@ -361,5 +361,9 @@ class Recording:
                     value = next(values)
                     column[i] = None if value is None else f"{value:.4g}"
             table[key] = column
-        shown = table.astype(object).where(table.notna(), "")  # blanks, not <NA>
-        return head + shown.to_html(index=False)
+        return head + _blank_missing(table).to_html(index=False)
+
+
+def _blank_missing(table: pd.DataFrame) -> pd.DataFrame:
+    """Missing values (``None``, ``<NA>``) shown as blanks, in the terminal as in HTML."""
+    return table.astype(object).where(table.notna(), "")

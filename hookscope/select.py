@@ -16,9 +16,10 @@ from torch import nn
 
 from .errors import InputTypeError, ModuleSelectionError
 
-__all__ = ["ModuleSpec", "resolve_modules", "unwrap"]
+__all__ = ["ModuleSpec", "by_name", "describe_spec", "resolve_modules", "unwrap"]
 
-ModuleSpec = str | type  # a dotted name, a glob pattern, or an nn.Module subclass
+# A dotted name, a glob pattern, an nn.Module subclass, or a submodule object itself.
+ModuleSpec = str | type | nn.Module
 
 _GLOB = re.compile(r"[*?\[]")
 
@@ -91,6 +92,40 @@ def _lookup(model: nn.Module, name: str) -> nn.Module | None:
     return module
 
 
+def describe_spec(spec: object) -> str:
+    """A short description of a selection spec for messages (never a whole module's repr)."""
+    if isinstance(spec, nn.Module):
+        return f"a {type(spec).__name__} object"
+    text = repr(spec)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _name_of(module: nn.Module, model: nn.Module, inner: nn.Module) -> str:
+    """The dotted name of a submodule object (its first name where it is shared)."""
+    if module is model or module is inner:
+        return ""
+    for name, candidate in inner.named_modules():
+        if candidate is module:
+            return name
+    raise ModuleSelectionError(
+        f"The {type(module).__name__} object passed to select modules is not a submodule of "
+        f"this {type(inner).__name__}: pass modules of the recorded model itself (as "
+        "model.named_modules() lists them), or their names.")
+
+
+def by_name(model: nn.Module, specs: object) -> object:
+    """``specs`` (one, a list, or a mapping keyed by specs) with every submodule object replaced
+    by its name: what a fingerprint of the selection should see (two submodules with equal
+    weights are still different selections)."""
+    if isinstance(specs, nn.Module):
+        return _name_of(specs, model, unwrap(model)[0])
+    if isinstance(specs, dict) and any(isinstance(k, nn.Module) for k in specs):
+        return {by_name(model, k): v for k, v in specs.items()}
+    if isinstance(specs, list | tuple) and any(isinstance(s, nn.Module) for s in specs):
+        return type(specs)(by_name(model, s) for s in specs)
+    return specs  # unchanged (the same object), so fingerprints of existing datasets hold
+
+
 def _suggest(spec: str, names: Sequence[str]) -> str:
     close = difflib.get_close_matches(spec, names, n=5, cutoff=0.5)
     if not close:  # fall back to names that share the last segment, then to a sample
@@ -115,7 +150,8 @@ def resolve_modules(
     specs
         One spec or a list of them: an exact dotted name as in ``model.named_modules()``
         (``""`` is the model itself), a glob pattern (``"encoder.layer.*.output"``: ``*`` matches
-        one name segment, ``**`` any number), or an ``nn.Module`` subclass (every instance).
+        one name segment, ``**`` any number), an ``nn.Module`` subclass (every instance), or a
+        submodule object (``model.encoder``; its name in ``model``).
 
     Returns
     -------
@@ -126,22 +162,25 @@ def resolve_modules(
     Raises
     ------
     TypeError
-        ``model`` is not an ``nn.Module`` or a spec is neither a string nor a module class.
+        ``model`` is not an ``nn.Module`` or a spec is not a string, module class or module.
     ModuleSelectionError
-        A spec selects nothing; the message lists the closest real names.
+        A spec selects nothing (the message lists the closest real names), or a module object
+        is not part of ``model``.
 
     Examples
     --------
     >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
     >>> list(resolve_modules(model, ["0", nn.ReLU]))
     ['0', '1']
+    >>> list(resolve_modules(model, model[2]))
+    ['2']
     """
     if not isinstance(model, nn.Module):
         raise InputTypeError(
             f"hookscope records torch.nn.Module objects; got {type(model).__name__}. "
             "Pass the model itself (not its output or state_dict)."
         )
-    if isinstance(specs, str | type):
+    if isinstance(specs, str | type | nn.Module):  # one spec (an nn.Sequential is one module)
         specs = [specs]
     specs = list(specs)
     if not specs:
@@ -150,7 +189,8 @@ def resolve_modules(
             "(hookscope.summary(model, example_input) lists the names)."
         )
     inner, prefix = unwrap(model)
-    specs = [_strip_wrapper_prefix(s, prefix) if isinstance(s, str) else s for s in specs]
+    specs = [_name_of(s, model, inner) if isinstance(s, nn.Module)
+             else _strip_wrapper_prefix(s, prefix) if isinstance(s, str) else s for s in specs]
     if all(isinstance(s, str) and not _GLOB.search(s) for s in specs):
         # Exact names only: look them up without walking every module of a large model.
         found = {s: _lookup(inner, s) for s in specs}
@@ -185,8 +225,9 @@ def resolve_modules(
                 )
         else:
             raise InputTypeError(
-                f"Cannot select modules with {spec!r} ({type(spec).__name__}): use a dotted "
-                "name, a glob pattern, or an nn.Module subclass such as nn.LSTM."
+                f"Cannot select modules with {describe_spec(spec)} ({type(spec).__name__}): use "
+                "a dotted name, a glob pattern, an nn.Module subclass such as nn.LSTM, or a "
+                "submodule of the model."
             )
         chosen.update(dict.fromkeys(hits))
     return {n: named[n] for n in chosen}

@@ -104,17 +104,29 @@ def summary(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> pd
 
 
 def format_summary(table: pd.DataFrame) -> str:
-    """Render a :func:`summary` table as indented plain text for a terminal."""
+    """Render a :func:`summary` table as plain text for a terminal.
+
+    Each module is shown by its full dotted name, exactly what :func:`hookscope.record`
+    accepts, so it can be copied from the terminal; the model itself is ``""``.
+
+    >>> import torch, hookscope as hs
+    >>> model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    >>> print(hs.format_summary(hs.summary(model, torch.randn(1, 2))))
+    module  type        calls  shape   dtype    params
+    --------------------------------------------------
+    ""      Sequential      1  (1, 2)  float32       6
+    0       Sequential      1  (1, 2)  float32       6
+    0.0     Linear          1  (1, 2)  float32       6
+    """
     lines = []
     width = {c: max(len(c), *(len(str(v)) for v in table[c])) for c in _COLUMNS[1:]}
-    names = [("  " * n.count(".") + (n.rsplit(".", 1)[-1] if n else "(model)"))
-             for n in table.module]
+    names = [n if n else '""' for n in table.module]
     name_w = max(len("module"), *map(len, names))
     header = "module".ljust(name_w) + "  " + "  ".join(c.ljust(width[c]) for c in _COLUMNS[1:])
     lines.append(header)
     lines.append("-" * len(header))
     for shown, (_, row) in zip(names, table.iterrows(), strict=True):
-        lines.append(shown.ljust(name_w) + "  " + "  ".join(
+        lines.append((shown.ljust(name_w) + "  " + "  ".join(
             str(row[c]).rjust(width[c]) if c in ("calls", "params") else str(row[c]).ljust(width[c])
-            for c in _COLUMNS[1:]))
+            for c in _COLUMNS[1:])).rstrip())
     return "\n".join(lines)

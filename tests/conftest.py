@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
 
 from hookscope.examples.nli import Vectoriser, build_model
+
+# The real-model tests use the offline MiniLM package: never reach for the network, so that the
+# README's test command needs no environment variables.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 PREMISES = [
     "Five men are playing frisbee on the beach",

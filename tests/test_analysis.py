@@ -492,3 +492,19 @@ def test_half_precision_means_accumulate_wide():
     assert out.dtype == torch.float16 and torch.equal(out, torch.full((2, 3), 20.0).half())
     with pytest.raises(hs.errors.InputError, match="overflow torch.float16"):
         hs.masked_pool(t, None, "sum")  # the sum itself does not fit: a clear error
+
+
+def test_similarity_matrix_axes_carry_the_names_not_a_and_b():
+    import torch
+
+    import hookscope as hs
+
+    x = np.random.default_rng(0).normal(size=(10, 4))
+    table = hs.similarity_matrix({"first": x, "second": x ** 2})
+    assert table.index.name is None and list(table.columns) == ["first", "second"]
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh())
+    with hs.record(model, ["0", "1"]) as rec:
+        model(torch.randn(10, 4))
+    table = hs.similarity_matrix(rec)
+    assert table.index.name == table.columns.name == "module"
+    assert list(table.index) == ["0", "1"]

@@ -276,6 +276,18 @@ def _small(tmp_path, name="fp", **kwargs):
     return model, data
 
 
+def test_modules_given_as_objects_are_fingerprinted_by_their_names(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.ReLU()).eval()  # equal submodules
+    data = [torch.randn(4, 3) for _ in range(2)]
+    out = tmp_path / "objects"
+    record_dataset(model, data, [model[0]], out, progress=False, calls={model[0]: ["x"]})
+    record_dataset(model, data, ["0"], out, progress=False, calls={"0": ["x"]})  # resumes
+    with pytest.raises(DatasetError, match="another setup"):  # the other, identical, ReLU
+        record_dataset(model, data, [model[1]], out, progress=False, calls={model[1]: ["x"]})
+    assert open_dataset(out).manifest["complete"]
+
+
 def test_a_changed_setup_is_refused_on_resume(tmp_path):
     model, data = _small(tmp_path, forward=lambda m, b: m(b * 2), meta=lambda b: {"n": [1] * 4})
     out = tmp_path / "fp"

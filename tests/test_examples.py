@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -42,3 +44,44 @@ def test_training_script_runs(tmp_path, capsys):
     with np.load(out, allow_pickle=False) as f:  # plain arrays only
         assert all(f[k].dtype != object for k in f.files)
     assert "dev accuracy" in capsys.readouterr().out
+
+
+def test_demo_frames_read_back_as_written_with_or_without_pyarrow(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from hookscope.examples import report
+
+    columns = pd.MultiIndex.from_tuples([("enc", "premise", 0), ("enc", "premise", 1)],
+                                        names=["module", "call", "unit"])
+    index = pd.MultiIndex.from_tuples([(0, "a man"), (1, "a dog")], names=["example", "text"])
+    frame = pd.DataFrame([[0.5, 1.5], [2.5, 3.5]], index=index, columns=columns)
+    for pyarrow in ("installed", "missing"):
+        if pyarrow == "missing":
+            monkeypatch.setattr(report, "_has_pyarrow", lambda: False)
+        elif importlib.util.find_spec("pyarrow") is None:  # pragma: no cover
+            continue
+        path, how = report.write_frame(frame, tmp_path / f"v_{pyarrow}")
+        back = eval(how.split("#")[0].replace(f'"{path.name}"', repr(str(path))), {"pd": pd})
+        assert path.suffix == (".parquet" if pyarrow == "installed" else ".csv")
+        if pyarrow == "installed":
+            pd.testing.assert_frame_equal(back, frame)
+        else:  # CSV keeps the values, the levels and their names; labels come back as text
+            np.testing.assert_array_equal(back.to_numpy(), frame.to_numpy())
+            assert back.columns.names == frame.columns.names
+            assert back.index.names == frame.index.names
+            as_text = lambda labels: [tuple(map(str, t)) for t in labels]  # noqa: E731
+            assert as_text(back.columns) == as_text(frame.columns)
+
+
+def test_demo_without_matplotlib_writes_the_report_and_says_what_to_install(tmp_path,
+                                                                            monkeypatch):
+    import io
+
+    from hookscope.examples import demo
+
+    monkeypatch.setattr(demo, "_pyplot", lambda: None)
+    result = demo.run_story(tmp_path, n_sentences=40, out=io.StringIO())
+    names = sorted(p.name for p, _ in result["written"])
+    assert "neighbourhoods.png" not in names and "report.html" in names
+    page = (tmp_path / "report.html").read_text()
+    assert "pip install matplotlib" in page and "<img" not in page

@@ -580,3 +580,22 @@ def test_version_1_files_still_load(tmp_path, story_model, story_batch):
             out.writestr(name, data)
     back = hs.load(old)
     assert torch.equal(back["encoder", "premise"].tensor, rec["encoder", "premise"].tensor)
+
+
+def test_a_saved_recording_gets_the_usual_file_permissions(tmp_path):
+    import os
+
+    import torch
+
+    import hookscope as hs
+
+    model = torch.nn.Linear(2, 2)
+    with hs.record(model, [""]) as rec:
+        model(torch.randn(3, 2))
+    old = os.umask(0o022)
+    try:
+        path = hs.save(rec, tmp_path / "r.hsrec")
+    finally:
+        os.umask(old)
+    assert os.stat(path).st_mode & 0o777 == 0o644  # 0o666 less the umask, not mkstemp's 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["r.hsrec"]  # no temporary left

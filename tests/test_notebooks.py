@@ -35,3 +35,15 @@ def test_notebook_executes(path, monkeypatch):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]
     assert not errors
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_paths_the_notebooks_mention_are_in_the_repository(path):
+    import re
+
+    root = path.parents[1]
+    nb = nbformat.read(path, as_version=4)
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    mentioned = re.findall(r"`([\w.-]+(?:/[\w.-]+)+/?)`", text)
+    missing = [p for p in mentioned if not (root / p).exists() and not (path.parent / p).exists()]
+    assert not missing, f"{path.name} mentions paths that are not in the repository: {missing}"

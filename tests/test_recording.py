@@ -30,3 +30,15 @@ def test_html_display_with_a_module_that_never_ran():
         model["a"](torch.ones(1, 2))
     html = rec._repr_html_()
     assert "never ran" in html and html.count("<tr") == 3  # header + two modules
+
+
+def test_a_missing_label_is_blank_in_the_terminal_as_in_html():
+    import torch
+
+    import hookscope as hs
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+    with hs.record(model, ["0"]) as rec:
+        model(torch.randn(2, 4))
+    assert "None" not in repr(rec) and "<NA>" not in repr(rec)
+    assert "None" not in rec._repr_html_()

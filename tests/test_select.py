@@ -54,3 +54,38 @@ def test_ddp_style_prefix_is_looked_through(layered):
     wrapped = nn.DataParallel(layered)
     assert list(resolve_modules(wrapped, ["module.pooler", "encoder.layer.0.output"])) == [
         "pooler", "encoder.layer.0.output"]
+
+
+def test_module_objects_select_by_their_names(layered):
+    import torch
+
+    import hookscope as hs
+
+    enc = layered["encoder"]["layer"]
+    assert list(resolve_modules(layered, [enc[1]["output"], "pooler"])) == [
+        "encoder.layer.1.output", "pooler"]
+    assert list(resolve_modules(layered, enc)) == ["encoder.layer"]  # a container is one module
+    assert list(resolve_modules(layered, layered)) == [""]
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+    with hs.record(model, [model[0]], calls={model[0]: ["x"]}) as rec:
+        model(torch.randn(4, 2))
+    assert rec["0", "x"].tensor.shape == (4, 3)
+    wrapped = nn.DataParallel(model)
+    assert list(resolve_modules(wrapped, [model[1], wrapped])) == ["1", ""]
+
+
+def test_a_foreign_module_object_is_a_short_clear_error(layered):
+    import torch
+
+    import hookscope as hs
+
+    stranger = nn.Linear(2, 2)
+    with pytest.raises(ModuleSelectionError, match="Linear object .* is not a submodule") as info:
+        resolve_modules(layered, [stranger])
+    assert "in_features" not in str(info.value)  # the module is named, not printed
+    model = nn.Sequential(nn.Linear(2, 3))
+    with pytest.raises(ModuleSelectionError, match="calls= key a Linear object"):
+        hs.record(model, ["0"], calls={stranger: ["x"]})
+    with pytest.raises(TypeError, match=r"\.\.\. \(Tensor\)") as info:
+        resolve_modules(layered, [torch.zeros(100, 100)])
+    assert len(str(info.value)) < 250

