@@ -69,3 +69,14 @@ def assert_no_hooks(model: nn.Module) -> None:
 def mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+@pytest.fixture
+def bert():
+    """A small Hugging Face BERT built from a config (random weights, no download)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3,
+                                     num_attention_heads=4, intermediate_size=64,
+                                     attn_implementation="eager")
+    return transformers.BertModel(config).eval()

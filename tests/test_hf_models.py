@@ -21,15 +21,6 @@ def assert_no_hooks(model: torch.nn.Module) -> None:
             assert not ours, f"hookscope hook left on {name!r}"
 
 
-@pytest.fixture
-def bert():
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3,
-                                     num_attention_heads=4, intermediate_size=64,
-                                     attn_implementation="eager")
-    return transformers.BertModel(config).eval()
-
-
 def _padded_batch():
     ids = torch.randint(1, 100, (3, 7), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(3, 7, dtype=torch.long)

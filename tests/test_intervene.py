@@ -248,10 +248,10 @@ def test_grads_equal_autograd_on_the_copied_out_intermediates(story_model, story
     assert u.grad.shape == u.tensor.shape and not u.tensor.requires_grad
 
 
-def test_grads_equal_retain_grad_on_bert(bert_model):
+def test_grads_equal_retain_grad_on_bert(bert):
     ids = torch.randint(1, 100, (3, 7), generator=torch.Generator().manual_seed(1))
-    with hs.record(bert_model, ["encoder.layer.*"], grads=True) as rec:
-        out = bert_model(ids, output_hidden_states=True)
+    with hs.record(bert, ["encoder.layer.*"], grads=True) as rec:
+        out = bert(ids, output_hidden_states=True)
         for h in out.hidden_states:
             h.retain_grad()
         out.last_hidden_state.pow(2).sum().backward()
@@ -357,16 +357,6 @@ def test_to_frame_exports_grad_and_value_times_grad(mlp):
     np.testing.assert_array_equal(attribution, (cap.tensor * cap.grad).numpy())
     with pytest.raises(InputError, match="values must be"):
         rec.to_frame(values="gradient")
-
-
-@pytest.fixture
-def bert_model():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3,
-                                     num_attention_heads=4, intermediate_size=64,
-                                     attn_implementation="eager")
-    return transformers.BertModel(config).eval()
 
 
 def test_transformers_hidden_states_report_the_edit_every_time():
