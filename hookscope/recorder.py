@@ -651,7 +651,7 @@ def record(model: nn.Module, modules: ModuleSpec | Iterable[ModuleSpec],
     **options
         Every option of :class:`Recorder` (``inputs``, ``device``, ``dtype``, ``pick``,
         ``calls``, ``unsort``, ``batch_dim``, ``stop``, ``clone``, ``threads``,
-        ``mask_from``), documented there.
+        ``mask_from``, ``edit``, ``grads``), documented there.
 
     Returns
     -------
