@@ -55,8 +55,8 @@ class Capture:
     """
 
     __slots__ = (
-        "_inputs", "_kwargs", "_mask", "_output", "_versions", "bidirectional", "call", "label",
-        "lengths", "live", "module_type", "name", "step",
+        "_inputs", "_kwargs", "_mask", "_output", "_pending", "_versions", "bidirectional",
+        "call", "label", "lengths", "live", "module_type", "name", "step",
     )  # fmt: skip
 
     def __init__(
@@ -88,6 +88,7 @@ class Capture:
         self._versions = versions
         self.live = live
         self.bidirectional = bidirectional
+        self._pending: Any = None  # device="cpu": copies in flight (see hookscope.offload)
 
     # -- values -----------------------------------------------------------------------------
     @property
@@ -111,7 +112,11 @@ class Capture:
 
     def check(self) -> None:
         """Raise :class:`CaptureModifiedError` if a value recorded with ``clone=False`` has
-        been changed in place since it was recorded (only such captures can be)."""
+        been changed in place since it was recorded (only such captures can be).  A capture
+        whose copy to the host is still in flight (``device="cpu"``) waits for it first."""
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
         if self._versions is None:
             return
         for t, version in self._versions:
@@ -143,6 +148,8 @@ class Capture:
         made from ``lengths``; else ``None``.  Pooling and exports use it, whichever side is
         padded."""
         if self._mask is not None:
+            if self._mask.device.type != "cpu":  # left on the GPU by the hook: moved once
+                self._mask = self._mask.cpu()
             return self._mask
         if self.lengths is None:
             return None

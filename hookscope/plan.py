@@ -7,7 +7,7 @@ validated here, against the selected modules, before any hook exists.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,11 +46,28 @@ class Plan:
     bidir_units: int | None = None
     expected: int = 1  # calls per forward pass that stop=True waits for
     plain: bool = False  # True: nothing to do to a tensor output but detach and snapshot
+    # device="cpu": the recorder's pinned buffers and asynchronous copies (see offload.py).
+    staging: Any = None
+    # The permutations copied to the devices they were used on, made once (a host-to-device
+    # copy from pageable memory waits for the GPU: it must not run in every call).
+    device_perms: dict = field(default_factory=dict, compare=False, repr=False)
 
     def perm(self, call: int) -> Tensor | None:
         if isinstance(self.perms, tuple):
             return self.perms[call] if call < len(self.perms) else None
         return self.perms
+
+    def perm_on(self, perm: Tensor, device: torch.device) -> Tensor:
+        """``perm`` (one of :attr:`perms`, on the CPU) on ``device``: copied once per device,
+        from pinned memory without waiting, then reused by every call."""
+        if perm.device == device:
+            return perm
+        key = (id(perm), device)  # the plan keeps its perms alive: ids stay unique
+        on = self.device_perms.get(key)
+        if on is None:
+            source = perm.pin_memory() if device.type == "cuda" else perm
+            on = self.device_perms[key] = source.to(device, non_blocking=True)
+        return on
 
 
 def _per_module(
@@ -90,11 +107,11 @@ def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any =
                 unsort: Mapping[Any, Any] | None = None,
                 batch_dim: Mapping[Any, BatchDim] | None = None,
                 device: torch.device | None = None, dtype: torch.dtype | None = None,
-                clone: Any = True) -> dict[str, Plan]:
+                clone: Any = True, staging: Any = None) -> dict[str, Plan]:
     """A validated, immutable ``Plan`` per selected module from ``record()``'s options."""
     fields: dict[str, dict[str, Any]] = {
         name: {"name": name, "module": m, "module_type": type(m), "device": device,
-               "dtype": dtype, "clone": clone, "rnn": isinstance(m, nn.RNNBase),
+               "dtype": dtype, "clone": clone, "staging": staging, "rnn": isinstance(m, nn.RNNBase),
                "bidir_units": _bidirectional_units(m)}
         for name, m in selected.items()}
     if pick is not None:

@@ -36,6 +36,7 @@ from .errors import (
     InputTypeError,
     UnsupportedModelError,
 )
+from .offload import HostStaging
 from .plan import BatchDim, Plan, build_plans
 from .recording import Recording
 from .select import ModuleSpec, resolve_modules, unwrap
@@ -201,8 +202,11 @@ class Recorder:
         self.threads = threads
         self.mask_from = mask_from
         self._selected = selected
+        # device="cpu": captures of CUDA tensors are copied asynchronously into pinned buffers
+        # that this recorder reuses (and with_unsort's copies share); see offload.py.
+        self._staging = HostStaging() if device is not None and device.type == "cpu" else None
         self._options = {"pick": pick, "calls": calls, "batch_dim": batch_dim, "clone": clone,
-                         "device": device, "dtype": dtype}
+                         "device": device, "dtype": dtype, "staging": self._staging}
         self._plans = build_plans(model, selected, unsort=unsort, **self._options)
         inner, prefix = unwrap(model)
         self._model_type = type(inner).__name__
@@ -277,6 +281,8 @@ class Recorder:
         s, self._session = self._session, None  # the hooks are inert from here on
         if s is not None:
             _close(s)
+        if self._staging is not None:
+            self._staging.synchronize()  # the one wait for copies in flight: captures complete
         _PENDING_STOPS.pop(_get_ident(), None) if exc is not None else None
         stopped = False
         if isinstance(exc, _Stop) and self in exc.recorders:
@@ -394,7 +400,7 @@ class Recorder:
         labels = plan.labels
         label = labels[call] if labels is not None and call < len(labels) else None
         live: tuple[str, ...] = ()
-        perm = lengths = mask = versions = None
+        perm = lengths = mask = versions = in_flight = None
         if plan.plain and type(output) is Tensor:  # the common case, without the tree walk
             value = output.detach()
             if plan.clone is True:
@@ -408,6 +414,8 @@ class Recorder:
             where = f"{name!r} call {call}" + (f" ({label!r})" if label else "")
             converted = convert(value, plan, perm=perm, where=where, rnn_state_keys=s.rnn_keys)
             value, lengths, versions = converted.value, converted.lengths, converted.versions
+            if plan.staging is not None:  # device="cpu": copies of this call's (and its
+                in_flight = plan.staging.in_flight()  # inputs') tensors may be in flight
             live = tuple(converted.live)
             if s.rnn_keys and not plan.rnn:
                 s.rnn_keys.clear()
@@ -427,9 +435,12 @@ class Recorder:
                 (inputs, kwargs_in), in_versions = pending.pop()
                 if in_versions:
                     versions = [*(versions or []), *in_versions]
-        rec._add(Capture(name, rec.steps - 1, call, label, plan.module_type, value, inputs,
-                         kwargs_in, lengths, versions, mask, live, bidirectional))  # positional:
+        cap = Capture(name, rec.steps - 1, call, label, plan.module_type, value, inputs,
+                      kwargs_in, lengths, versions, mask, live, bidirectional)  # positional:
         # keywords cost half a microsecond per capture here
+        if in_flight is not None:
+            cap._pending = in_flight  # device="cpu": a read inside the block waits for the copy
+        rec._add(cap)
         if self.stop and call + 1 == plan.expected:
             s.remaining -= 1
             if s.remaining == 0:
