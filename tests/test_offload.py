@@ -89,7 +89,7 @@ def test_reading_a_capture_inside_the_block_waits_for_its_copy():
 
 def test_buffers_are_reused_only_once_captures_are_released():
     model, x = inplace_model(), torch.randn(5, 4)
-    recorder, ops = fake_recorder(model, ["0"])
+    recorder, _ops = fake_recorder(model, ["0"])
     staging = recorder._staging
     first = recorder.run(x)
     assert staging.allocated == 1
@@ -112,7 +112,7 @@ def test_buffers_are_reused_only_once_captures_are_released():
 
 def test_the_pool_is_bounded():
     model, x = inplace_model(), torch.randn(5, 4)
-    recorder, ops = fake_recorder(model, ["0"])
+    recorder, _ops = fake_recorder(model, ["0"])
     recorder._staging.pool_bytes = 0  # nothing kept: every call allocates, values still right
     for scale in (1.0, 2.0):
         assert torch.equal(recorder.run(x * scale)["0"].tensor, model[0](x * scale))
@@ -124,7 +124,7 @@ def test_dtype_unsort_inputs_and_with_unsort_go_through_the_staging():
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh()).eval()
     x = torch.randn(5, 4)
     perm = torch.tensor([3, 0, 4, 1, 2])
-    recorder, ops = fake_recorder(model, ["0"], dtype=torch.float16, inputs=True,
+    recorder, _ops = fake_recorder(model, ["0"], dtype=torch.float16, inputs=True,
                                   unsort={"0": perm})
     rec = recorder.run(x)
     torch.testing.assert_close(rec["0"].tensor, model[0](x)[perm].half(), rtol=1e-3, atol=1e-3)
