@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,8 @@ from .dataset_format import (
 from .dataset_lock import WriterLock
 from .errors import DatasetError, InputError, InputTypeError
 from .fingerprint import setup_fingerprint
-from .frame import capture_mask, capture_matrix
+from .frame import capture_mask, capture_rows
+from .offload import HostStaging
 from .recorder import Recorder
 
 __all__ = ["DatasetError", "record_dataset"]
@@ -316,6 +317,7 @@ class _Job:
     writer: _ShardWriter
     bar: Any
     shard_rows: int
+    staging: HostStaging = field(default_factory=HostStaging)  # pinned buffers, reused
 
 
 def _batches_to_do(batches: Iterable[Any], done: set[int], rank: int,
@@ -338,7 +340,7 @@ def _record_batches(job: _Job, items: Iterable[tuple[int, Any]]) -> None:
             if job.lengths is not None:
                 _apply_lengths(rec, job.lengths(batch), index)
             columns, n = _batch_columns(rec, job.reduce, job.bidirectional, job.np_dtype,
-                                        job.manifest, index)
+                                        job.manifest, index, staging=job.staging)
             if job.meta is not None:
                 columns.update(_meta_columns(job.meta(batch), n, job.manifest, index))
             elif job.manifest["meta"]:
@@ -493,8 +495,10 @@ def _open_for_writing(out: Path, manifest_path: Path, fingerprint: str, resume: 
 
 
 def _batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, manifest: dict,
-                   index: int, lengths: Any = None) -> tuple[dict[str, Any], int]:
+                   index: int, lengths: Any = None,
+                   staging: HostStaging | None = None) -> tuple[dict[str, Any], int]:
     columns: dict[str, Any] = {}
+    vectors: dict[str, torch.Tensor] = {}
     n = None
     names = _column_names(rec)
     for cap in rec.captures():
@@ -509,9 +513,9 @@ def _batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, ma
             value: Any = list(arr) if mask is None else [
                 row[keep] for row, keep in zip(arr, mask.numpy(), strict=True)]
             kind, units, rows = "sequence", arr.shape[2], len(value)
-        else:
-            value = capture_matrix(cap, reduce, bidirectional=bidirectional,
-                                   lengths=given).astype(np_dtype)
+        else:  # reduced where the capture is (the GPU); moved below, with the others
+            value, _ = capture_rows(cap, reduce, bidirectional=bidirectional, lengths=given)
+            vectors[col] = value
             kind, units, rows = "vector", value.shape[1], value.shape[0]
         if col in BOOKKEEPING:
             raise DatasetError(f"a recorded module is named {col!r}, like a bookkeeping "
@@ -532,4 +536,25 @@ def _batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, ma
         columns[col] = value
     if n is None:
         raise DatasetError(f"batch {index}: no selected module ran.")
+    columns.update(host_columns(vectors, np_dtype, staging))
     return columns, n
+
+
+def host_columns(vectors: dict[str, torch.Tensor], np_dtype: Any,
+                 staging: HostStaging | None = None) -> dict[str, np.ndarray]:
+    """A batch's vector columns ``(batch, units)`` as NumPy in the stored dtype, with one
+    device-to-host copy for all of them: cast and laid side by side on their device, copied
+    into a pinned buffer (``staging``'s, reused) without waiting, then one wait.  CPU tensors
+    are only cast (a float32 column is not copied here: the shard writer concatenates)."""
+    if not vectors:
+        return {}
+    dtype = torch.float16 if np.dtype(np_dtype) == np.float16 else torch.float32
+    parts = [v.detach().to(dtype) for v in vectors.values()]
+    staging = staging or HostStaging()
+    if not all(staging.copies_async(p) for p in parts):  # the CPU: nothing to move
+        return {k: p.cpu().numpy() for k, p in zip(vectors, parts, strict=True)}
+    host = staging.to_host(torch.cat([p.to(parts[0].device) for p in parts], dim=1), None)
+    staging.synchronize()  # the batch's one wait
+    arr = host.numpy()
+    bounds = np.cumsum([0, *(p.shape[1] for p in parts)])
+    return {k: arr[:, a:b] for k, a, b in zip(vectors, bounds[:-1], bounds[1:], strict=True)}

@@ -131,6 +131,10 @@ class HostStaging:
         self._sync = threading.Lock()  # one wait at a time: a reader waits for a wait under way
         self.allocated = 0  # buffers made (reuse shows as fewer allocations: tests, benchmarks)
 
+    def copies_async(self, x: Tensor) -> bool:
+        """Whether :meth:`to_host` copies ``x`` asynchronously (a CUDA tensor)."""
+        return self._ops_for(x) is not None
+
     def to_host(self, x: Tensor, dtype: torch.dtype | None) -> Tensor:
         """``x`` (cast to ``dtype`` if given) on the host: a buffer being filled (wait on
         :meth:`in_flight` before reading it); or, where no asynchronous copy applies,

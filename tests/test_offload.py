@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -152,6 +153,19 @@ def test_staging_falls_back_for_layouts_it_cannot_copy_asynchronously():
     assert staging.in_flight() is None
 
 
+def test_a_dataset_batch_moves_in_one_copy_and_one_wait():
+    from hookscope.dataset import host_columns
+
+    ops = FakeOps()
+    staging = HostStaging(ops=lambda x: ops)
+    a, b = torch.randn(6, 3), torch.randn(6, 5, dtype=torch.float64)
+    out = host_columns({"a": a, "b": b}, np.float16, staging)
+    assert ops.waits == 1 and staging.allocated == 1  # one buffer, one copy, one wait
+    assert list(out) == ["a", "b"] and out["a"].dtype == out["b"].dtype == np.float16
+    np.testing.assert_allclose(out["a"], a.numpy(), rtol=1e-3, atol=1e-3)  # float16 storage
+    np.testing.assert_allclose(out["b"], b.numpy(), rtol=1e-3, atol=1e-3)
+
+
 # -- on a real GPU ----------------------------------------------------------------------------
 
 
@@ -243,3 +257,19 @@ def story_batch_on_gpu():
         ids = ids * (torch.arange(ids.shape[1]) < lengths[:, None])
         sides += [ids[order].cuda(), lengths[order], torch.argsort(order).cuda()]
     return model, NLIBatch(*sides)
+
+
+@cuda
+def test_cuda_record_dataset_matches_the_cpu(tmp_path):
+    pytest.importorskip("pyarrow")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).eval()
+    batches = [torch.randn(32, 10, 8) for _ in range(3)]
+    cpu = hs.open_dataset(hs.record_dataset(model, batches, ["1", "2"], tmp_path / "cpu",
+                                            reduce="mean", progress=False))
+    model.cuda()
+    gpu = hs.open_dataset(hs.record_dataset(model, [b.cuda() for b in batches], ["1", "2"],
+                                            tmp_path / "gpu", reduce="mean", progress=False,
+                                            setup_id="gpu"))
+    for column in ("1", "2"):  # other kernels, other summation order: float32 tolerance
+        np.testing.assert_allclose(gpu.numpy(column), cpu.numpy(column), rtol=1e-4, atol=1e-5)
