@@ -269,7 +269,6 @@ def test_cuda_record_dataset_matches_the_cpu(tmp_path):
                                             reduce="mean", progress=False))
     model.cuda()
     gpu = hs.open_dataset(hs.record_dataset(model, [b.cuda() for b in batches], ["1", "2"],
-                                            tmp_path / "gpu", reduce="mean", progress=False,
-                                            setup_id="gpu"))
+                                            tmp_path / "gpu", reduce="mean", progress=False))
     for column in ("1", "2"):  # other kernels, other summation order: float32 tolerance
         np.testing.assert_allclose(gpu.numpy(column), cpu.numpy(column), rtol=1e-4, atol=1e-5)
