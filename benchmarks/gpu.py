@@ -22,22 +22,21 @@ Prints the device name and the torch version; ``--json PATH`` writes every figur
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import platform
 import statistics
 import sys
 import tempfile
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import interleaved, story_batch  # benchmarks/ is on sys.path when run
+from _common import interleaved, parse_args, raw_hooks, story_batch  # benchmarks/ is on sys.path
 from torch import nn
 
 import hookscope as hs
+from hookscope.offload import count_host_syncs
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -89,28 +88,6 @@ def token_batch(batch: int, seq: int, seed: int = 0) -> dict:
     return {"input_ids": ids.to(DEVICE), "attention_mask": mask.to(DEVICE)}
 
 
-def raw_hooks(model: nn.Module, names: list[str], keep: Callable[[torch.Tensor], Any]
-              ) -> Callable[[Callable[[], Any]], list]:
-    """Hand-written forward hooks on ``names`` that store ``keep(first tensor)``."""
-    modules = dict(model.named_modules())
-
-    def first(o: Any) -> torch.Tensor:
-        return o if torch.is_tensor(o) else first(o[0])
-
-    def run(call: Callable[[], Any]) -> list:
-        store: list = []
-        handles = [modules[n].register_forward_hook(lambda m, i, o: store.append(keep(first(o))))
-                   for n in names]
-        try:
-            call()
-        finally:
-            for h in handles:
-                h.remove()
-        return store
-
-    return run
-
-
 def bert_variants(quick: bool) -> tuple[str, dict[str, Callable[[], None]]]:
     model, names, forward, title = bert(quick)
     b = token_batch(4, 16) if quick else token_batch(32, 128)
@@ -158,21 +135,6 @@ def bilstm_variants(quick: bool) -> tuple[str, dict[str, Callable[[], None]], An
     return f"story's BiLSTM ({sizes})", variants, model, b
 
 
-def count_syncs(fn: Callable[[], Any]) -> int | None:
-    """Host-device synchronisations ``fn`` makes (``None`` without CUDA)."""
-    if not CUDA:
-        return None
-    sync()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message).lower() for w in caught)
-
-
 def sync_checks(quick: bool, lstm: Any, lstm_batch: Any) -> list[dict]:
     model, names, forward, _ = bert(quick)
     b = token_batch(4, 16) if quick else token_batch(32, 128)
@@ -186,9 +148,9 @@ def sync_checks(quick: bool, lstm: Any, lstm_batch: Any) -> list[dict]:
         for device in (None, "cpu"):
             recorder = hs.record(m, ns, device=device, **opts)
             _run(recorder, lambda _, call=call: call(), None)  # warm: perms copied once
-            plain = count_syncs(call)
+            plain = count_host_syncs(call)
             with recorder:  # the block's end waits for the copies: not counted
-                recorded = count_syncs(call)
+                recorded = count_host_syncs(call)
             out.append({"what": f"syncs: {what}, device={device!r}", "plain": plain,
                         "recorded": recorded})
     return out
@@ -240,11 +202,7 @@ def report(title: str, times: dict[str, list[float]]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
-    p.add_argument("--json", help="also write the results here")
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args(argv)
+    args = parse_args(__doc__, argv)
     name = torch.cuda.get_device_name() if CUDA else "no CUDA device"
     print(f"device: {name}; torch {torch.__version__}; hookscope {hs.__version__}")
     if not CUDA and not args.quick:

@@ -31,12 +31,15 @@ tests.
 from __future__ import annotations
 
 import threading
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["POOL_BYTES", "CudaOps", "DeviceOps", "HostStaging", "Pending", "ops_for"]
+__all__ = ["POOL_BYTES", "CudaOps", "DeviceOps", "HostStaging", "Pending", "count_host_syncs",
+           "ops_for"]
 
 POOL_BYTES = 2 << 30  # pinned bytes kept for reuse per recorder (2 GiB)
 
@@ -191,3 +194,21 @@ class HostStaging:
     @property
     def pooled_bytes(self) -> int:
         return self._pooled
+
+
+def count_host_syncs(fn: Callable[[], Any]) -> int | None:
+    """How many times ``fn()`` made the host wait for the GPU (``.item()``, a copy to pageable
+    memory, ``bool(cuda_tensor)`` ...), as ``torch.cuda.set_sync_debug_mode("warn")`` reports
+    them; ``None`` without CUDA.  Compare a recorded forward with the plain one: recording must
+    add none."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)

@@ -10,15 +10,13 @@ properties are checked on a real GPU by the CUDA tests at the end (skipped witho
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import hookscope as hs
-from hookscope.offload import DeviceOps, HostStaging
+from hookscope.offload import DeviceOps, HostStaging, count_host_syncs
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -221,24 +219,13 @@ def test_cuda_story_bilstm_with_unsort_adds_no_synchronisation():
                          "pooling": ["premise", "hypothesis"]},
                "unsort": {"encoder": [batch.premise_orig_idx, batch.hypothesis_orig_idx]}}
 
-    def syncs(fn) -> int:
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                fn()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        return sum("synchroniz" in str(w.message) for w in caught)
-
     with torch.no_grad():
         for device in (None, "cpu"):
             recorder = hs.record(model, names, device=device, **options)
             recorder.run(batch)  # warm: permutations copied to the GPU once
-            plain = syncs(lambda: model(batch))
+            plain = count_host_syncs(lambda: model(batch))
             with recorder:  # (its end waits for the copies: outside the count)
-                recorded = syncs(lambda: model(batch))
+                recorded = count_host_syncs(lambda: model(batch))
             assert recorded == plain, (device, recorded, plain)
 
 
