@@ -169,7 +169,7 @@ def permute_lengths(lengths: Tensor, perm: Tensor, where: str) -> Tensor:
         raise UnsortError(
             f"unsort for {where}: the permutation has {len(perm)} entries but the batch has "
             f"{len(lengths)} sequences. Pass this call's own permutation.")
-    return lengths[perm]
+    return lengths.index_select(0, perm)  # (cheaper to dispatch than lengths[perm])
 
 
 def _snapshot_object(path: tuple, obj: Any, leaf: Callable, live: list[str],
