@@ -151,6 +151,19 @@ def test_staging_falls_back_for_layouts_it_cannot_copy_asynchronously():
     assert staging.in_flight() is None
 
 
+def test_unsort_permutations_are_moved_to_a_device_once_per_plan():
+    """The permutation is copied to the output's device on first use and then reused (a copy
+    per call was a host-device transfer in every call); "meta" stands in for a GPU here."""
+    model = nn.Linear(2, 2)
+    recorder = hs.record(model, [""], unsort={"": [1, 0]})
+    plan = recorder._plans[""]
+    perm = plan.perm(0)
+    assert plan.perm_on(perm, torch.device("cpu")) is perm
+    on = plan.perm_on(perm, torch.device("meta"))
+    assert on.device.type == "meta" and plan.perm_on(perm, torch.device("meta")) is on
+    assert recorder.with_unsort({"": [0, 1]})._plans[""].device_perms == {}  # its own perms
+
+
 def test_a_dataset_batch_moves_in_one_copy_and_one_wait():
     from hookscope.dataset import host_columns
 
