@@ -105,7 +105,10 @@ class Recorder:
         Also record each call's positional and keyword inputs (``Capture.inputs`` /
         ``Capture.kwargs``), as the module received them (``unsort=`` is not applied to them).
     device : str or torch.device, optional
-        Move captured tensors there (e.g. ``"cpu"`` to keep GPU memory free).
+        Move captured tensors there (e.g. ``"cpu"`` to keep GPU memory free).  From a CUDA
+        device to ``"cpu"`` the copies are asynchronous, into pinned buffers this recorder
+        reuses once their captures are released; the block waits for them once, when it ends
+        or on the first read of a capture inside it (see :mod:`hookscope.offload`).
     dtype : torch.dtype, optional
         Cast captured floating-point tensors (integer tensors are left alone).
     pick : callable or {module: callable}, optional
