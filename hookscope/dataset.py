@@ -561,7 +561,7 @@ def _batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, ma
         elif rows != n:
             raise DatasetError(f"batch {index}: {col!r} has {rows} examples, other captures "
                                f"have {n}; select modules that see the same examples.")
-        columns[col] = value
+        columns[col] = value  # a vector: replaced by its host array below
     if n is None:
         raise DatasetError(f"batch {index}: no selected module ran.")
     columns.update(host_columns(vectors, np_dtype, staging))
