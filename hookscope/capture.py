@@ -227,6 +227,8 @@ class Capture:
         """Summary statistics of the primary tensor (over real positions where lengths are
         known), for display."""
         none = {"mean": None, "std": None, "min": None, "max": None}
+        if self._pending is not None:  # reads values: the copy must have landed
+            self._pending.wait()
         t = first_tensor(self._output)
         if t is None or not (t.is_floating_point() or t.is_complex()):
             return none

@@ -86,6 +86,16 @@ def test_reading_a_capture_inside_the_block_waits_for_its_copy():
     assert torch.equal(value, expected)
 
 
+def test_displaying_a_capture_inside_the_block_waits_for_its_values():
+    model, x = inplace_model(), torch.randn(5, 4)
+    recorder, ops = fake_recorder(model, ["0"])
+    with recorder as rec:
+        model(x)
+        html = rec["0"]._repr_html_()  # shows mean/std/min/max: reads the values
+        assert not ops.queued
+    assert f"{model[0](x).max().item():.4g}" in html
+
+
 def test_buffers_are_reused_only_once_captures_are_released():
     model, x = inplace_model(), torch.randn(5, 4)
     recorder, _ops = fake_recorder(model, ["0"])
