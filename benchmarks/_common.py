@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -26,6 +27,20 @@ def interleaved(variants: dict[str, Callable[[], Any]], iterations: int, repeats
         for name, ts in times.items():
             out[name].append(statistics.median(ts))
     return out
+
+
+def parse_args(doc: str, argv: list[str] | None,
+               more: Callable[[argparse.ArgumentParser], None] | None = None
+               ) -> argparse.Namespace:
+    """``--quick`` (tiny sizes, for smoke tests), ``--json PATH``, ``--repeats N``, and what
+    ``more`` adds."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--repeats", type=int, default=3)
+    if more is not None:
+        more(p)
+    return p.parse_args(argv)
 
 
 def print_table(results: list[dict]) -> None:
@@ -62,3 +77,33 @@ def story_batch(quick: bool) -> tuple[Any, Any, str]:
 
     sizes = f"vocab {vocab}, dim {dim}, hidden {hidden}, batch {batch}"
     return model, NLIBatch(*side(), *side()), sizes
+
+
+def raw_hooks(model: Any, names: list[str], keep: Callable[[Any], Any] | None = None
+              ) -> Callable[[Callable[[], Any]], list]:
+    """The hand-written way: ``register_forward_hook`` on ``names`` storing ``keep(output)``
+    (default: the output detached where it is a tensor; given ``keep``, it gets the output's
+    first tensor), run the call, remove the hooks."""
+    import torch
+
+    modules = dict(model.named_modules())
+
+    def first(o: Any) -> Any:
+        return o if torch.is_tensor(o) else first(o[0])
+
+    def store_of(out: list) -> Callable[..., None]:
+        if keep is None:
+            return lambda m, i, o: out.append(o.detach() if torch.is_tensor(o) else o)
+        return lambda m, i, o: out.append(keep(first(o)))
+
+    def run(call: Callable[[], Any]) -> list:
+        store: list = []
+        handles = [modules[n].register_forward_hook(store_of(store)) for n in names]
+        try:
+            call()
+        finally:
+            for h in handles:
+                h.remove()
+        return store
+
+    return run

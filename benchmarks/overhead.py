@@ -20,30 +20,12 @@ import sys
 from collections.abc import Callable
 
 import torch
-from _common import interleaved, story_batch  # benchmarks/ is on sys.path when run
+from _common import interleaved, parse_args, raw_hooks, story_batch  # benchmarks/ is on sys.path
 from torch import nn
 
 import hookscope as hs
 
 Variant = Callable[[], object]
-
-
-def raw_hooks(model: nn.Module, names: list[str]) -> Callable[[Callable[[], object]], list]:
-    """The hand-written way: register_forward_hook (detach only), run, remove."""
-    modules = dict(model.named_modules())
-
-    def run(call: Callable[[], object]) -> list:
-        store: list = []
-        handles = [modules[n].register_forward_hook(
-            lambda m, i, o: store.append(o.detach() if torch.is_tensor(o) else o)) for n in names]
-        try:
-            call()
-        finally:
-            for h in handles:
-                h.remove()
-        return store
-
-    return run
 
 
 def nli_case(quick: bool) -> tuple[str, dict[str, Variant]]:
@@ -263,15 +245,13 @@ def intervene_cases(quick: bool) -> list[tuple[str, dict[str, Variant]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
-    p.add_argument("--json", help="also write the results here")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--cases", nargs="+", default=["record", "intervene"],
-                   choices=["record", "intervene"],
-                   help="record: recording overhead (inference); intervene: edit= and "
-                        "grads=True against hand-written hooks (autograd on)")
-    args = p.parse_args(argv)
+    def cases(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--cases", nargs="+", default=["record", "intervene"],
+                       choices=["record", "intervene"],
+                       help="record: recording overhead (inference); intervene: edit= and "
+                            "grads=True against hand-written hooks (autograd on)")
+
+    args = parse_args(__doc__, argv, cases)
     iters = {"tiny": 5, "nli": 5, "transformer": 5, "numpy": 5, "nested": 5} if args.quick \
         else {"tiny": 50, "nli": 15, "transformer": 8, "numpy": 15, "nested": 8}
     results: list[dict] = []

@@ -62,8 +62,8 @@ class Capture:
     """
 
     __slots__ = (
-        "_grads", "_inputs", "_kwargs", "_mask", "_output", "_versions", "bidirectional", "call",
-        "label", "lengths", "live", "module_type", "name", "step",
+        "_grads", "_inputs", "_kwargs", "_mask", "_output", "_pending", "_versions",
+        "bidirectional", "call", "label", "lengths", "live", "module_type", "name", "step",
     )  # fmt: skip
 
     def __init__(
@@ -96,6 +96,7 @@ class Capture:
         self.live = live
         self.bidirectional = bidirectional
         self._grads: Any = None  # a grads.GradStore with grads=True
+        self._pending: Any = None  # device="cpu": copies in flight (see hookscope.offload)
 
     # -- values -----------------------------------------------------------------------------
     @property
@@ -119,7 +120,11 @@ class Capture:
 
     def check(self) -> None:
         """Raise :class:`CaptureModifiedError` if a value recorded with ``clone=False`` has
-        been changed in place since it was recorded (only such captures can be)."""
+        been changed in place since it was recorded (only such captures can be).  A capture
+        whose copy to the host is still in flight (``device="cpu"``) waits for it first."""
+        if self._pending is not None:
+            self._pending.wait()
+            self._pending = None
         if self._versions is None:
             return
         for t, version in self._versions:
@@ -174,6 +179,8 @@ class Capture:
         made from ``lengths``; else ``None``.  Pooling and exports use it, whichever side is
         padded."""
         if self._mask is not None:
+            if self._mask.device.type != "cpu":  # left on the GPU by the hook: moved once
+                self._mask = self._mask.cpu()
             return self._mask
         if self.lengths is None:
             return None
@@ -252,6 +259,8 @@ class Capture:
         """Summary statistics of the primary tensor (over real positions where lengths are
         known), for display."""
         none = {"mean": None, "std": None, "min": None, "max": None}
+        if self._pending is not None:  # reads values: the copy must have landed
+            self._pending.wait()
         t = first_tensor(self._output)
         if t is None or not (t.is_floating_point() or t.is_complex()):
             return none

@@ -118,7 +118,7 @@ def convert(
     out = Converted()
     if plan.clone is False:
         out.versions = []
-    device, dtype, clone = plan.device, plan.dtype, plan.clone
+    device, dtype, clone, staging = plan.device, plan.dtype, plan.clone, plan.staging
     memo: dict[int, Any] = {}
 
     def leaf(path: tuple, x: Any) -> Tensor:
@@ -138,11 +138,15 @@ def convert(
                 dim = batch_dim_of(plan, path, x, packed, len(perm), where, rnn_state_keys)
             out.dims[path] = dim
             if dim is not None:
-                x = x.index_select(dim, perm.to(x.device, non_blocking=True))
+                x = x.index_select(dim, plan.perm_on(perm, x.device))
                 own = False
                 out.permuted += 1
         if device is not None or (dtype is not None and x.is_floating_point()):
-            moved = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+            cast = dtype if x.is_floating_point() else None
+            if staging is not None:  # device="cpu": asynchronous into pinned memory
+                moved = staging.to_host(x, cast)
+            else:
+                moved = x.to(device=device, dtype=cast)
             own = own and moved is x
             x = moved
         if own:
@@ -172,7 +176,7 @@ def permute_lengths(lengths: Tensor, perm: Tensor, where: str) -> Tensor:
         raise UnsortError(
             f"unsort for {where}: the permutation has {len(perm)} entries but the batch has "
             f"{len(lengths)} sequences. Pass this call's own permutation.")
-    return lengths[perm]
+    return lengths.index_select(0, perm)  # (cheaper to dispatch than lengths[perm])
 
 
 def _snapshot_object(path: tuple, obj: Any, leaf: Callable, live: list[str],
@@ -297,7 +301,7 @@ def padding_mask(mask_from: Any, args: tuple, kwargs: dict) -> Tensor | None:
         if mask.ndim != 2:
             raise InputError(f"mask_from= returned a mask of shape {tuple(mask.shape)}; it "
                              "must be (batch, time), True at real positions.")
-        return mask.detach().to("cpu") != 0
+        return mask.detach() != 0  # on its device, as below
     mask = kwargs.get(mask_from)
     if mask is None:  # model(batch) with a dict of features (sentence-transformers)
         mask = next((a[mask_from] for a in args if isinstance(a, Mapping) and mask_from in a),
@@ -307,7 +311,9 @@ def padding_mask(mask_from: Any, args: tuple, kwargs: dict) -> Tensor | None:
     mask = mask.detach()
     if mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
         return None  # an additive mask (0 / -inf): not "1 = real token"
-    return mask.to("cpu") != 0
+    # Left on its device (moving it to the CPU here would wait for the GPU in every forward):
+    # Capture.mask moves it on first read.
+    return mask != 0
 
 
 def input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str) -> Tensor | None:

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,10 @@ import torch
 
 from .dataset_format import (
     BOOKKEEPING,
+    ENCODINGS,
     FORMAT,
     FORMAT_VERSION,
+    LIST_VERSION,
     MANIFEST,
     RESUME_HINT,
     arrow,
@@ -42,7 +44,8 @@ from .dataset_format import (
 from .dataset_lock import WriterLock
 from .errors import DatasetError, InputError, InputTypeError
 from .fingerprint import setup_fingerprint
-from .frame import capture_mask, capture_matrix
+from .frame import capture_mask, capture_rows
+from .offload import HostStaging
 from .recorder import Recorder
 from .select import by_name
 
@@ -93,7 +96,14 @@ class _ShardWriter:
                 arr = pa.concat_arrays(parts)
             elif spec["kind"] == "vector":
                 mat = np.concatenate(parts)
-                arr = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)), mat.shape[1])
+                if spec.get("encoding") == "binary":  # raw little-endian rows (format 3)
+                    mat = np.ascontiguousarray(mat, mat.dtype.newbyteorder("<"))
+                    arr = pa.FixedSizeBinaryArray.from_buffers(
+                        pa.binary(mat.shape[1] * mat.itemsize), len(mat),
+                        [None, pa.py_buffer(mat)])
+                else:
+                    arr = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)),
+                                                            mat.shape[1])
             else:  # sequence: each example's real positions, a list of fixed-size vectors
                 seqs = [s for p in parts for s in p]
                 lengths = np.array([len(s) for s in seqs])
@@ -185,6 +195,7 @@ def record_dataset(
     progress: bool = True,
     bidirectional: bool | None = None,
     store_dtype: torch.dtype = torch.float32,
+    vector_encoding: str = "list",
     setup_id: str | None = None,
     **record_options: Any,
 ) -> Path:
@@ -232,6 +243,13 @@ def record_dataset(
     store_dtype : torch.float32 or torch.float16
         Stored precision of the vectors (``dtype=``, as for :func:`hookscope.record`, is the
         captured precision).
+    vector_encoding : {"list", "binary"}
+        How vector columns are stored: ``"list"`` (default) as Arrow
+        ``fixed_size_list<float>``, a float array per row in pandas, pyarrow and DuckDB;
+        ``"binary"`` as fixed-size binary (each row's floats as raw little-endian bytes), which
+        Parquet encodes and decodes 5-7 times faster but pandas and DuckDB show as bytes
+        (``np.frombuffer(value, "<f4")``); :func:`open_dataset` reads both alike.  A dataset
+        with binary columns is format version 3 (hookscope releases before it refuse it).
     setup_id : str, optional
         Vouch for the callables yourself: they are identified by this text instead of by
         their code and captured values (needed when they capture something that cannot be
@@ -246,6 +264,8 @@ def record_dataset(
     if store_dtype not in (torch.float32, torch.float16):
         raise InputTypeError(f"store_dtype must be torch.float32 or torch.float16, got "
                         f"{store_dtype!r}.")
+    if vector_encoding not in ENCODINGS:
+        raise InputError(f"vector_encoding must be one of {ENCODINGS}, got {vector_encoding!r}.")
     if not isinstance(shard_rows, int) or shard_rows < 1:
         raise InputError(f"shard_rows must be a positive int, got {shard_rows!r}.")
     if setup_id is not None and not isinstance(setup_id, str):
@@ -267,12 +287,17 @@ def record_dataset(
         "reduce": reduce, "store_dtype": store_dtype, "bidirectional": bidirectional,
         "lengths": lengths, "forward": forward, "meta": meta, "world_size": world,
         "record": {k: by_name(model, v) for k, v in record_options.items()},
-        "unsort": per_batch_unsort}, setup_id)
+        "unsort": per_batch_unsort,
+        # (only where not the default: datasets recorded before the option still resume)
+        **({"vector_encoding": vector_encoding} if vector_encoding != "list" else {})},
+        setup_id)
     _make_folder(out)
     with WriterLock(out, rank):
         manifest_path = out / (MANIFEST if world == 1 else f"manifest-r{rank:03d}.json")
         try:
-            manifest = _open_for_writing(out, manifest_path, fingerprint, resume, rank)
+            version = FORMAT_VERSION if vector_encoding == "binary" else LIST_VERSION
+            manifest = _open_for_writing(out, manifest_path, fingerprint, resume, rank,
+                                         version)
         except OSError as exc:
             raise DatasetError(f"cannot prepare {out} for writing ({exc}).") from None
         from . import __version__
@@ -287,7 +312,7 @@ def record_dataset(
         try:
             job = _Job(model, recorder, forward or (lambda m, b: m(b)), per_batch_unsort, meta,
                        lengths, reduce, bidirectional, np_dtype, manifest, writer, bar,
-                       shard_rows)
+                       shard_rows, vector_encoding)
             _record_batches(job, _batches_to_do(batches, done, rank, world))
             writer.flush()
         finally:
@@ -327,6 +352,8 @@ class _Job:
     writer: _ShardWriter
     bar: Any
     shard_rows: int
+    encoding: str
+    staging: HostStaging = field(default_factory=HostStaging)  # pinned buffers, reused
 
 
 def _batches_to_do(batches: Iterable[Any], done: set[int], rank: int,
@@ -349,7 +376,8 @@ def _record_batches(job: _Job, items: Iterable[tuple[int, Any]]) -> None:
             if job.lengths is not None:
                 _apply_lengths(rec, job.lengths(batch), index)
             columns, n = _batch_columns(rec, job.reduce, job.bidirectional, job.np_dtype,
-                                        job.manifest, index)
+                                        job.manifest, index, staging=job.staging,
+                                        encoding=job.encoding)
             if job.meta is not None:
                 columns.update(_meta_columns(job.meta(batch), n, job.manifest, index))
             elif job.manifest["meta"]:
@@ -467,7 +495,7 @@ def _make_folder(out: Path) -> None:
 
 
 def _open_for_writing(out: Path, manifest_path: Path, fingerprint: str, resume: bool,
-                      rank: int) -> dict:
+                      rank: int, version: int = LIST_VERSION) -> dict:
     # Temporaries of this rank left by a killed run (this process holds the rank's lock).
     for tmp in [*(out / "shards").glob(f".part-r{rank:03d}-*.parquet.tmp"),
                 *out.glob(f".{manifest_path.name}.*.tmp")]:
@@ -499,13 +527,15 @@ def _open_for_writing(out: Path, manifest_path: Path, fingerprint: str, resume: 
                            "a dataset into a new or empty folder.")
     for f in (out / "shards").glob(f"part-r{rank:03d}-*.parquet"):
         f.unlink()  # written by a run killed before it registered its first shard
-    return {"format": FORMAT, "version": FORMAT_VERSION, "columns": {}, "meta": {},
+    return {"format": FORMAT, "version": version, "columns": {}, "meta": {},
             "shards": [], "complete": False}
 
 
 def _batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, manifest: dict,
-                   index: int, lengths: Any = None) -> tuple[dict[str, Any], int]:
+                   index: int, lengths: Any = None, staging: HostStaging | None = None,
+                   encoding: str = "list") -> tuple[dict[str, Any], int]:
     columns: dict[str, Any] = {}
+    vectors: dict[str, torch.Tensor] = {}
     n = None
     names = _column_names(rec)
     for cap in rec.captures():
@@ -520,15 +550,17 @@ def _batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, ma
             value: Any = list(arr) if mask is None else [
                 row[keep] for row, keep in zip(arr, mask.numpy(), strict=True)]
             kind, units, rows = "sequence", arr.shape[2], len(value)
-        else:
-            value = capture_matrix(cap, reduce, bidirectional=bidirectional,
-                                   lengths=given).astype(np_dtype)
+        else:  # reduced where the capture is (the GPU); moved below, with the others
+            value, _ = capture_rows(cap, reduce, bidirectional=bidirectional, lengths=given)
+            vectors[col] = value
             kind, units, rows = "vector", value.shape[1], value.shape[0]
         if col in BOOKKEEPING:
             raise DatasetError(f"a recorded module is named {col!r}, like a bookkeeping "
                                "column; record it under its parent or a renamed wrapper.")
         spec = {"module": cap.name, "call": cap.label if cap.label is not None else cap.call,
                 "kind": kind, "units": int(units), "dtype": np.dtype(np_dtype).name}
+        if encoding == "binary" and kind == "vector":
+            spec["encoding"] = "binary"
         known = manifest["columns"].setdefault(col, spec)
         if known != spec:
             raise DatasetError(
@@ -540,7 +572,28 @@ def _batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, ma
         elif rows != n:
             raise DatasetError(f"batch {index}: {col!r} has {rows} examples, other captures "
                                f"have {n}; select modules that see the same examples.")
-        columns[col] = value
+        columns[col] = value  # a vector: replaced by its host array below
     if n is None:
         raise DatasetError(f"batch {index}: no selected module ran.")
+    columns.update(host_columns(vectors, np_dtype, staging))
     return columns, n
+
+
+def host_columns(vectors: dict[str, torch.Tensor], np_dtype: Any,
+                 staging: HostStaging | None = None) -> dict[str, np.ndarray]:
+    """A batch's vector columns ``(batch, units)`` as NumPy in the stored dtype, with one
+    device-to-host copy for all of them: cast and laid side by side on their device, copied
+    into a pinned buffer (``staging``'s, reused) without waiting, then one wait.  CPU tensors
+    are only cast (a float32 column is not copied here: the shard writer concatenates)."""
+    if not vectors:
+        return {}
+    dtype = torch.float16 if np.dtype(np_dtype) == np.float16 else torch.float32
+    parts = [v.detach().to(dtype) for v in vectors.values()]
+    staging = staging or HostStaging()
+    if not all(staging.copies_async(p) for p in parts):  # the CPU: nothing to move
+        return {k: p.cpu().numpy() for k, p in zip(vectors, parts, strict=True)}
+    host = staging.to_host(torch.cat([p.to(parts[0].device) for p in parts], dim=1), None)
+    staging.synchronize()  # the batch's one wait
+    arr = host.numpy()
+    bounds = np.cumsum([0, *(p.shape[1] for p in parts)])
+    return {k: arr[:, a:b] for k, a, b in zip(vectors, bounds[:-1], bounds[1:], strict=True)}

@@ -100,13 +100,21 @@ class DatasetView:
                     fields.append(pa.field(c, pa.null()))
             else:
                 spec = self.manifest["columns"][c]
-                fields.append(pa.field(c, pa.list_(pa.from_numpy_dtype(np.dtype(
-                    spec["dtype"])), spec["units"])))
+                dtype = np.dtype(spec["dtype"])
+                fields.append(pa.field(c, pa.binary(spec["units"] * dtype.itemsize)
+                                       if spec.get("encoding") == "binary" else
+                                       pa.list_(pa.from_numpy_dtype(dtype), spec["units"])))
         return pa.schema(fields).empty_table()
 
     def _matrix(self, table: Any, column: str) -> np.ndarray:
         spec = self._vector_spec(column)
         col = table[column].combine_chunks()
+        if spec.get("encoding") == "binary":  # each row's floats as raw bytes (format 3)
+            dtype = np.dtype(spec["dtype"]).newbyteorder("<")
+            width = spec["units"] * dtype.itemsize
+            data = np.frombuffer(col.buffers()[1], np.uint8)
+            data = data[col.offset * width:(col.offset + len(col)) * width]
+            return data.view(dtype).reshape(-1, spec["units"])
         return col.values.to_numpy(zero_copy_only=False).reshape(-1, spec["units"])
 
     def numpy(self, column: str, rows: Any = None) -> np.ndarray:

@@ -21,7 +21,8 @@ from .errors import InputError
 from .pooling import REDUCTIONS, as_mask, last_state, masked_pool
 from .structure import takes_two_args
 
-__all__ = ["REDUCE_NAMES", "Reduce", "capture_matrix", "recording_vectors", "to_frame"]
+__all__ = ["REDUCE_NAMES", "Reduce", "capture_matrix", "capture_rows", "recording_vectors",
+           "to_frame"]
 
 #: ``reduce=``: a name, or ``f(tensor) -> (batch, units)``, or ``f(tensor, mask)`` where
 #: ``mask`` is the capture's ``(batch, time)`` boolean mask of real positions (or ``None``).
@@ -104,7 +105,16 @@ def capture_mask(cap: Any, lengths: Any = None) -> Tensor | None:
 
 def capture_matrix(cap: Any, reduce: Reduce = None, *, bidirectional: bool | None = None,
                    lengths: Any = None) -> np.ndarray:
-    """One row per example for a capture: ``(batch, units)``.
+    """One row per example for a capture: ``(batch, units)``, as NumPy (see
+    :func:`capture_rows`, which computes it where the capture is, e.g. on the GPU)."""
+    rows, shared = capture_rows(cap, reduce, bidirectional=bidirectional, lengths=lengths)
+    return to_numpy(rows, readonly=shared)
+
+
+def capture_rows(cap: Any, reduce: Reduce = None, *, bidirectional: bool | None = None,
+                 lengths: Any = None) -> tuple[Tensor, bool]:
+    """One row per example for a capture, ``(batch, units)``, as a tensor on the capture's
+    device, and whether it shares memory with the capture (then never to be written into).
 
     - ``(batch,)`` is one unit; ``(batch, units)`` is used as it is (``reduce`` is not
       needed, and ignored).
@@ -134,9 +144,9 @@ def capture_matrix(cap: Any, reduce: Reduce = None, *, bidirectional: bool | Non
         raise InputError(f"{_where(cap)} returned a scalar, which has no examples; use pick= "
                          "to select a batched tensor.")
     if t.ndim == 1:
-        return to_numpy(t.unsqueeze(1), readonly=True)
+        return t.unsqueeze(1), True
     if t.ndim == 2:
-        return to_numpy(t, readonly=True)  # already one vector per example: nothing to reduce
+        return t, True  # already one vector per example: nothing to reduce
     feature_map = t.ndim >= 4
     if reduce is None:
         if feature_map:
@@ -150,7 +160,7 @@ def capture_matrix(cap: Any, reduce: Reduce = None, *, bidirectional: bool | Non
             "example needs reduce='last'|'mean'|'max'|'sum' (over real positions), "
             "reduce='flatten', or a callable; or kind='long' for one row per position.")
     if reduce == "flatten":
-        return to_numpy(t.reshape(t.shape[0], -1), readonly=True)
+        return t.reshape(t.shape[0], -1), True
     if callable(reduce):
         mask = None if feature_map else capture_mask(cap, lengths)
         out = reduce(t, mask) if takes_two_args(reduce) else reduce(t)
@@ -159,19 +169,19 @@ def capture_matrix(cap: Any, reduce: Reduce = None, *, bidirectional: bool | Non
             raise InputError(f"reduce callable returned shape {tuple(out.shape)} for "
                              f"{_where(cap)}; expected ({t.shape[0]}, units).")
         check_finite(out, f"reduce's result for {_where(cap)}")
-        return to_numpy(out)
+        return out, False
     if feature_map:
         if reduce == "last":
             raise InputError(f"reduce='last' needs a sequence (batch, time, features); "
                              f"{_where(cap)} is a feature map of shape {tuple(t.shape)}: use "
                              "'mean', 'max', 'sum' or 'flatten'.")
-        return to_numpy(masked_pool(t, None, reduce))
+        return masked_pool(t, None, reduce), False
     mask = capture_mask(cap, lengths)
     if reduce == "last":
         if mask is None:
             mask = torch.ones(t.shape[:2], dtype=torch.bool)
-        return to_numpy(last_state(t, mask, bidirectional=bidirectional))
-    return to_numpy(masked_pool(t, mask, reduce))
+        return last_state(t, mask, bidirectional=bidirectional), False
+    return masked_pool(t, mask, reduce), False
 
 
 def _grouped(captures: Sequence[Any]) -> tuple[dict[tuple[str, str], list[Any]], list[int]]:

@@ -7,7 +7,7 @@ validated here, against the selected modules, before any hook exists.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -51,6 +51,11 @@ class Plan:
     # edit=: one function for every call, or a tuple with one (or None) per call.
     edits: tuple[EditFn | None, ...] | EditFn | None = None
     grads: bool = False  # grads=True: tensor hooks keep the gradient of each call's output
+    # device="cpu": the recorder's pinned buffers and asynchronous copies (see offload.py).
+    staging: Any = None
+    # The permutations copied to the devices they were used on, made once (a host-to-device
+    # copy from pageable memory waits for the GPU: it must not run in every call).
+    device_perms: dict = field(default_factory=dict, compare=False, repr=False)
 
     def perm(self, call: int) -> Tensor | None:
         if isinstance(self.perms, tuple):
@@ -61,6 +66,18 @@ class Plan:
         if isinstance(self.edits, tuple):
             return self.edits[call] if call < len(self.edits) else None
         return self.edits
+
+    def perm_on(self, perm: Tensor, device: torch.device) -> Tensor:
+        """``perm`` (one of :attr:`perms`, on the CPU) on ``device``: copied once per device,
+        from pinned memory without waiting, then reused by every call."""
+        if perm.device == device:
+            return perm
+        key = (id(perm), device)  # the plan keeps its perms alive: ids stay unique
+        on = self.device_perms.get(key)
+        if on is None:
+            source = perm.pin_memory() if device.type == "cuda" else perm
+            on = self.device_perms[key] = source.to(device, non_blocking=True)
+        return on
 
 
 def _per_module(
@@ -100,13 +117,14 @@ def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any =
                 unsort: Mapping[Any, Any] | None = None,
                 batch_dim: Mapping[Any, BatchDim] | None = None,
                 device: torch.device | None = None, dtype: torch.dtype | None = None,
-                clone: Any = True, edit: Mapping[Any, Any] | None = None,
+                clone: Any = True, staging: Any = None, edit: Mapping[Any, Any] | None = None,
                 grads: bool = False) -> dict[str, Plan]:
     """A validated, immutable ``Plan`` per selected module from ``record()``'s options."""
     fields: dict[str, dict[str, Any]] = {
         name: {"name": name, "module": m, "module_type": type(m), "device": device,
-               "dtype": dtype, "clone": clone, "rnn": isinstance(m, nn.RNNBase),
-               "bidir_units": _bidirectional_units(m), "grads": grads}
+               "dtype": dtype, "clone": clone, "staging": staging,
+               "rnn": isinstance(m, nn.RNNBase), "bidir_units": _bidirectional_units(m),
+               "grads": grads}
         for name, m in selected.items()}
     if pick is not None:
         picks = (_per_module("pick", pick, model, selected) if isinstance(pick, Mapping)

@@ -39,6 +39,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .grads import attach_grad_hooks, require_grads
+from .offload import HostStaging
 from .plan import BatchDim, Plan, build_plans
 from .recording import Recording
 from .select import ModuleSpec, resolve_modules, unwrap
@@ -109,7 +110,10 @@ class Recorder:
         Also record each call's positional and keyword inputs (``Capture.inputs`` /
         ``Capture.kwargs``), as the module received them (``unsort=`` is not applied to them).
     device : str or torch.device, optional
-        Move captured tensors there (e.g. ``"cpu"`` to keep GPU memory free).
+        Move captured tensors there (e.g. ``"cpu"`` to keep GPU memory free).  From a CUDA
+        device to ``"cpu"`` the copies are asynchronous, into pinned buffers this recorder
+        reuses once their captures are released; the block waits for them once, when it ends
+        or on the first read of a capture inside it (see :mod:`hookscope.offload`).
     dtype : torch.dtype, optional
         Cast captured floating-point tensors (integer tensors are left alone).
     pick : callable or dict of {module: callable}, optional
@@ -237,8 +241,12 @@ class Recorder:
         self.threads = threads
         self.mask_from = mask_from
         self._selected = selected
+        # device="cpu": captures of CUDA tensors are copied asynchronously into pinned buffers
+        # that this recorder reuses (and with_unsort's copies share); see offload.py.
+        self._staging = HostStaging() if device is not None and device.type == "cpu" else None
         self._options = {"pick": pick, "calls": calls, "batch_dim": batch_dim, "clone": clone,
-                         "device": device, "dtype": dtype, "edit": edit, "grads": grads}
+                         "device": device, "dtype": dtype, "staging": self._staging,
+                         "edit": edit, "grads": grads}
         self._plans = build_plans(model, selected, unsort=unsort, **self._options)
         inner, prefix = unwrap(model)
         self._model_type = type(inner).__name__
@@ -316,6 +324,8 @@ class Recorder:
         s, self._session = self._session, None  # the hooks are inert from here on
         if s is not None:
             _close(s)
+        if self._staging is not None:
+            self._staging.synchronize()  # the one wait for copies in flight: captures complete
         _PENDING_STOPS.pop(_get_ident(), None) if exc is not None else None
         stopped = False
         if isinstance(exc, _Stop) and self in exc.recorders:
@@ -472,7 +482,7 @@ class Recorder:
         labels = plan.labels
         label = labels[call] if labels is not None and call < len(labels) else None
         live: tuple[str, ...] = ()
-        perm = lengths = mask = versions = grads = returned = None
+        perm = lengths = mask = versions = grads = returned = in_flight = None
         if plan.plain and type(output) is Tensor:  # the common case, without the tree walk
             value = output.detach()
             if plan.clone is True:
@@ -500,6 +510,8 @@ class Recorder:
             if plan.grads:
                 grads = attach_grad_hooks(value, output, plan, perm, converted.dims, where)
             value, lengths, versions = converted.value, converted.lengths, converted.versions
+            if plan.staging is not None:  # device="cpu": copies of this call's (and its
+                in_flight = plan.staging.in_flight()  # inputs') tensors may be in flight
             live = tuple(converted.live)
             if s.rnn_keys and not plan.rnn:
                 s.rnn_keys.clear()
@@ -524,6 +536,8 @@ class Recorder:
         # keywords cost half a microsecond per capture here
         if grads is not None:
             capture._grads = grads
+        if in_flight is not None:
+            capture._pending = in_flight  # device="cpu": a read inside the block waits for it
         rec._add(capture)
         if self.stop and call + 1 == plan.expected:
             s.remaining -= 1

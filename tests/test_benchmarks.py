@@ -57,3 +57,14 @@ def test_peers_benchmark_quick_mode(tmp_path, capsys, recwarn):
     assert data["correctness"]["hand-written hooks (reference)"]["shared"] == "both calls"
     assert any(t["tool"] == "hookscope" and "ratio" in t for t in data["timing"])
     assert "## Correctness" in capsys.readouterr().out
+
+
+def test_gpu_benchmark_quick_mode(tmp_path, capsys):
+    """Without CUDA, --quick runs the same code on the CPU at tiny sizes and exits cleanly."""
+    data = _quick_run("gpu", tmp_path, "--repeats", "1")
+    variants = {r["variant"] for r in data["results"] if "variant" in r}
+    assert {"plain forward", "raw hooks + clone", "hs.record, stop=True after layer 0",
+            'hs.record, unsort=, device="cpu"', "record_dataset (binary)"} <= variants
+    assert data["machine"]["torch"] == torch.__version__
+    out = capsys.readouterr().out
+    assert out.startswith("device: ") and "| plain forward |" in out

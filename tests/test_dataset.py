@@ -650,3 +650,48 @@ def test_fingerprints_follow_what_callables_compute():
     for a, b in different:
         assert fp(a) != fp(b)
     assert setup_fingerprint(model, [""], {}) != setup_fingerprint(model.train(False), [""], {})
+
+
+def test_binary_vector_encoding_reads_back_the_same_and_stays_readable(tmp_path):
+    """vector_encoding="binary": the same numbers through open_dataset, format version 3
+    (the list encoding stays version 2), and each row's raw floats in pyarrow, pandas and
+    DuckDB (where installed)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh()).eval()
+    batches = [torch.randn(5, 3, 4) for _ in range(3)]
+    views = {}
+    for encoding in ("list", "binary"):
+        out = record_dataset(model, batches, ["0", "1"], tmp_path / encoding, reduce="mean",
+                             progress=False, shard_rows=7, vector_encoding=encoding,
+                             store_dtype=torch.float16)
+        views[encoding] = open_dataset(out)
+    assert views["list"].manifest["version"] == 2 and views["binary"].manifest["version"] == 3
+    assert views["binary"].manifest["columns"]["1"]["encoding"] == "binary"
+    for column in ("0", "1"):  # the same bytes stored two ways
+        assert np.array_equal(views["binary"].numpy(column), views["list"].numpy(column))
+        assert np.array_equal(views["binary"].numpy(column, rows=[14, 2]),
+                              views["list"].numpy(column, rows=[14, 2]))
+    assert views["binary"].to_frame().equals(views["list"].to_frame())
+    shards = sorted((tmp_path / "binary" / "shards").glob("*.parquet"))
+    table = pq.read_table(shards[0])
+    first = np.frombuffer(table["1"][0].as_py(), "<f2")
+    assert np.array_equal(first, views["list"].numpy("1")[0])
+    frame = pd.read_parquet(shards[0])
+    assert np.array_equal(np.frombuffer(frame["1"].iloc[0], "<f2"), first)
+    duckdb = pytest.importorskip("duckdb")
+    blob = duckdb.sql(f"select \"1\" from '{shards[0]}' limit 1").fetchall()[0][0]
+    assert np.array_equal(np.frombuffer(blob, "<f2"), first)
+
+
+def test_binary_encoding_is_refused_where_it_cannot_be(tmp_path):
+    with pytest.raises(hs.errors.InputError, match="vector_encoding"):
+        record_dataset(torch.nn.Linear(2, 2), [torch.ones(1, 2)], [""], tmp_path / "x",
+                       vector_encoding="bytes", progress=False)
+    manifest = {"format": "hookscope-dataset", "version": 2, "complete": False,
+                "fingerprint": "f", "world_size": 1, "shards": [], "meta": {},
+                "columns": {"a": {"kind": "vector", "units": 2, "dtype": "float32",
+                                  "encoding": "binary"}}}
+    with pytest.raises(DatasetError, match="invalid description"):  # binary needs version 3
+        hookscope.dataset_format.validate_manifest(manifest, tmp_path / "manifest.json")
+    manifest["version"] = 3
+    hookscope.dataset_format.validate_manifest(manifest, tmp_path / "manifest.json")

@@ -75,7 +75,7 @@ with torch.no_grad(), hs.patch(model, {"pooling": {"premise": rec["pooling", "hy
     patched = model(batch)
 {"before": [LABELS[i] for i in scores.argmax(1)], "premise := hypothesis": [LABELS[i] for i in patched.argmax(1)]}"""),
 ("md", """*Which encoder units does the decision depend on?* `grads=True` keeps the gradient of the
-loss for every call; value × gradient over the real positions ranks the units for pair 0."""),
+loss for every call; value x gradient over the real positions ranks the units for pair 0."""),
 ("code", """unsort = {"encoder": [batch.premise_orig_idx, batch.hypothesis_orig_idx]}
 with hs.record(model, ["encoder"], calls={"encoder": calls["encoder"]}, unsort=unsort,
                grads=True) as grec:

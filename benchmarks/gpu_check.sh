@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 12 in one run (< 8 minutes on an H100): the CUDA tests, then
+# benchmarks/gpu.py.  Run from the repository root on a CUDA machine with torch, pandas,
+# pyarrow (and transformers for the BERT model); nothing is downloaded.
+#
+#     bash benchmarks/gpu_check.sh            # results under $OUT (default: ./gpu-results)
+#
+# Writes $OUT/env.txt, $OUT/cuda-tests.txt, $OUT/gpu.md (the tables) and $OUT/gpu.json.
+set -u
+OUT="${OUT:-gpu-results}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this working tree, not an installed copy
+export HF_HUB_OFFLINE=1
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+  python -c "import torch, hookscope; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available()); print('hookscope', hookscope.__file__)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# 1. Correctness on the GPU: the CUDA tests (offload, record_dataset, syncs) and the suites
+#    that touch devices.  (About a minute.)
+timeout 240 python -m pytest -q -rs -p no:cacheprovider tests/test_offload.py \
+  tests/test_recorder.py tests/test_safety.py tests/test_rnn.py 2>&1 | tail -40 \
+  | tee "$OUT/cuda-tests.txt"
+
+# 2. The figures (a few minutes).
+timeout 420 python benchmarks/gpu.py --json "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.md"
+echo "done: $(ls "$OUT")"
