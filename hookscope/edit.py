@@ -56,7 +56,7 @@ def apply_edit(fn: EditFn, output: Any, plan: Plan, info: CallInfo, perm: Tensor
                     "in the model's sorted order.")
             dim = batch_dim_of(whole, path, x, False, len(perm), where, rnn_state_keys)
             dims[path] = dim
-            return x if dim is None else x.index_select(dim, perm.to(x.device))
+            return x if dim is None else x.index_select(dim, plan.perm_on(perm, x.device))
 
         shown = map_leaves(output, to_caller)
         if all(d is None for d in dims.values()):
@@ -71,8 +71,6 @@ def apply_edit(fn: EditFn, output: Any, plan: Plan, info: CallInfo, perm: Tensor
     _check_like(new, output, where)
     if perm is None:
         return new, None
-    inverse = perm.argsort()
-
     def to_model(path: tuple, x: Any) -> Any:
         if path not in dims:
             raise InputError(f"edit for {where} returned a tensor at output"
@@ -85,7 +83,7 @@ def apply_edit(fn: EditFn, output: Any, plan: Plan, info: CallInfo, perm: Tensor
             raise InputError(f"edit for {where} changed the batch size at output"
                              f"{''.join(f'[{k!r}]' for k in path)} (shape {tuple(x.shape)}); "
                              f"an edit must keep the batch of {len(perm)}.")
-        return x.index_select(dim, inverse.to(x.device))
+        return x.index_select(dim, plan.inverse_on(perm, x.device))
 
     return map_leaves(new, to_model), dims
 

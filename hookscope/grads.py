@@ -76,8 +76,9 @@ def attach_grad_hooks(value: Any, output: Any, plan: Plan, perm: Tensor | None,
     store = GradStore()
     ref = weakref.ref(store)
     # The gradient is converted as the value was: same batch dims, device, dtype; always a
-    # copy of its own (clone=False is about values, not gradients).
-    gplan = dataclasses.replace(plan, pick=None, clone=True)
+    # copy of its own (clone=False is about values, not gradients), made synchronously (no
+    # pinned staging: a gradient arrives after the block's one wait for copies in flight).
+    gplan = dataclasses.replace(plan, pick=None, clone=True, staging=None)
     own = None
     if plan.pick is not None:  # pick= must choose leaves of the output, not compute new ones
         own = {id(t) for _, t in iter_tensors(output)}

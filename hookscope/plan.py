@@ -67,6 +67,19 @@ class Plan:
             return self.edits[call] if call < len(self.edits) else None
         return self.edits
 
+    def inverse_on(self, perm: Tensor, device: torch.device) -> Tensor:
+        """``perm.argsort()`` on ``device``, made once (``edit=`` maps an edited output back
+        to the model's order with it)."""
+        key = ("inverse", id(perm), device)  # perm is one of the plan's: its id stays unique
+        on = self.device_perms.get(key)
+        if on is None:
+            inverse = perm.argsort()
+            if inverse.device != device:
+                source = inverse.pin_memory() if device.type == "cuda" else inverse
+                inverse = source.to(device, non_blocking=True)
+            on = self.device_perms[key] = inverse
+        return on
+
     def perm_on(self, perm: Tensor, device: torch.device) -> Tensor:
         """``perm`` (one of :attr:`perms`, on the CPU) on ``device``: copied once per device,
         from pinned memory without waiting, then reused by every call."""
