@@ -133,9 +133,21 @@ def tiny_case(quick: bool) -> tuple[str, dict[str, Variant]]:
                 model(x)
         assert rec.steps == TINY_LOOP
 
+    def raw_once_clone() -> None:  # the floor: hand-written hooks registered once, cloning
+        store: list = []
+        handles = [model[int(n)].register_forward_hook(
+            lambda m, i, o: store.append(o.detach().clone())) for n in names]
+        try:
+            for _ in range(TINY_LOOP):
+                model(x)
+        finally:
+            for h in handles:
+                h.remove()
+
     return (f"tiny MLP (3 x Linear(16, 16), batch 4), per call, loops of {TINY_LOOP}", {
         "plain forward": loop(lambda: model(x)),
         "raw hooks registered+removed per call": loop(lambda: raw(lambda: model(x))),
+        "raw hooks registered once, clone": raw_once_clone,
         "hookscope.record(...) per call": loop(new_record_per_call),
         "one Recorder, run() per call": loop(lambda: recorder.run(x)),
         "one record block, a step per call": one_block,
