@@ -20,10 +20,12 @@ cat "$OUT/env.txt"
 
 # 1. Correctness on the GPU: the CUDA tests (offload, record_dataset, syncs) and the suites
 #    that touch devices.  (About a minute.)
-timeout 240 python -m pytest -q -rs -p no:cacheprovider tests/test_offload.py \
-  tests/test_recorder.py tests/test_safety.py tests/test_rnn.py 2>&1 | tail -40 \
+# Both timeouts together stay under the device tool's 600 s per command.
+timeout 180 python -m pytest -q -rs -p no:cacheprovider tests/test_offload.py \
+  tests/test_intervene.py tests/test_recorder.py tests/test_safety.py tests/test_rnn.py 2>&1 \
+  | tail -40 \
   | tee "$OUT/cuda-tests.txt"
 
 # 2. The figures (a few minutes).
-timeout 420 python benchmarks/gpu.py --json "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.md"
+timeout 360 python benchmarks/gpu.py --json "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu.md"
 echo "done: $(ls "$OUT")"
