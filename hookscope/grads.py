@@ -46,9 +46,9 @@ def _wants_grad(t: Tensor) -> bool:
 
 
 def require_grads(output: Any) -> Any:
-    """``output`` with every floating leaf that does not require grad replaced by a detached
-    alias that does (same memory, same values), so a frozen model or one fed plain inputs
-    still gets gradients from here on; ``output`` itself when nothing had to change.
+    """``output`` with every floating leaf that does not require grad replaced by a copy that
+    does (same values), so a frozen model or one fed plain inputs still gets gradients from
+    here on; ``output`` itself when nothing had to change.
 
     Safe: a tensor that does not require grad has no graph behind it to cut.
     """
@@ -62,7 +62,9 @@ def require_grads(output: Any) -> Any:
         if t.requires_grad or not _wants_grad(t) or t.is_inference():
             return x
         changed = True
-        t = t.detach().requires_grad_()
+        # A copy of a leaf, not the leaf itself: the model may change its output in place
+        # (nn.ReLU(inplace=True)), which autograd forbids on a leaf that requires grad.
+        t = t.detach().requires_grad_().clone()
         return x._replace(data=t) if isinstance(x, PackedSequence) else t
 
     new = map_leaves(output, leaf)

@@ -274,12 +274,13 @@ def test_parameter_gradients_are_unchanged_by_recording(story_model, story_batch
         assert torch.equal(a, b)
 
 
-def test_grads_are_right_when_the_model_changes_the_output_in_place():
+@pytest.mark.parametrize("frozen", [False, True])
+def test_grads_are_right_when_the_model_changes_the_output_in_place(frozen):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(inplace=True),
-                                torch.nn.Linear(6, 2))
+                                torch.nn.Linear(6, 2)).requires_grad_(not frozen)
     x = torch.randn(5, 4)
-    with hs.record(model, ["0"], grads=True) as rec:
+    with hs.record(model, ["0"], grads=True) as rec:  # frozen: no leaf for the ReLU to hit
         model(x).pow(2).sum().backward()
     h = model[0](x).detach().requires_grad_()
     (g,) = torch.autograd.grad(model[2](torch.relu(h)).pow(2).sum(), [h])
