@@ -62,7 +62,7 @@ def apply_edit(fn: EditFn, output: Any, plan: Plan, info: CallInfo, perm: Tensor
         if all(d is None for d in dims.values()):
             raise UnsortError(f"unsort for {where}: no tensor in the output has a dimension of "
                               f"the permutation's length {len(perm)}.")
-    new = fn(shown, info) if takes_two_args(fn, required=True) else fn(shown)
+    new = fn(shown, info)  # the plan made every edit take (output, call)
     if new is None:
         raise InputError(
             f"edit for {where} returned None. Return the value the model continues with (the "

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .errors import CallCountError, InputError, InputTypeError, ModuleSelectionError
 from .select import describe_spec, resolve_modules
-from .structure import as_permutation
+from .structure import as_permutation, takes_two_args
 
 __all__ = ["BatchDim", "Plan", "build_plans"]
 
@@ -178,7 +178,7 @@ def _edit_spec(name: str, spec: Any, labels: tuple[str, ...] | None) -> Any:
     """``edit=`` of one module: a function (every call), a list with a function or None per
     call, or ``{label: function}`` (needs ``calls=`` labels)."""
     if callable(spec):
-        return spec
+        return _as_two_args(spec)
     if isinstance(spec, Mapping):
         spec = _by_label("edit", name, spec, labels)
     if not isinstance(spec, list | tuple) or not all(f is None or callable(f) for f in spec):
@@ -188,7 +188,15 @@ def _edit_spec(name: str, spec: Any, labels: tuple[str, ...] | None) -> Any:
     if labels is not None and len(spec) > len(labels):
         raise CallCountError(f"edit= gives {name!r} {len(spec)} functions but calls= gives "
                              f"{len(labels)} labels.")
-    return tuple(spec)
+    return tuple(None if f is None else _as_two_args(f) for f in spec)
+
+
+def _as_two_args(fn: EditFn) -> EditFn:
+    """``fn(output, call)`` as it is; ``fn(output)`` (or a defaulted second parameter)
+    wrapped once here, so that the hook calls every edit the same way."""
+    if takes_two_args(fn, required=True):
+        return fn
+    return lambda output, call: fn(output)
 
 
 def _by_label(option: str, name: str, spec: Mapping[str, Any],
