@@ -91,13 +91,16 @@ def as_tensor(x: ArrayLike, name: str) -> Tensor:
     return t
 
 
+def all_finite(t: Tensor) -> bool:
+    """Whether every element of a floating ``t`` is finite.  A finite sum proves it with one
+    small kernel (``torch.isfinite(t).all()`` costs several full-size ones); only a NaN, an
+    infinity or an overflowing sum leads to the elementwise check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def check_finite(t: Tensor, name: str) -> None:
     """Raise :class:`InputError` if ``t`` holds NaN or infinity, naming the first index."""
-    if not t.dtype.is_floating_point:
-        return
-    # A finite sum proves every element finite without a full-size mask; only a NaN, an
-    # infinity or an overflowing sum leads to the exact (allocating) check.
-    if bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()):
+    if not t.dtype.is_floating_point or all_finite(t):
         return
     where = torch.nonzero(~torch.isfinite(t))[0].tolist()
     raise InputError(f"{name} holds NaN or infinity (first at index {tuple(where)}); hookscope "

@@ -508,3 +508,23 @@ def test_similarity_matrix_axes_carry_the_names_not_a_and_b():
     table = hs.similarity_matrix(rec)
     assert table.index.name == table.columns.name == "module"
     assert list(table.index) == ["0", "1"]
+
+
+@pytest.mark.parametrize("padding", [0.0, 1e30, np.inf, -np.inf, np.nan])
+def test_masked_pool_equals_per_example_slices(padding):
+    # The fast masked reduction (add 0/-inf, multiply by 1/0) against each example's real
+    # positions sliced out by hand, whatever the padding holds (NaN/inf there must not leak).
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 7, 5)).astype(np.float32)
+    mask = _random_mask(rng, 6, 7, "left")[0] if padding == 1e30 else None
+    lengths = rng.integers(1, 8, size=6)
+    keep = mask if mask is not None else np.arange(7)[None] < lengths[:, None]
+    x[~keep] = padding
+    given = mask if mask is not None else lengths
+    for reduce, ref in (("max", np.max), ("sum", np.sum), ("mean", np.mean)):
+        out = hs.masked_pool(torch.from_numpy(x), torch.as_tensor(given), reduce)
+        expected = np.stack([ref(x[i][keep[i]], axis=0) for i in range(6)])
+        if reduce == "max":
+            assert np.array_equal(out.numpy(), expected)
+        else:
+            np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-6)
