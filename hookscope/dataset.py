@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
+from .capture import Capture
 from .dataset_format import (
     BOOKKEEPING,
     ENCODINGS,
@@ -44,7 +46,7 @@ from .dataset_format import (
 from .dataset_lock import WriterLock
 from .errors import DatasetError, InputError, InputTypeError
 from .fingerprint import setup_fingerprint
-from .frame import capture_mask, capture_rows
+from .frame import capture_mask, capture_rows, check_reduce
 from .offload import HostStaging
 from .recorder import Recorder
 from .select import by_name
@@ -283,6 +285,10 @@ def record_dataset(
                         "batch: {'encoder': batch['sort_order']}, where your collate function "
                         "keeps the permutation it sorted by).")
     recorder = Recorder(model, modules, **record_options)
+    reducer = None
+    if check_reduce(reduce) is not None:  # reduced in the hooks: no whole output is copied
+        reducer = _ReduceAtCall(reduce, bidirectional)
+        recorder._reduce_at_call(reducer)
     fingerprint = setup_fingerprint(model, by_name(model, modules), {
         "reduce": reduce, "store_dtype": store_dtype, "bidirectional": bidirectional,
         "lengths": lengths, "forward": forward, "meta": meta, "world_size": world,
@@ -312,7 +318,7 @@ def record_dataset(
         try:
             job = _Job(model, recorder, forward or (lambda m, b: m(b)), per_batch_unsort, meta,
                        lengths, reduce, bidirectional, np_dtype, manifest, writer, bar,
-                       shard_rows, vector_encoding)
+                       shard_rows, vector_encoding, reducer)
             _record_batches(job, _batches_to_do(batches, done, rank, world))
             writer.flush()
         finally:
@@ -353,6 +359,7 @@ class _Job:
     bar: Any
     shard_rows: int
     encoding: str
+    reducer: _ReduceAtCall | None = None  # reduce= in the hooks (None: reduce=None)
     staging: HostStaging = field(default_factory=HostStaging)  # pinned buffers, reused
 
 
@@ -371,10 +378,13 @@ def _record_batches(job: _Job, items: Iterable[tuple[int, Any]]) -> None:
         for index, batch in items:
             recorder = job.recorder if job.unsort is None else \
                 job.recorder.with_unsort(job.unsort(batch))  # this batch's order
+            given = None if job.lengths is None else _given_lengths(job.lengths(batch), index)
+            if job.reducer is not None:  # the hooks reduce: they need this batch's lengths=
+                job.reducer.given, job.reducer.index = given, index
             with recorder as rec:
                 job.run(job.model, batch)
-            if job.lengths is not None:
-                _apply_lengths(rec, job.lengths(batch), index)
+            if given is not None and job.reducer is None:
+                _apply_lengths(rec, given, index)
             columns, n = _batch_columns(rec, job.reduce, job.bidirectional, job.np_dtype,
                                         job.manifest, index, staging=job.staging,
                                         encoding=job.encoding)
@@ -393,36 +403,72 @@ def _record_batches(job: _Job, items: Iterable[tuple[int, Any]]) -> None:
                 job.writer.flush()
 
 
-def _apply_lengths(rec: Any, given: Any, index: int) -> None:
-    """Give ``lengths=`` (one integer per example, or a ``(batch, time)`` mask, True at real
-    positions, either padding side) to the sequence captures that know neither, after
-    checking it."""
+class _ReduceAtCall:
+    """``reduce=`` run by the recorder's hook on each call (``Plan.rows``): the call's primary
+    tensor, where the model left it and in the model's batch order, becomes one row per
+    example; the recorder then unsorts the rows.  No copy of the whole output is made, which
+    on a sequence model is most of what recording a dataset costs."""
+
+    def __init__(self, reduce: Any, bidirectional: bool | None) -> None:
+        self.reduce, self.bidirectional = reduce, bidirectional
+        self.given: Tensor | None = None  # this batch's lengths= (checked; caller's order)
+        self.index = 0  # this batch's index, for messages
+
+    def __call__(self, cap: Capture, perm: Tensor | None) -> tuple[Tensor, bool]:
+        given = None
+        if self.given is not None and needs_lengths(cap):
+            given = _lengths_for(cap, self.given, self.index)
+            if perm is not None:  # given in the caller's order; the capture is the model's
+                given = given.index_select(0, perm.argsort())
+        return capture_rows(cap, self.reduce, bidirectional=self.bidirectional, lengths=given)
+
+
+def needs_lengths(cap: Capture) -> bool:
+    """A sequence capture that knows neither its lengths nor its mask (``lengths=`` is for
+    those)."""
+    return cap.lengths is None and cap._mask is None and cap.tensor.ndim == 3
+
+
+def _given_lengths(given: Any, index: int) -> Tensor:
+    """``lengths(batch)`` checked: one integer per example, or a ``(batch, time)`` mask (True
+    at real positions, either padding side) as bool."""
     known = torch.as_tensor(given).to("cpu")
     is_mask = known.ndim == 2
     if not is_mask and (known.ndim != 1 or known.is_floating_point() or known.is_complex()):
         raise DatasetError(f"batch {index}: lengths= must give one integer per example or a "
                            f"(batch, time) mask, got shape {tuple(known.shape)} of "
                            f"{known.dtype}.")
-    known = known != 0 if is_mask else known.to(torch.int64)
+    return known != 0 if is_mask else known.to(torch.int64)
+
+
+def _lengths_for(cap: Capture, known: Tensor, index: int) -> Tensor:
+    """``known`` (from :func:`_given_lengths`) after checking it fits ``cap``'s sequence."""
+    batch, time_steps = cap.tensor.shape[:2]
+    is_mask = known.ndim == 2
+    if len(known) != batch:
+        given_what = "mask rows" if is_mask else "lengths"
+        raise DatasetError(f"batch {index}: lengths= gave {len(known)} {given_what}, but "
+                           f"{cap.name!r} has {batch} examples.")
+    if is_mask and known.shape[1] != time_steps:
+        raise DatasetError(f"batch {index}: lengths= gave a mask of {known.shape[1]} "
+                           f"positions, but {cap.name!r} has {time_steps}.")
+    if not is_mask and len(known) and (int(known.min()) < 0 or int(known.max()) > time_steps):
+        raise DatasetError(f"batch {index}: lengths= gave lengths from {int(known.min())} "
+                           f"to {int(known.max())}, but {cap.name!r} has {time_steps} "
+                           "positions.")
+    return known
+
+
+def _apply_lengths(rec: Any, known: Tensor, index: int) -> None:
+    """Give ``lengths=`` (checked by :func:`_given_lengths`) to the sequence captures that
+    know neither lengths nor mask."""
     for cap in rec.captures():
-        if cap.lengths is not None or cap.mask is not None or cap.tensor.ndim != 3:
-            continue
-        batch, time_steps = cap.tensor.shape[:2]
-        if len(known) != batch:
-            given_what = "mask rows" if is_mask else "lengths"
-            raise DatasetError(f"batch {index}: lengths= gave {len(known)} {given_what}, but "
-                               f"{cap.name!r} has {batch} examples.")
-        if is_mask:
-            if known.shape[1] != time_steps:
-                raise DatasetError(f"batch {index}: lengths= gave a mask of {known.shape[1]} "
-                                   f"positions, but {cap.name!r} has {time_steps}.")
-            cap._mask = known
-            continue
-        if len(known) and (int(known.min()) < 0 or int(known.max()) > time_steps):
-            raise DatasetError(f"batch {index}: lengths= gave lengths from {int(known.min())} "
-                               f"to {int(known.max())}, but {cap.name!r} has {time_steps} "
-                               "positions.")
-        cap.lengths = known
+        if needs_lengths(cap):
+            known = _lengths_for(cap, known, index)
+            if known.ndim == 2:
+                cap._mask = known
+            else:
+                cap.lengths = known
 
 
 def _meta_columns(given: Any, n: int, manifest: dict, index: int) -> dict[str, Any]:

@@ -53,6 +53,9 @@ class Plan:
     grads: bool = False  # grads=True: tensor hooks keep the gradient of each call's output
     # device="cpu": the recorder's pinned buffers and asynchronous copies (see offload.py).
     staging: Any = None
+    # record_dataset: rows(capture, perm) -> (rows, shares memory) reduces each call to one row
+    # per example in the hook, in the model's batch order (see Recorder._rows_at_call).
+    rows: Callable[[Any, Tensor | None], tuple[Tensor, bool]] | None = None
     # The permutations copied to the devices they were used on, made once (a host-to-device
     # copy from pageable memory waits for the GPU: it must not run in every call).
     device_perms: dict = field(default_factory=dict, compare=False, repr=False)
@@ -131,13 +134,13 @@ def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any =
                 batch_dim: Mapping[Any, BatchDim] | None = None,
                 device: torch.device | None = None, dtype: torch.dtype | None = None,
                 clone: Any = True, staging: Any = None, edit: Mapping[Any, Any] | None = None,
-                grads: bool = False) -> dict[str, Plan]:
+                grads: bool = False, rows: Callable | None = None) -> dict[str, Plan]:
     """A validated, immutable ``Plan`` per selected module from ``record()``'s options."""
     fields: dict[str, dict[str, Any]] = {
         name: {"name": name, "module": m, "module_type": type(m), "device": device,
                "dtype": dtype, "clone": clone, "staging": staging,
                "rnn": isinstance(m, nn.RNNBase), "bidir_units": _bidirectional_units(m),
-               "grads": grads}
+               "grads": grads, "rows": rows}
         for name, m in selected.items()}
     if pick is not None:
         picks = (_per_module("pick", pick, model, selected) if isinstance(pick, Mapping)
@@ -170,7 +173,8 @@ def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any =
             fields[name]["expected"] = max(fields[name].get("expected", 1), len(edits))
     for f in fields.values():
         f["plain"] = (f.get("pick") is None and f.get("perms") is None and device is None
-                      and dtype is None and f.get("edits") is None and not grads)
+                      and dtype is None and f.get("edits") is None and not grads
+                      and rows is None)
     return {name: Plan(**f) for name, f in fields.items()}
 
 

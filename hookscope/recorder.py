@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from .capture import Capture
 from .convert import (
@@ -36,6 +37,7 @@ from .errors import (
     HookscopeError,
     InputError,
     InputTypeError,
+    UnsortError,
     UnsupportedModelError,
 )
 from .grads import attach_grad_hooks, require_grads
@@ -43,7 +45,7 @@ from .offload import HostStaging
 from .plan import BatchDim, Plan, build_plans
 from .recording import Recording
 from .select import ModuleSpec, resolve_modules, unwrap
-from .structure import first_tensor
+from .structure import first_tensor, iter_tensors, pad_packed
 
 __all__ = ["Recorder", "record"]
 
@@ -482,7 +484,7 @@ class Recorder:
         labels = plan.labels
         label = labels[call] if labels is not None and call < len(labels) else None
         live: tuple[str, ...] = ()
-        perm = lengths = mask = versions = grads = returned = in_flight = None
+        perm = lengths = mask = versions = grads = returned = in_flight = rows = None
         if plan.plain and type(output) is Tensor:  # the common case, without the tree walk
             value = output.detach()
             if plan.clone is True:
@@ -505,25 +507,32 @@ class Recorder:
                 returned = self._require_grads(s, output, returned, where)
                 output = output if returned is None else returned
             value = plan.pick(output) if plan.pick is not None else output
-            converted = convert(value, plan, perm=perm, where=where, rnn_state_keys=s.rnn_keys,
-                                dims=dims)
-            if plan.grads:
-                grads = attach_grad_hooks(value, output, plan, perm, converted.dims, where)
-            value, lengths, versions = converted.value, converted.lengths, converted.versions
-            if plan.staging is not None:  # device="cpu": copies of this call's (and its
-                in_flight = plan.staging.in_flight()  # inputs') tensors may be in flight
-            live = tuple(converted.live)
+            rows = (None if plan.rows is None else
+                    self._rows_at_call(s, plan, args, kwargs, value, perm, call, label, where))
+            if rows is not None:  # record_dataset: one row per example, nothing else kept
+                value = rows
+            else:
+                converted = convert(value, plan, perm=perm, where=where,
+                                    rnn_state_keys=s.rnn_keys, dims=dims)
+                if plan.grads:
+                    grads = attach_grad_hooks(value, output, plan, perm, converted.dims, where)
+                value, lengths, versions = converted.value, converted.lengths, converted.versions
+                if plan.staging is not None:  # device="cpu": copies of this call's (and its
+                    in_flight = plan.staging.in_flight()  # inputs') tensors may be in flight
+                live = tuple(converted.live)
             if s.rnn_keys and not plan.rnn:
                 s.rnn_keys.clear()
-        if lengths is None and (args or kwargs):
-            lengths = input_lengths(args, kwargs, perm, name)
-        if lengths is None and (s.mask is not None or type(value) is not Tensor
-                                or value.is_nested):
-            lengths, mask = nested_lengths_or_mask(value, s.mask, perm)
         bidirectional = False
-        if plan.bidir_units is not None:
-            t = first_tensor(value)
-            bidirectional = t is not None and t.ndim > 1 and t.shape[-1] == plan.bidir_units
+        if rows is None:  # (rows know no lengths or mask: they were used)
+            if lengths is None and (args or kwargs):
+                lengths = input_lengths(args, kwargs, perm, name)
+            if lengths is None and (s.mask is not None or type(value) is not Tensor
+                                    or value.is_nested):
+                lengths, mask = nested_lengths_or_mask(value, s.mask, perm)
+            if plan.bidir_units is not None:
+                t = first_tensor(value)
+                bidirectional = (t is not None and t.ndim > 1
+                                 and t.shape[-1] == plan.bidir_units)
         inputs = kwargs_in = None
         if self.inputs:
             pending = s.pending_inputs.get(name)
@@ -544,6 +553,54 @@ class Recorder:
             if s.remaining == 0:
                 _PENDING_STOPS.setdefault(_get_ident(), set()).add(self)
         return returned
+
+    def _reduce_at_call(self, rows: Callable[[Capture, Tensor | None], tuple[Tensor, bool]]
+                        ) -> None:
+        """Reduce every call to one row per example in its hook (``record_dataset``): nothing
+        of the output is copied but the rows (see :meth:`_rows_at_call`)."""
+        self._options["rows"] = rows
+        self._plans = build_plans(self.model, self._selected, **self._options)
+        self._make_hooks()
+
+    @staticmethod
+    def _rows_at_call(s: _Session, plan: Plan, args: tuple, kwargs: dict, value: Any,
+                      perm: Tensor | None, call: int, label: str | None,
+                      where: str) -> Tensor | None:
+        """``plan.rows`` applied to this call's primary tensor where the model left it, in the
+        model's batch order, then the rows (not the whole output) unsorted: reduction commutes
+        with reordering examples, and the output itself is never copied.  ``None`` where the
+        general path must decide (no dense tensor, ``batch_dim=``, a time-major RNN output)."""
+        if plan.batch_dim != "auto":
+            return None
+        leaf = next((x for _, x in iter_tensors(value, packed=True)), None)
+        lengths = None
+        if isinstance(leaf, PackedSequence):
+            leaf, lengths = pad_packed(leaf)
+        elif leaf is None or leaf.is_nested or leaf.layout is not torch.strided or (
+                plan.rnn and not plan.module.batch_first):
+            return None
+        t = leaf.detach()
+        if lengths is None and (args or kwargs):
+            lengths = input_lengths(args, kwargs, None, plan.name)
+        mask = None
+        if lengths is None and s.mask is not None and t.ndim >= 2 \
+                and tuple(t.shape[:2]) == tuple(s.mask.shape):
+            mask = s.mask
+        if plan.dtype is not None and t.is_floating_point():
+            t = t.to(plan.dtype)  # reduced in the captured precision, as a capture would be
+        bidirectional = (plan.bidir_units is not None and t.ndim > 1
+                         and t.shape[-1] == plan.bidir_units)
+        cap = Capture(plan.name, s.rec.steps - 1, call, label, plan.module_type, t,
+                      lengths=lengths, mask=mask, bidirectional=bidirectional)
+        rows, shared = plan.rows(cap, perm)
+        if perm is not None:
+            if rows.ndim == 0 or rows.shape[0] != len(perm):
+                raise UnsortError(
+                    f"unsort for {where}: the output has {rows.shape[0] if rows.ndim else 0} "
+                    f"examples but the permutation has {len(perm)} entries: the permutation "
+                    "is for another batch.")
+            return rows.index_select(0, plan.perm_on(perm, rows.device))
+        return rows.clone() if shared else rows  # rows that are the model's own memory
 
     @staticmethod
     def _require_grads(s: _Session, output: Any, returned: Any, where: str) -> Any:

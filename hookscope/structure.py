@@ -94,21 +94,23 @@ def map_leaves(obj: Any, fn: LeafFn, path: Path = (), other: LeafFn | None = Non
     return obj if other is None else other(path, obj)
 
 
-def iter_tensors(obj: Any, path: Path = ()) -> Iterator[tuple[Path, Tensor]]:
-    """Yield ``(path, tensor)`` for every tensor leaf of ``obj``, depth first, in order."""
+def iter_tensors(obj: Any, path: Path = (), *,
+                 packed: bool = False) -> Iterator[tuple[Path, Tensor]]:
+    """Yield ``(path, tensor)`` for every tensor leaf of ``obj``, depth first, in order (a
+    ``PackedSequence``'s ``data``, or with ``packed=True`` the ``PackedSequence`` itself)."""
     if isinstance(obj, Tensor):
         yield path, obj
     elif isinstance(obj, PackedSequence):
-        yield path, obj.data
+        yield path, obj if packed else obj.data
     elif isinstance(obj, tuple | list):
         for i, v in enumerate(obj):
-            yield from iter_tensors(v, (*path, i))
+            yield from iter_tensors(v, (*path, i), packed=packed)
     elif isinstance(obj, Mapping):
         for k, v in obj.items():
-            yield from iter_tensors(v, (*path, k))
+            yield from iter_tensors(v, (*path, k), packed=packed)
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):
-            yield from iter_tensors(getattr(obj, f.name, None), (*path, f.name))
+            yield from iter_tensors(getattr(obj, f.name, None), (*path, f.name), packed=packed)
 
 
 def first_tensor(obj: Any) -> Tensor | None:

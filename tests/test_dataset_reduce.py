@@ -1,0 +1,167 @@
+"""record_dataset reduces each call in its hook (no copy of the whole output): checked
+against copies taken by hand-written hooks, unsorted and pooled by hand, one example at a
+time, on the story's BiLSTM, a Hugging Face BERT, a CNN and a model that sorts inside."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import hookscope as hs
+from hookscope.dataset import record_dataset
+from hookscope.dataset_view import open_dataset
+from hookscope.examples.corpus import generate
+from hookscope.examples.nli import load_pretrained
+
+pytest.importorskip("pyarrow")
+
+
+def _copies(model, names, run):
+    """Every call's output of ``names``, cloned by plain forward hooks (the reference)."""
+    got = {n: [] for n in names}
+    handles = [model.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: got[n].append(
+            (o[0] if isinstance(o, tuple) else o).detach().clone())) for n in names]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def _pool(x, keep, reduce):
+    """One example's real positions pooled by hand."""
+    real = x[keep]
+    return {"max": real.amax(0), "mean": real.mean(0), "sum": real.sum(0)}[reduce]
+
+
+@pytest.fixture(scope="module")
+def story():
+    model, vec, _ = load_pretrained()
+    pairs = generate(1)[:150]
+    batches = []
+    for i in range(0, len(pairs), 50):
+        chunk = pairs[i:i + 50]
+        batches.append(vec.batch_transform_nli_padded_sorted([p.premise for p in chunk],
+                                                             [p.hypothesis for p in chunk]))
+    return model, batches
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean", "last"])
+def test_story_encoder_reduced_in_the_hook_equals_copies_unsorted_by_hand(
+        tmp_path, story, reduce):
+    model, batches = story
+    out = record_dataset(model, batches, ["encoder", "pooling"], tmp_path / reduce,
+                         reduce=reduce, progress=False,
+                         calls={"encoder": ["premise", "hypothesis"],
+                                "pooling": ["premise", "hypothesis"]},
+                         unsort=lambda b: {"encoder": [b.premise_orig_idx,
+                                                       b.hypothesis_orig_idx]})
+    ds = open_dataset(out)
+    for side, call in (("premise", 0), ("hypothesis", 1)):
+        expected, pooled = [], []
+        for b in batches:
+            got = _copies(model, ["encoder", "pooling"], lambda b=b: model(b))
+            order = getattr(b, f"{side}_orig_idx")
+            lengths = getattr(b, f"{side}_lengths")  # sorted order, as the encoder ran
+            padded = got["encoder"][call]
+            for i in order.tolist():  # the caller's order, one example at a time
+                n = int(lengths[i])
+                keep = torch.arange(padded.shape[1]) < n
+                if reduce == "last":  # bidirectional: forward half at n-1, backward at 0
+                    h = padded.shape[2] // 2
+                    expected.append(torch.cat([padded[i, n - 1, :h], padded[i, 0, h:]]))
+                else:
+                    expected.append(_pool(padded[i], keep, reduce))
+            pooled.append(got["pooling"][call])
+        rows = ds.numpy(f"encoder:{side}")
+        if reduce == "mean":
+            np.testing.assert_allclose(rows, torch.stack(expected).numpy(), rtol=1e-5,
+                                       atol=1e-6)
+        else:
+            assert np.array_equal(rows, torch.stack(expected).numpy())
+        # 2-D outputs are stored as they were (copied, never aliased)
+        assert np.array_equal(ds.numpy(f"pooling:{side}"), torch.cat(pooled).numpy())
+
+
+class SortsInside(nn.Module):
+    """Sorts its batch by length before the inner layer, as the story's model does, but the
+    inner layer's output carries no lengths: they come from ``lengths=``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner = nn.Sequential(nn.Linear(4, 6), nn.Tanh())
+
+    def forward(self, batch):
+        order = batch["lengths"].argsort(descending=True)
+        return self.inner(batch["x"][order])
+
+
+def test_lengths_from_the_batch_follow_the_unsort_permutation(tmp_path):
+    model = SortsInside()
+    gen = torch.Generator().manual_seed(1)
+    data = []
+    for _ in range(3):
+        lengths = torch.randint(1, 8, (9,), generator=gen)
+        x = torch.randn(9, 7, 4, generator=gen)
+        data.append({"x": x, "lengths": lengths})
+    for reduce in ("mean", "max", "sum"):
+        out = record_dataset(model, data, ["inner"], tmp_path / reduce, reduce=reduce,
+                             progress=False, lengths=lambda b: b["lengths"],
+                             unsort=lambda b: {"inner": b["lengths"].argsort(
+                                 descending=True).argsort()})
+        with torch.no_grad():
+            expected = torch.stack([
+                _pool(model.inner(b["x"][i]), torch.arange(7) < b["lengths"][i], reduce)
+                for b in data for i in range(9)])
+        np.testing.assert_allclose(open_dataset(out).numpy("inner"), expected.numpy(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_bert_hidden_states_masked_by_the_attention_mask(tmp_path, bert):
+    gen = torch.Generator().manual_seed(2)
+    data = []
+    for _ in range(2):
+        ids = torch.randint(1, 100, (5, 9), generator=gen)
+        mask = (torch.arange(9)[None] < torch.randint(2, 10, (5, 1), generator=gen)).long()
+        data.append({"input_ids": ids * mask, "attention_mask": mask})
+    layers = ["encoder.layer.0", "encoder.layer.2"]
+    out = record_dataset(bert, data, layers, tmp_path / "bert", reduce="mean", progress=False,
+                         forward=lambda m, b: m(**b))
+    ds = open_dataset(out)
+    with torch.no_grad():
+        states = [bert(**b, output_hidden_states=True).hidden_states for b in data]
+    for k, name in ((1, layers[0]), (3, layers[1])):
+        expected = torch.stack([_pool(h[k][i], b["attention_mask"][i].bool(), "mean")
+                                for h, b in zip(states, data, strict=True) for i in range(5)])
+        np.testing.assert_allclose(ds.numpy(name), expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_cnn_feature_maps_and_a_later_in_place_op(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 5), nn.ReLU(inplace=True))
+    data = [torch.from_numpy(np.random.default_rng(i).standard_normal((6, 3, 8, 8),
+                                                                       dtype=np.float32))
+            for i in range(2)]
+    out = record_dataset(model, data, ["0", "3"], tmp_path / "cnn", reduce="max",
+                         progress=False)
+    got = _copies(model, ["0", "3"], lambda: [model(x) for x in data])
+    ds = open_dataset(out)
+    # The convolution's output is pooled before ReLU(inplace=True) overwrites it, and the
+    # linear layer's rows are a copy taken before the second in-place ReLU.
+    assert np.array_equal(ds.numpy("0"), torch.cat([c.amax((2, 3)) for c in got["0"]]).numpy())
+    assert np.array_equal(ds.numpy("3"), torch.cat(got["3"]).numpy())
+    assert (ds.numpy("3") < 0).any()  # (what the in-place ReLU would have hidden)
+
+
+def test_a_permutation_of_another_batch_is_a_clear_error(tmp_path, story):
+    model, batches = story
+    with pytest.raises(hs.UnsortError, match="another batch"):
+        record_dataset(model, batches, ["encoder"], tmp_path / "bad", reduce="max",
+                       progress=False, unsort=lambda b: {"encoder": torch.arange(3)})
