@@ -6,6 +6,7 @@ validated here, against the selected modules, before any hook exists.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from .errors import CallCountError, InputError, InputTypeError, ModuleSelectionE
 from .select import describe_spec, resolve_modules
 from .structure import as_permutation, takes_two_args
 
-__all__ = ["BatchDim", "Plan", "build_plans"]
+__all__ = ["BatchDim", "Plan", "build_plans", "with_perms"]
 
 BatchDim = int | Mapping[tuple, int | None] | None
 #: ``edit=``: ``fn(output, call) -> new output`` (``call``: :class:`CallInfo`), or ``fn(output)``.
@@ -96,6 +97,9 @@ class Plan:
         return on
 
 
+_INIT_FIELDS = tuple(f.name for f in dataclasses.fields(Plan) if f.init)
+
+
 def _per_module(
     option: str, value: Any, model: nn.Module, selected: dict[str, nn.Module]
 ) -> dict[str, Any]:
@@ -156,7 +160,6 @@ def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any =
         if len(set(labels)) != len(labels):
             raise InputError(f"calls= labels for {name!r} repeat: {labels!r}.")
         fields[name]["labels"] = tuple(labels)
-        fields[name]["expected"] = len(labels)
     for name, spec in _per_module("batch_dim", batch_dim or {}, model, selected).items():
         if not (spec is None or isinstance(spec, int | Mapping)):
             raise InputTypeError(f"batch_dim= for {name!r} must be an int, None, or a mapping "
@@ -164,18 +167,44 @@ def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any =
         fields[name]["batch_dim"] = spec
     for name, spec in _per_module("unsort", unsort or {}, model, selected).items():
         _unsort_fields(name, spec, fields[name])
-        m = selected[name]  # RNNs inside a wrapper: their (h, c) are found by identity
-        fields[name]["inner_rnns"] = tuple(x for x in m.modules()
-                                           if isinstance(x, nn.RNNBase) and x is not m)
     for name, spec in _per_module("edit", edit or {}, model, selected).items():
-        edits = fields[name]["edits"] = _edit_spec(name, spec, fields[name].get("labels"))
-        if isinstance(edits, tuple):  # one per call: stop=True waits for all of them
-            fields[name]["expected"] = max(fields[name].get("expected", 1), len(edits))
+        fields[name]["edits"] = _edit_spec(name, spec, fields[name].get("labels"))
     for f in fields.values():
-        f["plain"] = (f.get("pick") is None and f.get("perms") is None and device is None
-                      and dtype is None and f.get("edits") is None and not grads
-                      and rows is None)
+        _derived_fields(f)
     return {name: Plan(**f) for name, f in fields.items()}
+
+
+def with_perms(plans: dict[str, Plan], model: nn.Module, selected: dict[str, nn.Module],
+               unsort: Mapping[Any, Any] | None) -> dict[str, Plan]:
+    """``plans`` with ``unsort=`` replaced (validated as :func:`build_plans` does) and every
+    other option kept, without building them again: ``record_dataset`` does this per batch."""
+    given = _per_module("unsort", unsort or {}, model, selected)
+    out = {}
+    for name, plan in plans.items():
+        if name not in given and plan.perms is None:
+            out[name] = plan
+            continue
+        f = {k: getattr(plan, k) for k in _INIT_FIELDS}
+        f.update(perms=None, device_perms={})  # (cached device copies belong to the old perms)
+        if name in given:
+            _unsort_fields(name, given[name], f)
+        out[name] = Plan(**_derived_fields(f))
+    return out
+
+
+def _derived_fields(f: dict[str, Any]) -> dict[str, Any]:
+    """Set the fields that follow from the others: calls per forward pass that ``stop=True``
+    waits for, the RNNs inside a module with ``unsort=``, and whether the plan is plain."""
+    labels, edits, perms = f.get("labels"), f.get("edits"), f.get("perms")
+    f["expected"] = max([len(labels) if labels is not None else 1,
+                         *(len(x) for x in (edits, perms) if isinstance(x, tuple))])
+    m = f["module"]  # RNNs inside a wrapper: their (h, c) are found by identity
+    f["inner_rnns"] = () if perms is None else tuple(
+        x for x in m.modules() if isinstance(x, nn.RNNBase) and x is not m)
+    f["plain"] = (f.get("pick") is None and perms is None and f.get("device") is None
+                  and f.get("dtype") is None and edits is None and not f.get("grads")
+                  and f.get("rows") is None)
+    return f
 
 
 def _edit_spec(name: str, spec: Any, labels: tuple[str, ...] | None) -> Any:
@@ -239,4 +268,3 @@ def _unsort_fields(name: str, spec: Any, f: dict[str, Any]) -> None:
             f"unsort= gives {name!r} {len(perms)} permutation(s) but calls= "
             f"gives {len(labels)} label(s); give one per call.")
     f["perms"] = perms
-    f["expected"] = max(f.get("expected", 1), len(perms))

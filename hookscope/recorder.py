@@ -10,6 +10,7 @@ be decided once is decided in :class:`Recorder.__init__` and kept in the plans.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 import threading
@@ -42,7 +43,7 @@ from .errors import (
 )
 from .grads import attach_grad_hooks, require_grads
 from .offload import HostStaging
-from .plan import BatchDim, Plan, build_plans
+from .plan import BatchDim, Plan, build_plans, with_perms
 from .recording import Recording
 from .select import ModuleSpec, resolve_modules, unwrap
 from .structure import first_tensor, iter_tensors, pad_packed
@@ -281,7 +282,7 @@ class Recorder:
         """
         new = object.__new__(Recorder)
         new.__dict__.update(self.__dict__)
-        new._plans = build_plans(self.model, self._selected, unsort=unsort, **self._options)
+        new._plans = with_perms(self._plans, self.model, self._selected, unsort)
         new._make_hooks()
         new._session = None
         return new
@@ -559,7 +560,8 @@ class Recorder:
         """Reduce every call to one row per example in its hook (``record_dataset``): nothing
         of the output is copied but the rows (see :meth:`_rows_at_call`)."""
         self._options["rows"] = rows
-        self._plans = build_plans(self.model, self._selected, **self._options)
+        self._plans = {n: dataclasses.replace(p, rows=rows, plain=False)
+                       for n, p in self._plans.items()}
         self._make_hooks()
 
     @staticmethod
