@@ -42,6 +42,11 @@ def as_mask(lengths: ArrayLike, batch: int, time: int, *, name: str = "lengths")
     """
     if isinstance(lengths, Tensor):
         given = lengths.detach().to("cpu")
+        if given.ndim == 1 and not (given.dtype.is_floating_point or given.is_complex()
+                                    or given.dtype == torch.bool) and len(given) == batch:
+            a = given.numpy()  # the common case, in NumPy: microseconds, not tens of them
+            if len(a) == 0 or (a.min() > 0 and a.max() <= time):
+                return torch.from_numpy(np.arange(time)[None, :] < a[:, None])
     else:
         arr = np.asarray(lengths)
         if arr.dtype.kind not in "biuf":
@@ -67,6 +72,8 @@ def as_mask(lengths: ArrayLike, batch: int, time: int, *, name: str = "lengths")
             if not bool(((given == 0) | (given == 1)).all()):
                 raise InputError(f"{name} as a mask must hold only 0/1 or True/False.")
             given = given != 0
+        if bool(given.any(1).all()):
+            return given
         empty = torch.nonzero(~given.any(1)).flatten()
         if len(empty):
             raise InputError(f"{name}: row {int(empty[0])} of the mask has no real position; "
@@ -227,18 +234,22 @@ def masked_pool(padded: ArrayLike, lengths: ArrayLike | None = None, reduce: str
                          f"channels, *spatial), got shape {tuple(t.shape)}.")
     if not check_bool(batch_first, "batch_first"):
         t, wide = t.transpose(0, 1), wide.transpose(0, 1)
+    finite = False  # known to be
     if lengths is None:
         out = {"mean": wide.mean, "max": wide.amax, "sum": wide.sum}[reduce](1)
         mask = None
     else:
         mask = as_mask(lengths, t.shape[0], t.shape[1])
-        out = _masked_reduce(wide, mask.to(t.device), reduce, exact=False)
-        if not all_finite(out):  # padding holding NaN/inf can make the fast form non-finite
-            out = _masked_reduce(wide, mask.to(t.device), reduce, exact=True)
-        if reduce == "mean":
+        keep = mask.to(t.device)
+        out = _masked_reduce(wide, keep, reduce, exact=False)
+        finite = all_finite(out)
+        if not finite:  # padding holding NaN/inf can make the fast form non-finite
+            out = _masked_reduce(wide, keep, reduce, exact=True)
+        if reduce == "mean":  # (finite sums over at least one position stay finite)
             out = out / mask.sum(1, keepdim=True).to(t.device, out.dtype)
-    out = out.to(t.dtype)
-    if not all_finite(out):
+    if out.dtype != t.dtype:
+        out, finite = out.to(t.dtype), False
+    if not finite and not all_finite(out):
         _raise_bad(t, mask, "padded")
     return _back(out, was_tensor)
 
@@ -255,8 +266,7 @@ def _masked_reduce(t: Tensor, keep: Tensor, reduce: str, *, exact: bool) -> Tens
         fill = -torch.inf if reduce == "max" else 0
         masked = t.masked_fill(~keep[..., None], fill)
     elif reduce == "max":
-        masked = t + torch.zeros(keep.shape, dtype=t.dtype, device=t.device).masked_fill_(
-            ~keep, -torch.inf)[..., None]
+        masked = t + torch.where(keep, 0.0, -torch.inf).to(t.dtype)[..., None]
     else:
         masked = t * keep[..., None].to(t.dtype)
     return masked.amax(1) if reduce == "max" else masked.sum(1)

@@ -179,10 +179,10 @@ def packed_lengths(packed: PackedSequence) -> Tensor:
     >>> packed_lengths(pack_sequence([torch.ones(2), torch.ones(3)], enforce_sorted=False))
     tensor([2, 3])
     """
-    batch_sizes = packed.batch_sizes
-    n = int(batch_sizes[0])
+    sizes = packed.batch_sizes.numpy()  # always on the CPU (NumPy: this runs per call)
+    n = int(sizes[0])
     # Sequence i (in sorted order) is present at time t iff i < batch_sizes[t].
-    lengths = (batch_sizes.unsqueeze(0) > torch.arange(n).unsqueeze(1)).sum(1)
+    lengths = torch.from_numpy((sizes[None, :] > np.arange(n)[:, None]).sum(1, dtype=np.int64))
     if packed.unsorted_indices is not None:
         lengths = lengths[packed.unsorted_indices.cpu()]
     return lengths
