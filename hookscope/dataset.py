@@ -48,6 +48,7 @@ from .errors import DatasetError, InputError, InputTypeError
 from .fingerprint import setup_fingerprint
 from .frame import capture_mask, capture_rows, check_reduce
 from .offload import HostStaging
+from .pooling import REDUCTIONS, pool_sequences
 from .recorder import Recorder
 from .select import by_name
 
@@ -420,6 +421,19 @@ class _ReduceAtCall:
             given = _lengths_for(cap, self.given, self.index)
             if perm is not None:  # given in the caller's order; the capture is the model's
                 given = given.index_select(0, perm.argsort())
+        t = cap.tensor
+        if (given is None and t.ndim == 3 and t.is_floating_point()
+                and self.reduce in REDUCTIONS):
+            # The common case, without reading anything back from the device: the mask stays
+            # where the model call's mask is, and on a GPU finiteness is checked on the host
+            # with the batch's one copy (see host_columns).
+            keep = cap._mask
+            if keep is None and cap.lengths is not None:
+                keep = torch.arange(t.shape[1]) < cap.lengths[:, None]
+            rows, finite = pool_sequences(t, None if keep is None else keep.to(t.device),
+                                          self.reduce, check=t.device.type == "cpu")
+            if finite:
+                return rows, False
         return capture_rows(cap, self.reduce, bidirectional=self.bidirectional, lengths=given)
 
 
@@ -637,9 +651,26 @@ def host_columns(vectors: dict[str, torch.Tensor], np_dtype: Any,
     parts = [v.detach().to(dtype) for v in vectors.values()]
     staging = staging or HostStaging()
     if not all(staging.copies_async(p) for p in parts):  # the CPU: nothing to move
-        return {k: p.cpu().numpy() for k, p in zip(vectors, parts, strict=True)}
-    host = staging.to_host(torch.cat([p.to(parts[0].device) for p in parts], dim=1), None)
-    staging.synchronize()  # the batch's one wait
-    arr = host.numpy()
-    bounds = np.cumsum([0, *(p.shape[1] for p in parts)])
-    return {k: arr[:, a:b] for k, a, b in zip(vectors, bounds[:-1], bounds[1:], strict=True)}
+        out = {k: p.cpu().numpy() for k, p in zip(vectors, parts, strict=True)}
+    else:
+        host = staging.to_host(torch.cat([p.to(parts[0].device) for p in parts], dim=1), None)
+        staging.synchronize()  # the batch's one wait
+        arr = host.numpy()
+        bounds = np.cumsum([0, *(p.shape[1] for p in parts)])
+        out = {k: arr[:, a:b] for k, a, b in zip(vectors, bounds[:-1], bounds[1:],
+                                                 strict=True)}
+    for name, arr in out.items():
+        check_rows_finite(arr, name)
+    return out
+
+
+def check_rows_finite(arr: np.ndarray, column: str) -> None:
+    """Stored vectors are finite: the reductions on a GPU are checked here, on the host, once
+    per batch (reading back each one where it is computed would wait for the GPU)."""
+    if np.isfinite(arr).all():
+        return
+    row, unit = np.argwhere(~np.isfinite(arr))[0]
+    raise InputError(f"{column!r}: row {row} (unit {unit}) of this batch is NaN or infinity, "
+                     "from NaN or infinity at a real position, an example with no real "
+                     "position, or an overflow of the stored dtype; hookscope never stores "
+                     "them: clean or drop those items first.")

@@ -217,13 +217,12 @@ def masked_pool(padded: ArrayLike, lengths: ArrayLike | None = None, reduce: str
     t, was_tensor = _as_input(padded)
     if not t.dtype.is_floating_point:
         t = t.double()
-    # Half precision sums and means accumulate in float32 (a mean that fits float16 must not
-    # fail because its sum does not), then come back in the input's dtype.
-    wide = t.float() if t.dtype in (torch.float16, torch.bfloat16) and reduce != "max" else t
     if t.ndim >= 4:
         if lengths is not None:
             raise InputError(f"padded has shape {tuple(t.shape)}, a feature map (batch, "
                              "channels, *spatial): lengths apply to sequences only.")
+        wide = t.float() if t.dtype in (torch.float16, torch.bfloat16) and reduce != "max" \
+            else t  # (half precision sums accumulate in float32)
         flat = wide.reshape(t.shape[0], t.shape[1], -1)
         out = {"mean": flat.mean, "max": flat.amax, "sum": flat.sum}[reduce](2).to(t.dtype)
         if not all_finite(out):
@@ -233,25 +232,39 @@ def masked_pool(padded: ArrayLike, lengths: ArrayLike | None = None, reduce: str
         raise InputError(f"padded must be (batch, time, features) or a feature map (batch, "
                          f"channels, *spatial), got shape {tuple(t.shape)}.")
     if not check_bool(batch_first, "batch_first"):
-        t, wide = t.transpose(0, 1), wide.transpose(0, 1)
-    finite = False  # known to be
-    if lengths is None:
-        out = {"mean": wide.mean, "max": wide.amax, "sum": wide.sum}[reduce](1)
-        mask = None
-    else:
-        mask = as_mask(lengths, t.shape[0], t.shape[1])
-        keep = mask.to(t.device)
-        out = _masked_reduce(wide, keep, reduce, exact=False)
-        finite = all_finite(out)
-        if not finite:  # padding holding NaN/inf can make the fast form non-finite
-            out = _masked_reduce(wide, keep, reduce, exact=True)
-        if reduce == "mean":  # (finite sums over at least one position stay finite)
-            out = out / mask.sum(1, keepdim=True).to(t.device, out.dtype)
-    if out.dtype != t.dtype:
-        out, finite = out.to(t.dtype), False
-    if not finite and not all_finite(out):
+        t = t.transpose(0, 1)
+    mask = None if lengths is None else as_mask(lengths, t.shape[0], t.shape[1])
+    out, finite = pool_sequences(t, None if mask is None else mask.to(t.device), reduce)
+    if not finite:
         _raise_bad(t, mask, "padded")
     return _back(out, was_tensor)
+
+
+def pool_sequences(t: Tensor, keep: Tensor | None, reduce: str, *,
+                   check: bool = True) -> tuple[Tensor, bool]:
+    """The core of :func:`masked_pool` for a float ``(batch, time, features)`` tensor and a
+    checked boolean ``(batch, time)`` mask ``keep`` on its device (``None``: every position).
+
+    Returns the pooled ``(batch, features)`` in ``t``'s dtype and whether it is finite.  With
+    ``check=False`` nothing is read back to the host (no wait for a GPU): the result is
+    computed in the exact form and the caller checks it later (then "finite" is ``True``)."""
+    # Half precision sums and means accumulate in float32 (a mean that fits float16 must not
+    # fail because its sum does not), then come back in the input's dtype.
+    wide = t.float() if t.dtype in (torch.float16, torch.bfloat16) and reduce != "max" else t
+    known = False  # known to be finite
+    if keep is None:
+        out = {"mean": wide.mean, "max": wide.amax, "sum": wide.sum}[reduce](1)
+    else:
+        out = _masked_reduce(wide, keep, reduce, exact=not check)
+        if check:
+            known = all_finite(out)
+            if not known:  # padding holding NaN/inf can make the fast form non-finite
+                out = _masked_reduce(wide, keep, reduce, exact=True)
+        if reduce == "mean":  # (finite sums over at least one position stay finite)
+            out = out / keep.sum(1, keepdim=True).to(out.dtype)
+    if out.dtype != t.dtype:
+        out, known = out.to(t.dtype), False
+    return out, not check or known or all_finite(out)
 
 
 def _masked_reduce(t: Tensor, keep: Tensor, reduce: str, *, exact: bool) -> Tensor:

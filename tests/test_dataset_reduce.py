@@ -165,3 +165,41 @@ def test_a_permutation_of_another_batch_is_a_clear_error(tmp_path, story):
     with pytest.raises(hs.UnsortError, match="another batch"):
         record_dataset(model, batches, ["encoder"], tmp_path / "bad", reduce="max",
                        progress=False, unsort=lambda b: {"encoder": torch.arange(3)})
+
+
+def test_non_finite_rows_are_refused_with_the_column_and_row(tmp_path):
+    from hookscope.dataset import host_columns
+
+    rows = torch.zeros(4, 3)
+    rows[2, 1] = float("nan")
+    with pytest.raises(hs.InputError, match=r"'enc': row 2 \(unit 1\) of this batch"):
+        host_columns({"ok": torch.zeros(4, 2), "enc": rows}, np.float32)
+    # A float32 value that float16 cannot hold is refused, not stored as infinity.
+    big = nn.Linear(2, 2)
+    with torch.no_grad():
+        big.weight.fill_(1e5)
+    with pytest.raises(hs.InputError, match="overflow of the stored dtype"):
+        record_dataset(big, [torch.ones(3, 2)], [""], tmp_path / "f16", reduce="mean",
+                       store_dtype=torch.float16, progress=False)
+
+
+def test_nan_at_a_real_position_is_an_error_and_nan_in_padding_is_not(tmp_path):
+    class Padded(nn.Module):
+        def forward(self, x, attention_mask):
+            return x * 1.0
+
+    x = torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    x[1, 3] = float("nan")  # padding: never pooled
+    out = record_dataset(Padded(), [{"x": x, "attention_mask": mask}], [""], tmp_path / "ok",
+                         reduce="max", forward=lambda m, b: m(**b), progress=False)
+    expected = torch.stack([x[0, :3].amax(0), x[1, :2].amax(0)])
+    assert np.array_equal(open_dataset(out).numpy(""), expected.numpy())
+    x[0, 1, 2] = float("inf")  # a real position
+    with pytest.raises(hs.InputError, match="real position"):
+        record_dataset(Padded(), [{"x": x, "attention_mask": mask}], [""], tmp_path / "bad",
+                       reduce="max", forward=lambda m, b: m(**b), progress=False)
+    with pytest.raises(hs.InputError, match="no real position"):
+        record_dataset(Padded(), [{"x": x, "attention_mask": mask * 0}], [""],
+                       tmp_path / "empty", reduce="mean", forward=lambda m, b: m(**b),
+                       progress=False)
