@@ -51,6 +51,7 @@ from .structure import first_tensor, iter_tensors, pad_packed
 __all__ = ["Recorder", "record"]
 
 _get_ident = threading.get_ident
+_NO_KWARGS = object()  # a forward hook called as hook(module, args, output)
 
 # Recorders that asked to stop the forward pass, per thread; the last hookscope hook of the
 # module raises (so that a nested recorder's hook on the same module still records first).
@@ -427,15 +428,14 @@ class Recorder:
         nested tensor or packed inputs takes the general path)."""
         name, labels, module_type = plan.name, plan.labels, plan.module_type
 
-        def hook(module: nn.Module, args: tuple, *rest: Any) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: Any, output: Any = _NO_KWARGS) -> None:
             s = self._session
             if s is not None and (s.thread is None or s.thread == _get_ident()):
-                output = rest[-1]
-                if (type(output) is not Tensor or s.mask is not None or len(args) != 1
-                        or type(args[0]) is not Tensor or (len(rest) == 2 and rest[0])
-                        or output.is_nested):
-                    self._record_call(s, plan, args, rest[0] if len(rest) == 2 else {},
-                                      output)
+                if output is _NO_KWARGS:  # (registered an instant ago, seen without kwargs)
+                    kwargs, output = {}, kwargs
+                if (type(output) is not Tensor or s.mask is not None or kwargs
+                        or len(args) != 1 or type(args[0]) is not Tensor or output.is_nested):
+                    self._record_call(s, plan, args, kwargs, output)
                 else:
                     rec = s.rec
                     if rec.steps == 0:  # a module called without the model's own forward
@@ -444,8 +444,10 @@ class Recorder:
                     call = counts.get(name, 0)
                     counts[name] = call + 1
                     label = labels[call] if labels is not None and call < len(labels) else None
+                    # (detach only what autograd tracks: it costs a tensor of its own)
+                    value = (output.detach() if output.requires_grad else output).clone()
                     rec._captures[name].append(Capture(
-                        name, rec.steps - 1, call, label, module_type, output.detach().clone()))
+                        name, rec.steps - 1, call, label, module_type, value))
             if _PENDING_STOPS:
                 _raise_pending_stop(module, hook)
 
