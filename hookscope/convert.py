@@ -248,13 +248,25 @@ def batch_dim_of(
         # An RNN's output sequence follows batch_first; h / (h, c) are
         # (layers * directions, batch, hidden) whatever batch_first says.
         dim = (0 if plan.module.batch_first else 1) if path[0] == 0 else 1
-    elif rnn_state_keys and _state_key(x) in rnn_state_keys:
+    elif rnn_state_keys and state_key(x) in rnn_state_keys:
         dim = 1  # the wrapped RNN's own (h, c), returned as the RNN returned them
     else:
         dim = find_batch_dim(x.shape, n, where, path)
         if dim is None and path == ():
             raise UnsortError(f"unsort for {where}: the output has shape {tuple(x.shape)}, "
-                              f"with no dimension of the permutation's length {n}.")
+                              f"with no dimension of the permutation's length {n}: the "
+                              "permutation is for another batch.")
+        if dim is not None and dim != 0:
+            # Only dim 0 is taken as the batch without being told: a permutation of another
+            # batch's length that happens to match a feature or time dimension would
+            # otherwise reorder features, silently.
+            leaf = "output" + "".join(f"[{k!r}]" for k in path)
+            raise UnsortError(
+                f"unsort for {where}: {leaf} has shape {tuple(x.shape)}; its dim 0 is not of "
+                f"the permutation's length {n}, dim {dim} is. If the permutation is for another "
+                f"batch, pass this call's own. If dim {dim} really is the batch (a time-major "
+                f"output), say so: batch_dim={{name: {dim}}}, or per output path "
+                f"batch_dim={{name: {{{path!r}: {dim}}}}} (None leaves a tensor alone).")
         return dim
     if x.ndim <= dim or x.shape[dim] != n:
         leaf = "output" + "".join(f"[{k!r}]" for k in path)
@@ -268,7 +280,7 @@ def batch_dim_of(
     return dim
 
 
-def _state_key(x: Tensor) -> tuple:
+def state_key(x: Tensor) -> tuple:
     """Identifies a tensor by its memory and layout (a detached alias has the same key)."""
     return (x.data_ptr(), tuple(x.shape), x.stride())
 
@@ -279,7 +291,7 @@ def state_keys(output: Any) -> list[tuple]:
         return []
     state = output[1]
     leaves = state if isinstance(state, tuple) else (state,)
-    return [_state_key(t) for t in leaves if isinstance(t, Tensor)]
+    return [state_key(t) for t in leaves if isinstance(t, Tensor)]
 
 
 # -- what a capture knows besides its value: lengths and padding masks ---------------------

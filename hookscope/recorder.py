@@ -30,6 +30,7 @@ from .convert import (
     nested_lengths_or_mask,
     padding_mask,
     snapshot_tensor,
+    state_key,
     state_keys,
 )
 from .edit import CallInfo, apply_edit
@@ -133,9 +134,11 @@ class Recorder:
         are ``lengths``.  Validated: 1-D, integer, a permutation of ``range(batch)``, of the
         batch size of every leaf it is applied to (else :class:`~hookscope.errors.UnsortError`).
     batch_dim : dict of {module: int or {path prefix: dim or None}}, optional
-        Where the batch dimension is, for ``unsort=``.  By default it is found per leaf: the
-        only dimension with the batch size (RNN hidden states: dim 1; sequences padded from a
-        ``PackedSequence``: dim 0); several candidates raise ``UnsortError`` instead of guessing.
+        Where the batch dimension is, for ``unsort=``.  By default: dim 0 (sequences padded
+        from a ``PackedSequence`` too), an RNN's output by its ``batch_first`` and its hidden
+        states dim 1.  Another dimension of the permutation's length is never taken unasked
+        (it may be a feature or time dimension that happens to match a permutation of another
+        batch), nor are several: both raise ``UnsortError``, which says how to name it here.
     stop : bool
         End the forward pass right after the last selected module ran its last expected call:
         once, or as many times as it has ``calls=`` labels (a module called in a loop: give a
@@ -618,7 +621,14 @@ class Recorder:
                               "(Capture.grad stays None).", stacklevel=4)
             return returned
         new = require_grads(output)
-        return returned if new is output else new
+        if new is output:
+            return returned
+        if s.rnn_keys:  # an inner RNN's (h, c), now copies: still known by identity
+            for (_, old), (_, copy) in zip(iter_tensors(output), iter_tensors(new),
+                                           strict=True):
+                if copy is not old and state_key(old) in s.rnn_keys:
+                    s.rnn_keys.add(state_key(copy))
+        return new
 
     def _check_counts(self, rec: Recording) -> None:
         problems = []

@@ -203,3 +203,23 @@ def test_nan_at_a_real_position_is_an_error_and_nan_in_padding_is_not(tmp_path):
         record_dataset(Padded(), [{"x": x, "attention_mask": mask * 0}], [""],
                        tmp_path / "empty", reduce="mean", forward=lambda m, b: m(**b),
                        progress=False)
+
+
+def test_a_permutation_that_fits_only_the_feature_dimension_is_refused(tmp_path):
+    # Batch 3, 4 features, a permutation of 4: reordering the features would be silent.
+    lin = nn.Linear(4, 4)
+    x = torch.randn(3, 4)
+    bad = torch.tensor([3, 2, 1, 0])
+    with pytest.raises(hs.UnsortError, match="dim 0 is not of the permutation's length 4"), \
+            hs.record(lin, [""], unsort={"": bad}):
+        lin(x)
+    for reduce in (None, "mean"):
+        with pytest.raises(hs.UnsortError):
+            record_dataset(lin, [x], [""], tmp_path / str(reduce), reduce=reduce,
+                           progress=False, unsort=lambda b: {"": bad})
+    # A time-major output whose batch really is dim 1 is recorded once told so.
+    seq = torch.randn(5, 3, 4)  # (time, batch, features)
+    perm = torch.tensor([2, 0, 1])
+    with torch.no_grad(), hs.record(lin, [""], unsort={"": perm}, batch_dim={"": 1}) as rec:
+        out = lin(seq)
+    assert torch.equal(rec[""].tensor, out[:, perm])
