@@ -44,6 +44,7 @@ __all__ = [
     "batch_dim_of",
     "convert",
     "input_lengths",
+    "lengths_fit",
     "nested_lengths_or_mask",
     "padding_mask",
     "snapshot_tensor",
@@ -326,6 +327,13 @@ def padding_mask(mask_from: Any, args: tuple, kwargs: dict) -> Tensor | None:
     # Left on its device (moving it to the CPU here would wait for the GPU in every forward):
     # Capture.mask moves it on first read.
     return mask != 0
+
+
+def lengths_fit(t: Tensor | None, lengths: Tensor) -> bool:
+    """Whether ``lengths`` (of the call's input sequences) describe ``t`` as ``(batch, time,
+    ...)``: not an RNN's final state ``(layers, batch, hidden)`` computed from the same input."""
+    return (t is not None and not t.is_nested and t.ndim >= 2 and t.shape[0] == len(lengths)
+            and (len(lengths) == 0 or t.shape[1] >= int(lengths.max())))
 
 
 def input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str) -> Tensor | None:

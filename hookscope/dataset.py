@@ -44,7 +44,7 @@ from .dataset_format import (
     write_json_atomic,
 )
 from .dataset_lock import WriterLock
-from .errors import DatasetError, InputError, InputTypeError
+from .errors import DatasetError, InputError, InputTypeError, UnsortError
 from .fingerprint import setup_fingerprint
 from .frame import capture_mask, capture_rows, check_reduce
 from .offload import HostStaging
@@ -240,9 +240,11 @@ def record_dataset(
         ``lengths(batch)`` -> ``(batch,)`` sequence lengths or a ``(batch, time)`` mask (True/1
         at real positions, any padding side) for sequence captures that do not know theirs,
         e.g. ``lambda b: b["attention_mask"]`` for a Hugging Face batch; used by ``reduce`` and
-        for sequences.
+        for sequences.  In the caller's order, as the stored rows are: with ``unsort=``, not
+        the order a collate function sorted the batch into.
     shard_rows : int
-        Rows per shard (shards end at batch boundaries): the memory bound.
+        Rows per shard: the memory bound.  Shards end at batch boundaries, so a shard holds
+        up to ``shard_rows + batch size - 1`` rows.
     store_dtype : torch.float32 or torch.float16
         Stored precision of the vectors (``dtype=``, as for :func:`hookscope.record`, is the
         captured precision).
@@ -382,8 +384,11 @@ def _record_batches(job: _Job, items: Iterable[tuple[int, Any]]) -> None:
             given = None if job.lengths is None else _given_lengths(job.lengths(batch), index)
             if job.reducer is not None:  # the hooks reduce: they need this batch's lengths=
                 job.reducer.given, job.reducer.index = given, index
-            with recorder as rec:
-                job.run(job.model, batch)
+            try:
+                with recorder as rec:
+                    job.run(job.model, batch)
+            except (InputError, UnsortError) as exc:  # raised by the hooks: say which batch
+                raise type(exc)(f"batch {index}: {exc}") from None
             if given is not None and job.reducer is None:
                 _apply_lengths(rec, given, index)
             columns, n = _batch_columns(rec, job.reduce, job.bidirectional, job.np_dtype,
@@ -512,6 +517,11 @@ def _meta_columns(given: Any, n: int, manifest: dict, index: int) -> dict[str, A
 
 def _meta_array(pa: Any, name: str, values: Any, known: str | None, index: int) -> Any:
     """One batch's values of a meta column as an Arrow array of the column's type."""
+    if isinstance(values, str | bytes | Mapping) or not hasattr(values, "__len__"):
+        # (a str is a sequence of characters, a dict of its keys: never what was meant)
+        raise DatasetError(f"batch {index}: meta column {name!r} must give one value per "
+                           f"example (a list, array or tensor), got {type(values).__name__}; "
+                           "for the same value on every row, pass [value] * len(batch).")
     try:
         if isinstance(values, pa.Array | pa.ChunkedArray):  # typed by the caller
             arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
@@ -521,6 +531,10 @@ def _meta_array(pa: Any, name: str, values: Any, known: str | None, index: int) 
     except (pa.ArrowException, ValueError, TypeError) as exc:
         raise DatasetError(f"batch {index}: meta column {name!r} cannot be stored ({exc}); "
                            "give it values of one type (numbers, text, bools).") from None
+    if pa.types.is_nested(arr.type):
+        raise DatasetError(f"batch {index}: meta column {name!r} holds {arr.type}, not one "
+                           "scalar per example (numbers, text, bools); store vectors as a "
+                           "recorded module's output, or one meta column per component.")
     if known is None or str(arr.type) == known:
         return arr
     if arr.null_count == len(arr):  # all None: take the column's type
@@ -606,9 +620,15 @@ def _batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, ma
                  and len(t) == len(lengths) else None)
         if reduce is None and t.ndim == 3:
             mask = capture_mask(cap, given)
-            arr = t.detach().cpu().float().numpy().astype(np_dtype, copy=False)
+            with np.errstate(over="ignore"):  # (an overflow is refused below, clearly)
+                arr = t.detach().cpu().float().numpy().astype(np_dtype, copy=False)
             value: Any = list(arr) if mask is None else [
                 row[keep] for row, keep in zip(arr, mask.numpy(), strict=True)]
+            for row, seq in enumerate(value):  # real positions only: padding may hold anything
+                if not np.isfinite(seq).all():
+                    position, unit = np.argwhere(~np.isfinite(seq))[0]
+                    _refuse_non_finite(f"batch {index}: {col!r} example {row} position "
+                                       f"{position} (unit {unit})")
             kind, units, rows = "sequence", arr.shape[2], len(value)
         else:  # reduced where the capture is (the GPU); moved below, with the others
             value, _ = capture_rows(cap, reduce, bidirectional=bidirectional, lengths=given)
@@ -635,12 +655,12 @@ def _batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, ma
         columns[col] = value  # a vector: replaced by its host array below
     if n is None:
         raise DatasetError(f"batch {index}: no selected module ran.")
-    columns.update(host_columns(vectors, np_dtype, staging))
+    columns.update(host_columns(vectors, np_dtype, staging, index))
     return columns, n
 
 
 def host_columns(vectors: dict[str, torch.Tensor], np_dtype: Any,
-                 staging: HostStaging | None = None) -> dict[str, np.ndarray]:
+                 staging: HostStaging | None = None, index: int = 0) -> dict[str, np.ndarray]:
     """A batch's vector columns ``(batch, units)`` as NumPy in the stored dtype, with one
     device-to-host copy for all of them: cast and laid side by side on their device, copied
     into a pinned buffer (``staging``'s, reused) without waiting, then one wait.  CPU tensors
@@ -660,17 +680,21 @@ def host_columns(vectors: dict[str, torch.Tensor], np_dtype: Any,
         out = {k: arr[:, a:b] for k, a, b in zip(vectors, bounds[:-1], bounds[1:],
                                                  strict=True)}
     for name, arr in out.items():
-        check_rows_finite(arr, name)
+        check_rows_finite(arr, name, index)
     return out
 
 
-def check_rows_finite(arr: np.ndarray, column: str) -> None:
+def check_rows_finite(arr: np.ndarray, column: str, index: int) -> None:
     """Stored vectors are finite: the reductions on a GPU are checked here, on the host, once
     per batch (reading back each one where it is computed would wait for the GPU)."""
     if np.isfinite(arr).all():
         return
     row, unit = np.argwhere(~np.isfinite(arr))[0]
-    raise InputError(f"{column!r}: row {row} (unit {unit}) of this batch is NaN or infinity, "
-                     "from NaN or infinity at a real position, an example with no real "
-                     "position, or an overflow of the stored dtype; hookscope never stores "
+    _refuse_non_finite(f"batch {index}: {column!r} row {row} (unit {unit})")
+
+
+def _refuse_non_finite(where: str) -> None:
+    raise InputError(f"{where} is NaN or infinity, from NaN or infinity at a real position, an "
+                     "example with no real position, or an overflow of the stored dtype "
+                     "(store_dtype=torch.float16 holds up to 65504); hookscope never stores "
                      "them: clean or drop those items first.")

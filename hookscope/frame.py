@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ._arrays import check_bool, check_finite, to_numpy
 from .errors import InputError
-from .pooling import REDUCTIONS, as_mask, last_state, masked_pool
+from .pooling import REDUCTIONS, _last_state, _masked_pool, as_mask
 from .structure import takes_two_args
 
 __all__ = ["REDUCE_NAMES", "Reduce", "capture_matrix", "capture_rows", "recording_vectors",
@@ -175,13 +175,18 @@ def capture_rows(cap: Any, reduce: Reduce = None, *, bidirectional: bool | None 
             raise InputError(f"reduce='last' needs a sequence (batch, time, features); "
                              f"{_where(cap)} is a feature map of shape {tuple(t.shape)}: use "
                              "'mean', 'max', 'sum' or 'flatten'.")
-        return masked_pool(t, None, reduce), False
+        return _masked_pool(t, None, reduce, True, _named(cap)), False
     mask = capture_mask(cap, lengths)
     if reduce == "last":
         if mask is None:
             mask = torch.ones(t.shape[:2], dtype=torch.bool)
-        return last_state(t, mask, bidirectional=bidirectional), False
-    return masked_pool(t, mask, reduce), False
+        return _last_state(t, mask, bidirectional, True, _named(cap)), False
+    return _masked_pool(t, mask, reduce, True, _named(cap)), False
+
+
+def _named(cap: Any) -> str:
+    """How errors name a capture's values: "'encoder' call premise"."""
+    return f"the output of {_where(cap)}"
 
 
 def _grouped(captures: Sequence[Any]) -> tuple[dict[tuple[str, str], list[Any]], list[int]]:

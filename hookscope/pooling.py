@@ -150,6 +150,12 @@ def last_state(padded: ArrayLike, lengths: ArrayLike, *, bidirectional: bool = F
     InputError
         Bad shapes or lengths, or NaN/infinity in a selected state.
     """
+    return _last_state(padded, lengths, bidirectional, batch_first, "padded")
+
+
+def _last_state(padded: ArrayLike, lengths: ArrayLike, bidirectional: bool,
+                batch_first: bool, name: str) -> Tensor | np.ndarray:
+    """:func:`last_state`, its errors naming ``name``."""
     bidirectional = check_bool(bidirectional, "bidirectional")
     t, was_tensor = _as_input(padded)
     if t.ndim != 3:
@@ -168,7 +174,7 @@ def last_state(padded: ArrayLike, lengths: ArrayLike, *, bidirectional: bool = F
         first = torch.where(mask, positions, t.shape[1]).amin(1).to(t.device)
         half = t.shape[2] // 2
         out = torch.cat([out[:, :half], t[rows, first, half:]], dim=1)
-    check_finite(out, "the selected states of padded")
+    check_finite(out, f"the selected states of {name}")
     return _back(out, was_tensor)
 
 
@@ -213,6 +219,12 @@ def masked_pool(padded: ArrayLike, lengths: ArrayLike | None = None, reduce: str
     InputError
         Bad shapes, lengths or ``reduce``; NaN or infinity at a real position.
     """
+    return _masked_pool(padded, lengths, reduce, batch_first, "padded")
+
+
+def _masked_pool(padded: ArrayLike, lengths: ArrayLike | None, reduce: str, batch_first: bool,
+                 name: str) -> Tensor | np.ndarray:
+    """:func:`masked_pool`, its errors naming ``name``."""
     reduce = check_choice(reduce, "reduce", REDUCTIONS)
     t, was_tensor = _as_input(padded)
     if not t.dtype.is_floating_point:
@@ -226,7 +238,7 @@ def masked_pool(padded: ArrayLike, lengths: ArrayLike | None = None, reduce: str
         flat = wide.reshape(t.shape[0], t.shape[1], -1)
         out = {"mean": flat.mean, "max": flat.amax, "sum": flat.sum}[reduce](2).to(t.dtype)
         if not all_finite(out):
-            _raise_bad(t, None, "padded")
+            _raise_bad(t, None, name)
         return _back(out, was_tensor)
     if t.ndim != 3:
         raise InputError(f"padded must be (batch, time, features) or a feature map (batch, "
@@ -236,7 +248,7 @@ def masked_pool(padded: ArrayLike, lengths: ArrayLike | None = None, reduce: str
     mask = None if lengths is None else as_mask(lengths, t.shape[0], t.shape[1])
     out, finite = pool_sequences(t, None if mask is None else mask.to(t.device), reduce)
     if not finite:
-        _raise_bad(t, mask, "padded")
+        _raise_bad(t, mask, name)
     return _back(out, was_tensor)
 
 

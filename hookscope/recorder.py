@@ -27,6 +27,7 @@ from .convert import (
     CloneMode,
     convert,
     input_lengths,
+    lengths_fit,
     nested_lengths_or_mask,
     padding_mask,
     snapshot_tensor,
@@ -532,6 +533,8 @@ class Recorder:
         if rows is None:  # (rows know no lengths or mask: they were used)
             if lengths is None and (args or kwargs):
                 lengths = input_lengths(args, kwargs, perm, name)
+                if lengths is not None and not lengths_fit(first_tensor(value), lengths):
+                    lengths = None  # (e.g. an RNN's h_n picked from a packed call)
             if lengths is None and (s.mask is not None or type(value) is not Tensor
                                     or value.is_nested):
                 lengths, mask = nested_lengths_or_mask(value, s.mask, perm)
@@ -589,6 +592,8 @@ class Recorder:
         t = leaf.detach()
         if lengths is None and (args or kwargs):
             lengths = input_lengths(args, kwargs, None, plan.name)
+            if lengths is not None and not lengths_fit(t, lengths):
+                lengths = None
         mask = None
         if lengths is None and s.mask is not None and t.ndim >= 2 \
                 and tuple(t.shape[:2]) == tuple(s.mask.shape):

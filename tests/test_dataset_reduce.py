@@ -172,8 +172,8 @@ def test_non_finite_rows_are_refused_with_the_column_and_row(tmp_path):
 
     rows = torch.zeros(4, 3)
     rows[2, 1] = float("nan")
-    with pytest.raises(hs.InputError, match=r"'enc': row 2 \(unit 1\) of this batch"):
-        host_columns({"ok": torch.zeros(4, 2), "enc": rows}, np.float32)
+    with pytest.raises(hs.InputError, match=r"batch 7: 'enc' row 2 \(unit 1\) is NaN"):
+        host_columns({"ok": torch.zeros(4, 2), "enc": rows}, np.float32, index=7)
     # A float32 value that float16 cannot hold is refused, not stored as infinity.
     big = nn.Linear(2, 2)
     with torch.no_grad():
@@ -196,9 +196,18 @@ def test_nan_at_a_real_position_is_an_error_and_nan_in_padding_is_not(tmp_path):
     expected = torch.stack([x[0, :3].amax(0), x[1, :2].amax(0)])
     assert np.array_equal(open_dataset(out).numpy(""), expected.numpy())
     x[0, 1, 2] = float("inf")  # a real position
-    with pytest.raises(hs.InputError, match="real position"):
+    with pytest.raises(hs.InputError, match=r"^batch 0: the output of '' call 0 holds NaN or "
+                       r"infinity at a real position \(first at index \(0, 1, 2\)\)"):
         record_dataset(Padded(), [{"x": x, "attention_mask": mask}], [""], tmp_path / "bad",
                        reduce="max", forward=lambda m, b: m(**b), progress=False)
+    # Sequences stored as they are (reduce=None): real positions only are checked.
+    with pytest.raises(hs.InputError, match="batch 0: '' example 0 position 1 .unit 2. is NaN"):
+        record_dataset(Padded(), [{"x": x, "attention_mask": mask}], [""], tmp_path / "seq",
+                       forward=lambda m, b: m(**b), progress=False)
+    x[0, 1, 2] = 1e5  # fits float32, not float16
+    with pytest.raises(hs.InputError, match="overflow of the stored dtype"):
+        record_dataset(Padded(), [{"x": x, "attention_mask": mask}], [""], tmp_path / "f16",
+                       forward=lambda m, b: m(**b), store_dtype=torch.float16, progress=False)
     with pytest.raises(hs.InputError, match="no real position"):
         record_dataset(Padded(), [{"x": x, "attention_mask": mask * 0}], [""],
                        tmp_path / "empty", reduce="mean", forward=lambda m, b: m(**b),
@@ -223,3 +232,38 @@ def test_a_permutation_that_fits_only_the_feature_dimension_is_refused(tmp_path)
     with torch.no_grad(), hs.record(lin, [""], unsort={"": perm}, batch_dim={"": 1}) as rec:
         out = lin(seq)
     assert torch.equal(rec[""].tensor, out[:, perm])
+
+
+def test_a_packed_rnns_final_state_is_not_given_the_input_lengths(tmp_path):
+    class Final(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.gru = nn.GRU(3, 4, batch_first=True, bidirectional=True)
+
+        def forward(self, b):
+            return self.gru(nn.utils.rnn.pack_padded_sequence(b[0], b[1],
+                                                              batch_first=True))[1]
+
+    model = Final().eval()
+    batch = (torch.randn(5, 6, 3), torch.tensor([6, 5, 3, 2, 1]))
+    with torch.no_grad(), hs.record(model, ["gru"], pick=lambda o: o[1]) as rec:
+        h_n = model(batch)
+    # h_n is (directions, batch, hidden): the input's lengths do not describe it.
+    assert rec["gru"].lengths is None and rec["gru"].mask is None
+    assert torch.equal(rec["gru"].tensor, h_n)
+    out = record_dataset(model, [batch], ["gru"], tmp_path / "h", reduce="max", progress=False,
+                         pick=lambda o: o[1].transpose(0, 1).flatten(1))
+    assert np.array_equal(open_dataset(out).numpy("gru"), h_n.transpose(0, 1).flatten(1).numpy())
+
+
+@pytest.mark.parametrize("meta, message", [
+    ({"split": "dev"}, "one value per example .a list, array or tensor., got str"),
+    ({"info": {"a": 1, "b": 2, "c": 3}}, "got dict"),
+    ({"pos": np.zeros((3, 2))}, "not one scalar per example"),
+])
+def test_meta_columns_that_are_not_one_scalar_per_example_are_refused(tmp_path, meta, message):
+    lin = nn.Linear(2, 2)
+    with pytest.raises(hs.DatasetError, match=message):
+        record_dataset(lin, [torch.ones(3, 2)], [""], tmp_path / "m", reduce="mean",
+                       meta=lambda b: meta, progress=False)
