@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import hookscope as hs
+import hookscope.dataset
 import hookscope.dataset_format
 from hookscope.dataset import DatasetError, record_dataset
 from hookscope.dataset_view import open_dataset
@@ -174,16 +175,17 @@ def test_bad_inputs(tmp_path):
 def test_disk_full_keeps_completed_shards_and_resumes(tmp_path, monkeypatch):
     model = torch.nn.Linear(3, 2)
     data = [torch.randn(4, 3) for _ in range(6)]
-    real_write = pq.write_table
-    calls = {"n": 0}
+    real_write = hookscope.dataset._HashingFile.write
 
-    def flaky(table, where, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def flaky(self, data):  # the disk fills up while the third shard is written, once
+        if self.path.name == ".part-r000-000002.parquet.tmp" and not failed:
+            failed.append(self.path)
             raise OSError(28, "No space left on device")
-        return real_write(table, where, **kwargs)
+        return real_write(self, data)
 
-    monkeypatch.setattr(pq, "write_table", flaky)
+    failed: list[Path] = []
+
+    monkeypatch.setattr(hookscope.dataset._HashingFile, "write", flaky)
     with pytest.raises(DatasetError, match="No space left.*intact"):
         record_dataset(model, data, [""], tmp_path / "full", shard_rows=4, progress=False)
     manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
