@@ -2,9 +2,10 @@
 
 ``record_dataset`` runs the model's normal forward over an iterable of batches inside one
 reusable recorder, reduces each capture to per-example rows (or keeps each example's real
-positions), and writes them as Parquet shards with a JSON manifest.  Memory holds one shard at a
-time.  A shard is written to a temporary file and renamed into place, and only then registered
-in the manifest (itself replaced atomically), so a run killed at any moment resumes with
+positions), and writes them as Parquet shards with a JSON manifest.  Rows are written as they
+arrive, a row group at a time on a background thread: memory holds about two row groups.  A
+shard is written to a temporary file and renamed into place, and only then registered in the
+manifest (itself replaced atomically), so a run killed at any moment resumes with
 ``resume=True`` and produces the same dataset as an uninterrupted one.
 
 Under ``torchrun`` (``torch.distributed`` initialised) each rank records every
@@ -350,7 +351,10 @@ def record_dataset(
         e.g. ``lambda b: b["attention_mask"]`` for a Hugging Face batch; used by ``reduce`` and
         for sequences.
     shard_rows : int
-        Rows per shard (shards end at batch boundaries): the memory bound.
+        Rows per shard file (shards end at batch boundaries): what
+        :meth:`hookscope.DatasetView.iter_chunks` reads at a time.  Each shard is written
+        progressively, in row groups of about 8 MiB (also ending at batch boundaries), so the
+        writer's memory does not grow with ``shard_rows``.
     store_dtype : torch.float32 or torch.float16
         Stored precision of the vectors (``dtype=``, as for :func:`hookscope.record`, is the
         captured precision).
