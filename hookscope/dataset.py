@@ -64,12 +64,14 @@ def _column_names(rec: Any) -> dict[tuple[str, int], str]:
 
 
 # Row groups end at the first batch boundary after this many buffered bytes.  Measured on the
-# story BiLSTM (2 cores, /work/prof/ds.py, 4,000 pairs, shards of 4,096 rows = 73 MiB): groups
-# of 2-32 MiB record equally fast within the noise, the remainder written after the last batch
-# grows with the group, and reading a shard's column is no slower with 8 MiB groups than with
-# one group per shard.  8 MiB keeps the tail short (~30 ms of encoding) and the writer's memory
-# at about two groups.
-_ROW_GROUP_BYTES = 8 << 20
+# story BiLSTM (2 shared cores, one model thread; 4 KiB per row, shards of 4,096 rows = 16 MiB):
+# the main thread's wait for the last group after the last batch was 8 / 10 / 26 / 39 / 67 ms
+# with groups of 1 / 2 / 4 / 8 MiB / one per shard (list encoding; about half with binary),
+# while the writer thread's CPU time stayed the same (0.07-0.10 s per 16 MiB).  Reading
+# (open_dataset numpy/to_frame, pandas; 20,000 rows) was 10-20 % slower with 1 MiB groups and
+# the same from 2 MiB up as with one group per shard.  4 MiB: a short tail with a margin on
+# reading, and the writer holds about two groups (8 MiB) whatever the shard size.
+_ROW_GROUP_BYTES = 4 << 20
 
 
 class _HashingFile:
@@ -353,7 +355,7 @@ def record_dataset(
     shard_rows : int
         Rows per shard file (shards end at batch boundaries): what
         :meth:`hookscope.DatasetView.iter_chunks` reads at a time.  Each shard is written
-        progressively, in row groups of about 8 MiB (also ending at batch boundaries), so the
+        progressively, in row groups of about 4 MiB (also ending at batch boundaries), so the
         writer's memory does not grow with ``shard_rows``.
     store_dtype : torch.float32 or torch.float16
         Stored precision of the vectors (``dtype=``, as for :func:`hookscope.record`, is the
