@@ -21,6 +21,7 @@ import hashlib
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,8 +129,10 @@ class _ShardWriter:
     (Parquet encoding, hashing and disk I/O release the GIL, so they overlap the next batches'
     forward passes).  A shard ends at the first batch boundary after ``shard_rows`` rows: its
     last group and the footer are written, and it is renamed into place and registered.  So
-    after the last batch only that small remainder is left to write.  At most one task is
-    pending while the next group is collected: memory stays at about two row groups."""
+    after the last batch only that small remainder is left to write.  A row group is handed
+    over only once the previous ones are written: memory stays at about two row groups (one
+    being written, one being collected).  Tasks run in order; after a failed one the others
+    are skipped, and the error is raised at the next ``add``, ``flush`` or ``close``."""
 
     def __init__(self, out: Path, rank: int, manifest: dict, manifest_path: Path) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -142,12 +145,14 @@ class _ShardWriter:
         self.bytes_written = 0
         self.next_index = len([s for s in manifest["shards"] if s["rank"] == rank])
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hookscope-shards")
-        self.pending: tuple[Any, dict | None] | None = None
-        self.open: _OpenShard | None = None  # the writer thread's
+        self.pending: deque[tuple[Any, dict | None]] = deque()  # (future, entry) in order
+        # The writer thread's: the open shard, the shards it registered, whether a task failed.
+        self.open: _OpenShard | None = None
+        self.registered = list(manifest["shards"])
+        self.failed = False
 
     def add(self, columns: dict[str, Any], n: int, batch_index: int) -> None:
-        if self.pending is not None and self.pending[0].done():
-            self.wait()  # a failed write stops the run at the next batch
+        self._collect(block=False)  # a failed write stops the run at the next batch
         self.parts.append(columns)
         self.part_bytes += sum(_nbytes(v) for v in columns.values())
         self.n_buffered += n
@@ -171,13 +176,27 @@ class _ShardWriter:
         """Hand the collected batches to the writer thread (after its previous task), as a
         row group of the current shard; ``entry`` (the shard's manifest entry) ends it."""
         parts, self.parts, self.part_bytes = self.parts, [], 0
-        self.wait()
+        # Rows wait for the rows before them (the memory bound); a shard's end alone (when its
+        # last group was just handed over) does not: it queues behind them.
+        self._collect(block=bool(parts))
         name = f"part-r{self.rank:03d}-{self.next_index:06d}.parquet"
-        self.pending = (self.pool.submit(self._write, parts, name, entry), entry)
+        self.pending.append((self.pool.submit(self._task, parts, name, entry), entry))
+
+    def _task(self, parts: list[dict[str, Any]], name: str, entry: dict | None) -> bool:
+        """On the writer thread: :meth:`_write`, unless an earlier task failed (then nothing:
+        ``False``)."""
+        if self.failed:
+            return False
+        try:
+            self._write(parts, name, entry)
+        except BaseException:
+            self.failed = True
+            raise
+        return True
 
     def _write(self, parts: list[dict[str, Any]], name: str, entry: dict | None) -> None:
-        """On the writer thread: one row group of shard ``name``; with ``entry``, also the
-        footer, the rename and the registration."""
+        """One row group of shard ``name``; with ``entry``, also the footer, the rename and
+        the registration."""
         final = self.out / "shards" / name
         tmp = final.with_name(f".{name}.tmp")
         try:
@@ -199,11 +218,12 @@ class _ShardWriter:
             with contextlib.suppress(OSError):  # a read-only filesystem refuses this too
                 tmp.unlink(missing_ok=True)
             raise DatasetError(
-                f"writing shard {final} failed ({exc}); the {len(self.manifest['shards'])} "
+                f"writing shard {final} failed ({exc}); the {len(self.registered)} "
                 f"completed shards: {RESUME_HINT}") from exc
         if entry is not None:  # registered only once complete
             write_json_atomic(self.manifest_path, {**self.manifest,
-                                                   "shards": [*self.manifest["shards"], entry]})
+                                                   "shards": [*self.registered, entry]})
+            self.registered.append(entry)
 
     def _open(self, final: Path, tmp: Path, schema: Any) -> _OpenShard:
         _, pq = arrow()
@@ -261,24 +281,21 @@ class _ShardWriter:
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         return pa.ListArray.from_arrays(pa.array(offsets), inner)
 
-    def wait(self) -> None:
-        """Wait for the pending task; register its shard if it ended one (or raise its
-        error)."""
-        if self.pending is None:
-            return
-        future, entry = self.pending
-        self.pending = None
-        future.result()
-        if entry is not None:
-            self.bytes_written += entry["bytes"]
-            self.manifest["shards"].append(entry)
+    def _collect(self, block: bool) -> None:
+        """Collect the finished tasks in order (with ``block``, wait for all of them): register
+        the shards they ended, or raise the first error."""
+        while self.pending and (block or self.pending[0][0].done()):
+            future, entry = self.pending.popleft()
+            if future.result() and entry is not None:
+                self.bytes_written += entry["bytes"]
+                self.manifest["shards"].append(entry)
 
     def close(self) -> None:
-        """Finish the pending task and stop the thread.  A shard not yet ended (the run
+        """Finish the pending tasks and stop the thread.  A shard not yet ended (the run
         stopped on an error) is dropped, as its rows were before: a resumed run records
         them."""
         try:
-            self.wait()
+            self._collect(block=True)
         finally:
             self.pool.shutdown(wait=True)
             shard = self.open
