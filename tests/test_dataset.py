@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import hookscope as hs
+import hookscope.dataset
 import hookscope.dataset_format
 from hookscope.dataset import DatasetError, record_dataset
 from hookscope.dataset_view import open_dataset
@@ -174,16 +175,17 @@ def test_bad_inputs(tmp_path):
 def test_disk_full_keeps_completed_shards_and_resumes(tmp_path, monkeypatch):
     model = torch.nn.Linear(3, 2)
     data = [torch.randn(4, 3) for _ in range(6)]
-    real_write = pq.write_table
-    calls = {"n": 0}
+    real_write = hookscope.dataset._HashingFile.write
 
-    def flaky(table, where, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def flaky(self, data):  # the disk fills up while the third shard is written, once
+        if self.path.name == ".part-r000-000002.parquet.tmp" and not failed:
+            failed.append(self.path)
             raise OSError(28, "No space left on device")
-        return real_write(table, where, **kwargs)
+        return real_write(self, data)
 
-    monkeypatch.setattr(pq, "write_table", flaky)
+    failed: list[Path] = []
+
+    monkeypatch.setattr(hookscope.dataset._HashingFile, "write", flaky)
     with pytest.raises(DatasetError, match="No space left.*intact"):
         record_dataset(model, data, [""], tmp_path / "full", shard_rows=4, progress=False)
     manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
@@ -695,3 +697,157 @@ def test_binary_encoding_is_refused_where_it_cannot_be(tmp_path):
         hookscope.dataset_format.validate_manifest(manifest, tmp_path / "manifest.json")
     manifest["version"] = 3
     hookscope.dataset_format.validate_manifest(manifest, tmp_path / "manifest.json")
+
+
+# -- shards written progressively, in row groups -----------------------------------------------
+
+def _grouped_and_whole(tmp_path, monkeypatch, name, group_bytes, **options):
+    """The same recording written with row groups of about ``group_bytes`` and with one row
+    group per shard (the writer's former layout): the independent reference."""
+    views = {}
+    for layout, limit in (("grouped", group_bytes), ("whole", 2**62)):
+        monkeypatch.setattr(hookscope.dataset, "_ROW_GROUP_BYTES", limit)
+        out = record_dataset(progress=False, out=tmp_path / f"{name}-{layout}", **options)
+        views[layout] = open_dataset(out)  # verify=True: every shard read is checksummed
+    monkeypatch.undo()
+    return views
+
+
+def _row_groups(view) -> list[int]:
+    return [pq.ParquetFile(view.path / s["file"]).metadata.num_row_groups
+            for s in view.manifest["shards"]]
+
+
+@pytest.mark.parametrize("encoding", ["list", "binary"])
+def test_shards_of_several_row_groups_read_back_what_was_recorded(tmp_path, monkeypatch,
+                                                                  encoding):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh()).eval()
+    sizes = [5, 3, 7, 1, 6, 4, 2, 8, 3]  # uneven: groups and shards end mid-way
+    batches = [torch.randn(n, 4) for n in sizes]
+    # 5 rows of 2 x 6 float32 + bookkeeping: about two batches per row group.
+    views = _grouped_and_whole(
+        tmp_path, monkeypatch, encoding, 200, model=model, batches=batches, modules=["0", "1"],
+        shard_rows=12, vector_encoding=encoding,
+        meta=lambda b: {"x": b[:, 0].tolist(), "tag": [f"t{len(b)}"] * len(b)})
+    grouped, whole = views["grouped"], views["whole"]
+    assert all(n >= 2 for n in _row_groups(grouped)) and set(_row_groups(whole)) == {1}
+    assert grouped.manifest["shards"] == [{**s, "bytes": g["bytes"], "sha256": g["sha256"]}
+                                          for s, g in zip(whole.manifest["shards"],
+                                                          grouped.manifest["shards"],
+                                                          strict=True)]
+    with torch.no_grad():  # the recording computed by hand, batch by batch
+        expected = {"0": torch.cat([model[0](b) for b in batches]).numpy(),
+                    "1": torch.cat([model(b) for b in batches]).numpy()}
+    for column in ("0", "1"):
+        assert np.array_equal(grouped.numpy(column), expected[column])
+        assert np.array_equal(grouped.numpy(column, rows=[29, 3, 17]),
+                              expected[column][[29, 3, 17]])
+        chunks = list(grouped.iter_chunks(column))
+        assert np.array_equal(np.concatenate([c for _, c in chunks]), expected[column])
+    meta = grouped.meta()
+    assert meta.x.tolist() == torch.cat(batches)[:, 0].tolist()
+    assert meta.batch.tolist() == [i for i, n in enumerate(sizes) for _ in range(n)]
+    assert meta.row.tolist() == [r for n in sizes for r in range(n)]
+    assert grouped.to_frame().equals(whole.to_frame())
+    # Other readers: the same table, the same frame, row for row.
+    assert pq.read_table(grouped.path / "shards").equals(pq.read_table(whole.path / "shards"))
+    assert pd.read_parquet(grouped.path / "shards").equals(pd.read_parquet(whole.path / "shards"))
+    for s in grouped.manifest["shards"]:  # the checksum is of the very bytes on disk
+        data = (grouped.path / s["file"]).read_bytes()
+        assert len(data) == s["bytes"] and hookscope.dataset_format.sha256_of(data) == s["sha256"]
+    duckdb = pytest.importorskip("duckdb")
+    query = "select * from '{}/shards/*.parquet' order by batch, row"
+    assert duckdb.sql(query.format(grouped.path)).fetchall() == duckdb.sql(
+        query.format(whole.path)).fetchall()
+
+
+def test_sequences_in_several_row_groups(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 4, batch_first=True)
+    lengths = [torch.tensor([2, 5, 3]), torch.tensor([1, 4, 4]), torch.tensor([3, 3]),
+               torch.tensor([5, 1, 2, 2]), torch.tensor([2, 4])]
+    batches = [torch.nn.utils.rnn.pack_padded_sequence(torch.randn(len(n), 5, 3), n,
+                                                       batch_first=True, enforce_sorted=False)
+               for n in lengths]
+    views = _grouped_and_whole(tmp_path, monkeypatch, "seq", 100, model=lstm, batches=batches,
+                               modules=[""], shard_rows=7, pick=lambda o: o[0])
+    assert all(n >= 2 for n in _row_groups(views["grouped"]))
+    grouped = pq.read_table(views["grouped"].path / "shards")
+    assert grouped.equals(pq.read_table(views["whole"].path / "shards"))
+    col = grouped[""].to_pylist()
+    assert [len(s) for s in col] == torch.cat(lengths).tolist()
+    with torch.no_grad():
+        padded, _ = torch.nn.utils.rnn.pad_packed_sequence(lstm(batches[3])[0],
+                                                           batch_first=True)
+    assert np.array_equal(np.array(col[8 + 1], dtype=np.float32), padded[1, :1].numpy())
+
+
+def test_a_failed_row_group_stops_the_run_and_resumes(tmp_path, monkeypatch):
+    """The disk fills up in the middle of a shard (not its last row group): the error comes
+    at the next batch, the half-written shard is removed, and a resumed run completes it."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    data = [torch.randn(4, 3) for _ in range(9)]
+    monkeypatch.setattr(hookscope.dataset, "_ROW_GROUP_BYTES", 1)  # a row group per batch
+    real_write = hookscope.dataset._HashingFile.write
+    seen = []
+
+    def flaky(self, data):
+        seen.append(self.path.name)
+        if self.path.name == ".part-r000-000001.parquet.tmp" and seen.count(seen[-1]) == 3:
+            raise OSError(28, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(hookscope.dataset._HashingFile, "write", flaky)
+    added = []
+    real_add = hookscope.dataset._ShardWriter.add
+
+    def add(self, columns, n, index):
+        added.append(index)
+        real_add(self, columns, n, index)
+
+    monkeypatch.setattr(hookscope.dataset._ShardWriter, "add", add)
+    out = tmp_path / "full"
+    with pytest.raises(DatasetError, match="part-r000-000001.parquet failed.*No space left.*"
+                                           "the 1 completed shards.*intact"):
+        record_dataset(model, data, [""], out, shard_rows=12, progress=False)
+    assert added[-1] < len(data) - 1  # stopped early, not at the end
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["part-r000-000000.parquet"]
+    with pytest.warns(UserWarning, match="incomplete.*12 rows"):
+        open_dataset(out)
+    monkeypatch.undo()
+    record_dataset(model, data, [""], out, shard_rows=12, progress=False)
+    with torch.no_grad():
+        expected = torch.cat([model(batch) for batch in data]).numpy()
+    assert np.array_equal(open_dataset(out).numpy(""), expected)
+
+
+def test_a_run_stopped_mid_shard_leaves_no_temporary(tmp_path, monkeypatch):
+    """An error in the main loop while a shard has row groups on disk: the unfinished shard
+    is dropped (as its buffered rows were), and a resumed run gives the whole dataset."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    data = [torch.randn(4, 3) for _ in range(9)]
+    monkeypatch.setattr(hookscope.dataset, "_ROW_GROUP_BYTES", 1)
+
+    stop = [True]
+
+    def meta(batch):
+        if stop[0] and float(batch[0, 0]) == float(data[7][0, 0]):  # shard 3's 2nd batch
+            raise RuntimeError("stop")
+        return {"x": batch[:, 0].tolist()}
+
+    out = tmp_path / "stopped"
+    with pytest.raises(RuntimeError, match="stop"):
+        record_dataset(model, data, [""], out, shard_rows=8, progress=False, meta=meta,
+                       setup_id="v1")
+    names = sorted(p.name for p in (out / "shards").iterdir())
+    assert names == [f"part-r000-00000{i}.parquet" for i in range(3)]  # batch 6's row group:
+    # on disk, not registered, removed
+    stop[0] = False
+    record_dataset(model, data, [""], out, shard_rows=8, progress=False, meta=meta,
+                   setup_id="v1")
+    with torch.no_grad():
+        expected = torch.cat([model(batch) for batch in data]).numpy()
+    assert np.array_equal(open_dataset(out).numpy(""), expected)
