@@ -333,7 +333,7 @@ def lengths_fit(t: Tensor | None, lengths: Tensor) -> bool:
     """Whether ``lengths`` (of the call's input sequences) describe ``t`` as ``(batch, time,
     ...)``: not an RNN's final state ``(layers, batch, hidden)`` computed from the same input."""
     return (t is not None and not t.is_nested and t.ndim >= 2 and t.shape[0] == len(lengths)
-            and (len(lengths) == 0 or t.shape[1] >= int(lengths.max())))
+            and (len(lengths) == 0 or t.shape[1] >= lengths.numpy().max()))
 
 
 def input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str) -> Tensor | None:

@@ -567,8 +567,8 @@ class _ReduceAtCall:
             # where the model call's mask is, and on a GPU finiteness is checked on the host
             # with the batch's one copy (see host_columns).
             keep = cap._mask
-            if keep is None and cap.lengths is not None:
-                keep = torch.arange(t.shape[1]) < cap.lengths[:, None]
+            if keep is None and cap.lengths is not None:  # (in NumPy: fewer dispatches)
+                keep = torch.from_numpy(np.arange(t.shape[1]) < cap.lengths.numpy()[:, None])
             rows, finite = pool_sequences(t, None if keep is None else keep.to(t.device),
                                           self.reduce, check=t.device.type == "cpu")
             if finite:

@@ -291,7 +291,7 @@ def _masked_reduce(t: Tensor, keep: Tensor, reduce: str, *, exact: bool) -> Tens
         fill = -torch.inf if reduce == "max" else 0
         masked = t.masked_fill(~keep[..., None], fill)
     elif reduce == "max":
-        masked = t + torch.where(keep, 0.0, -torch.inf).to(t.dtype)[..., None]
+        masked = t + torch.where(keep, 0.0, -torch.inf).to(t.dtype).unsqueeze_(2)
     else:
         masked = t * keep[..., None].to(t.dtype)
     return masked.amax(1) if reduce == "max" else masked.sum(1)
