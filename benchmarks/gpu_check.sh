@@ -22,7 +22,8 @@ cat "$OUT/env.txt"
 #    that touch devices.  (About a minute.)
 # Both timeouts together stay under the device tool's 600 s per command.
 timeout 180 python -m pytest -q -rs -p no:cacheprovider tests/test_offload.py \
-  tests/test_intervene.py tests/test_recorder.py tests/test_safety.py tests/test_rnn.py 2>&1 \
+  tests/test_intervene.py tests/test_recorder.py tests/test_safety.py tests/test_rnn.py \
+  tests/test_dataset_reduce.py 2>&1 \
   | tail -40 \
   | tee "$OUT/cuda-tests.txt"
 
