@@ -528,3 +528,17 @@ def test_masked_pool_equals_per_example_slices(padding):
             assert np.array_equal(out.numpy(), expected)
         else:
             np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pool_sequences_without_checks_equals_masked_pool():
+    # The form used on a GPU (nothing read back): exact masking, padding never read.
+    from hookscope.pooling import pool_sequences
+
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(rng.standard_normal((4, 6, 3)).astype(np.float32))
+    keep = torch.arange(6)[None] < torch.tensor([6, 3, 1, 4])[:, None]
+    x[~keep] = float("nan")
+    for reduce in ("max", "mean", "sum"):
+        out, finite = pool_sequences(x, keep, reduce, check=False)
+        assert finite  # (unchecked: the caller checks the values later)
+        assert torch.equal(out, hs.masked_pool(x, keep, reduce))
