@@ -44,6 +44,7 @@ __all__ = [
     "batch_dim_of",
     "convert",
     "input_lengths",
+    "input_packed",
     "lengths_fit",
     "nested_lengths_or_mask",
     "padding_mask",
@@ -336,19 +337,23 @@ def lengths_fit(t: Tensor | None, lengths: Tensor) -> bool:
             and (len(lengths) == 0 or t.shape[1] >= lengths.numpy().max()))
 
 
-def input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str) -> Tensor | None:
-    # The story's LSTMEncoder takes a PackedSequence and returns a padded tensor: the
-    # lengths live in the input's batch_sizes.  (Plain loops: this runs on every call.)
-    packed = None
+def input_packed(args: tuple, kwargs: dict) -> PackedSequence | None:
+    """The first ``PackedSequence`` a call was given, if any.  (Plain loops: this runs on
+    every call.)"""
     for a in args:
         if isinstance(a, PackedSequence):
-            packed = a
-            break
-    if packed is None and kwargs:
+            return a
+    if kwargs:
         for a in kwargs.values():
             if isinstance(a, PackedSequence):
-                packed = a
-                break
+                return a
+    return None
+
+
+def input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str) -> Tensor | None:
+    # The story's LSTMEncoder takes a PackedSequence and returns a padded tensor: the
+    # lengths live in the input's batch_sizes.
+    packed = input_packed(args, kwargs)
     if packed is None:
         return None
     lengths = packed_lengths(packed)

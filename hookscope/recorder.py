@@ -27,6 +27,7 @@ from .convert import (
     CloneMode,
     convert,
     input_lengths,
+    input_packed,
     lengths_fit,
     nested_lengths_or_mask,
     padding_mask,
@@ -48,7 +49,7 @@ from .offload import HostStaging
 from .plan import BatchDim, Plan, build_plans, with_perms
 from .recording import Recording
 from .select import ModuleSpec, resolve_modules, unwrap
-from .structure import first_tensor, iter_tensors, pad_packed
+from .structure import first_tensor, iter_tensors, packed_mask, pad_packed
 
 __all__ = ["Recorder", "record"]
 
@@ -590,12 +591,17 @@ class Recorder:
                 plan.rnn and not plan.module.batch_first):
             return None
         t = leaf.detach()
-        if lengths is None and (args or kwargs):
-            lengths = input_lengths(args, kwargs, None, plan.name)
-            if lengths is not None and not lengths_fit(t, lengths):
-                lengths = None
         mask = None
-        if lengths is None and s.mask is not None and t.ndim >= 2 \
+        packed_in = input_packed(args, kwargs) if lengths is None else None
+        if packed_in is not None and t.ndim >= 2:
+            # Real positions straight from the input's batch_sizes, where they describe this
+            # output as (batch, time, ...) (not an RNN's h_n computed from the same input).
+            keep = packed_mask(packed_in)
+            if t.shape[0] == keep.shape[0] and t.shape[1] >= keep.shape[1]:
+                if t.shape[1] > keep.shape[1]:  # padded to a longer total_length
+                    keep = torch.nn.functional.pad(keep, (0, t.shape[1] - keep.shape[1]))
+                mask = keep
+        elif lengths is None and s.mask is not None and t.ndim >= 2 \
                 and tuple(t.shape[:2]) == tuple(s.mask.shape):
             mask = s.mask
         if plan.dtype is not None and t.is_floating_point():

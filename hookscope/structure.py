@@ -29,6 +29,7 @@ __all__ = [
     "iter_tensors",
     "map_leaves",
     "packed_lengths",
+    "packed_mask",
     "pad_packed",
     "takes_two_args",
     "tensor_shape",
@@ -186,6 +187,24 @@ def packed_lengths(packed: PackedSequence) -> Tensor:
     if packed.unsorted_indices is not None:
         lengths = lengths[packed.unsorted_indices.cpu()]
     return lengths
+
+
+def packed_mask(packed: PackedSequence) -> Tensor:
+    """The ``(batch, time)`` mask of real positions of a ``PackedSequence``, True where a
+    sequence has a step, in the batch order it was packed from: straight from
+    ``batch_sizes`` (one comparison; this runs on every call of a module fed one).
+
+    >>> from torch.nn.utils.rnn import pack_sequence
+    >>> packed_mask(pack_sequence([torch.ones(2), torch.ones(3)], enforce_sorted=False)).int()
+    tensor([[1, 1, 0],
+            [1, 1, 1]], dtype=torch.int32)
+    """
+    sizes = packed.batch_sizes.numpy()  # always on the CPU
+    # Sequence i (in sorted order) is present at time t iff i < batch_sizes[t].
+    keep = torch.from_numpy(np.arange(int(sizes[0]))[:, None] < sizes[None, :])
+    if packed.unsorted_indices is not None:
+        keep = keep[packed.unsorted_indices.cpu()]
+    return keep
 
 
 def pad_packed(packed: PackedSequence) -> tuple[Tensor, Tensor]:

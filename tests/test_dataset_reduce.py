@@ -312,3 +312,37 @@ def test_on_a_gpu_reductions_match_the_cpu_and_read_nothing_back_per_capture(tmp
     on[1]["x"][3, 0, 0] = float("nan")  # a real position: refused, on the host
     with pytest.raises(hs.InputError, match="batch 1: 'layers.0' row 3"):
         one_run("nan", on)()
+
+
+def test_a_packed_input_padded_to_a_longer_total_length(tmp_path):
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.gru = nn.GRU(3, 4, batch_first=True)
+
+        def forward(self, packed):  # padded past the longest sequence, as a fixed-size batch
+            out, _ = self.gru(packed)
+            return nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=9)[0]
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = Encoder()
+
+        def forward(self, b):
+            return self.encoder(nn.utils.rnn.pack_padded_sequence(
+                b["x"], b["lengths"], batch_first=True, enforce_sorted=False))
+
+    model = Model().eval()
+    gen = torch.Generator().manual_seed(3)
+    data = [{"x": torch.randn(5, 6, 3, generator=gen),
+             "lengths": torch.tensor([6, 2, 5, 1, 3])} for _ in range(2)]
+    got = _copies(model, ["encoder"], lambda: [model(b) for b in data])["encoder"]
+    for reduce in ("mean", "max"):
+        out = record_dataset(model, data, ["encoder"], tmp_path / reduce, reduce=reduce,
+                             progress=False)
+        expected = torch.stack([_pool(o[i], torch.arange(9) < b["lengths"][i], reduce)
+                                for o, b in zip(got, data, strict=True) for i in range(5)])
+        np.testing.assert_allclose(open_dataset(out).numpy("encoder"), expected.numpy(),
+                                   rtol=1e-6, atol=1e-6)
