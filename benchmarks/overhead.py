@@ -3,6 +3,7 @@
     python benchmarks/overhead.py            # full sizes (minutes on 2 CPU cores)
     python benchmarks/overhead.py --quick    # tiny sizes, seconds (run by the test suite)
     python benchmarks/overhead.py --cases intervene   # only edit= and grads=True
+    python benchmarks/overhead.py --cases tiny        # only the tiny MLP (fixed cost per call)
 
 Variants are interleaved (A B C A B C ...) within each repeat so that drift of the machine hits
 all of them alike; each repeat reports medians, and the table shows the median over repeats.
@@ -259,9 +260,10 @@ def intervene_cases(quick: bool) -> list[tuple[str, dict[str, Variant]]]:
 def main(argv: list[str] | None = None) -> int:
     def cases(p: argparse.ArgumentParser) -> None:
         p.add_argument("--cases", nargs="+", default=["record", "intervene"],
-                       choices=["record", "intervene"],
+                       choices=["record", "intervene", "tiny"],
                        help="record: recording overhead (inference); intervene: edit= and "
-                            "grads=True against hand-written hooks (autograd on)")
+                            "grads=True against hand-written hooks (autograd on); tiny: only "
+                            "the tiny MLP's fixed cost per forward")
 
     args = parse_args(__doc__, argv, cases)
     iters = {"tiny": 5, "nli": 5, "transformer": 5, "numpy": 5, "nested": 5} if args.quick \
@@ -284,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     record_cases = (("nli", nli_case), ("transformer", transformer_case),
                     ("numpy", numpy_case), ("nested", nested_case), ("tiny", tiny_case))
     with torch.inference_mode():
-        for key, make in record_cases if "record" in args.cases else ():
+        chosen = record_cases if "record" in args.cases else \
+            [c for c in record_cases if c[0] == "tiny" and "tiny" in args.cases]
+        for key, make in chosen:
             title, variants = make(args.quick)
             times = interleaved(variants, iters[key], args.repeats)
             if key == "tiny":
