@@ -608,15 +608,15 @@ class Recorder:
             t = t.to(plan.dtype)  # reduced in the captured precision, as a capture would be
         bidirectional = (plan.bidir_units is not None and t.ndim > 1
                          and t.shape[-1] == plan.bidir_units)
+        if perm is not None and (t.ndim == 0 or t.shape[0] != len(perm)):
+            raise UnsortError(
+                f"unsort for {where}: the output has {t.shape[0] if t.ndim else 0} examples "
+                f"(shape {tuple(t.shape)}) but the permutation has {len(perm)} entries: the "
+                "permutation is for another batch.")
         cap = Capture(plan.name, s.rec.steps - 1, call, label, plan.module_type, t,
                       lengths=lengths, mask=mask, bidirectional=bidirectional)
         rows, shared = plan.rows(cap, perm)
         if perm is not None:
-            if rows.ndim == 0 or rows.shape[0] != len(perm):
-                raise UnsortError(
-                    f"unsort for {where}: the output has {rows.shape[0] if rows.ndim else 0} "
-                    f"examples but the permutation has {len(perm)} entries: the permutation "
-                    "is for another batch.")
             return rows.index_select(0, plan.perm_on(perm, rows.device))
         return rows.clone() if shared else rows  # rows that are the model's own memory
 

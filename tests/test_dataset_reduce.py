@@ -226,6 +226,13 @@ def test_a_permutation_that_fits_only_the_feature_dimension_is_refused(tmp_path)
         with pytest.raises(hs.UnsortError):
             record_dataset(lin, [x], [""], tmp_path / str(reduce), reduce=reduce,
                            progress=False, unsort=lambda b: {"": bad})
+    # With lengths= too, the permutation is blamed (not the lengths, no IndexError).
+    seq = torch.randn(3, 5, 4)
+    for wrong in (torch.tensor([0, 1, 2, 3]), torch.tensor([1, 0])):
+        with pytest.raises(hs.UnsortError, match="the output has 3 examples"):
+            record_dataset(lin, [seq], [""], tmp_path / f"len{len(wrong)}", reduce="mean",
+                           progress=False, lengths=lambda b: torch.tensor([5, 5, 5]),
+                           unsort=lambda b, wrong=wrong: {"": wrong})
     # A time-major output whose batch really is dim 1 is recorded once told so.
     seq = torch.randn(5, 3, 4)  # (time, batch, features)
     perm = torch.tensor([2, 0, 1])
