@@ -332,9 +332,15 @@ def padding_mask(mask_from: Any, args: tuple, kwargs: dict) -> Tensor | None:
 
 def lengths_fit(t: Tensor | None, lengths: Tensor) -> bool:
     """Whether ``lengths`` (of the call's input sequences) describe ``t`` as ``(batch, time,
-    ...)``: not an RNN's final state ``(layers, batch, hidden)`` computed from the same input."""
-    return (t is not None and not t.is_nested and t.ndim >= 2 and t.shape[0] == len(lengths)
-            and (len(lengths) == 0 or t.shape[1] >= lengths.numpy().max()))
+    ...)`` or ``(time, batch, ...)``: not an RNN's final state ``(layers, batch, hidden)``
+    computed from the same input.  (A time-major capture keeps them, so that a reduction
+    says it is time-major instead of pooling over the batch.)"""
+    if t is None or t.is_nested or t.ndim < 2:
+        return False
+    longest = lengths.numpy().max() if len(lengths) else 0
+    n = len(lengths)
+    return (t.shape[0] == n and t.shape[1] >= longest) or (t.shape[1] == n
+                                                          and t.shape[0] >= longest)
 
 
 def input_packed(args: tuple, kwargs: dict) -> PackedSequence | None:

@@ -99,8 +99,19 @@ def capture_mask(cap: Any, lengths: Any = None) -> Tensor | None:
     mask = torch.as_tensor(mask).to("cpu")
     if tuple(mask.shape) != tuple(t.shape[:2]):
         raise InputError(f"{_where(cap)}: its mask has shape {tuple(mask.shape)} but the "
-                         f"capture's (batch, time) is {tuple(t.shape[:2])}.")
+                         f"capture's (batch, time) is {tuple(t.shape[:2])}."
+                         + time_major_hint(t.shape, mask.shape))
     return mask.bool()
+
+
+def time_major_hint(shape: Any, mask_shape: Any) -> str:
+    """What to do when a capture is ``(time, batch, ...)`` (``pad_packed_sequence``'s
+    default) while its mask is ``(batch, time)``."""
+    if len(shape) < 2 or tuple(mask_shape) != (shape[1], shape[0]):
+        return ""
+    return (" It looks time-major (time, batch, ...), as pad_packed_sequence returns it "
+            "without batch_first=True: record it batch-first with "
+            "pick=lambda out: out.transpose(0, 1) (for a tuple, e.g. out[0].transpose(0, 1)).")
 
 
 def capture_matrix(cap: Any, reduce: Reduce = None, *, bidirectional: bool | None = None,

@@ -44,6 +44,7 @@ from .errors import (
     UnsortError,
     UnsupportedModelError,
 )
+from .frame import time_major_hint
 from .grads import attach_grad_hooks, require_grads
 from .offload import HostStaging
 from .plan import BatchDim, Plan, build_plans, with_perms
@@ -601,6 +602,11 @@ class Recorder:
                 if t.shape[1] > keep.shape[1]:  # padded to a longer total_length
                     keep = torch.nn.functional.pad(keep, (0, t.shape[1] - keep.shape[1]))
                 mask = keep
+            elif t.shape[1] == keep.shape[0] and t.shape[0] >= keep.shape[1]:
+                raise InputError(f"{where} returned shape {tuple(t.shape)} from a packed "
+                                 f"batch of {keep.shape[0]} sequences: one row per example "
+                                 "needs (batch, time, ...)."
+                                 + time_major_hint(t.shape, (t.shape[1], t.shape[0])))
         elif lengths is None and s.mask is not None and t.ndim >= 2 \
                 and tuple(t.shape[:2]) == tuple(s.mask.shape):
             mask = s.mask

@@ -353,3 +353,28 @@ def test_a_packed_input_padded_to_a_longer_total_length(tmp_path):
                                 for o, b in zip(got, data, strict=True) for i in range(5)])
         np.testing.assert_allclose(open_dataset(out).numpy("encoder"), expected.numpy(),
                                    rtol=1e-6, atol=1e-6)
+
+
+def test_a_time_major_output_of_a_packed_call_is_refused_with_the_fix(tmp_path):
+    class TimeMajor(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.gru = nn.GRU(3, 4)
+
+        def forward(self, packed):  # pad_packed_sequence's default: (time, batch, hidden)
+            return nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0])[0]
+
+    model = TimeMajor().eval()
+    batch = nn.utils.rnn.pack_padded_sequence(torch.randn(6, 5, 3), torch.tensor([6, 5, 3, 2, 1]))
+    with torch.no_grad(), hs.record(model, [""]) as rec:
+        padded = model(batch)
+    with pytest.raises(hs.InputError, match=r"time-major .* pick=lambda out: out.transpose"):
+        rec.to_frame(reduce="mean")
+    with pytest.raises(hs.InputError, match="time-major"):
+        record_dataset(model, [batch], [""], tmp_path / "tm", reduce="mean", progress=False)
+    out = record_dataset(model, [batch], [""], tmp_path / "bf", reduce="mean", progress=False,
+                         pick=lambda out: out.transpose(0, 1))
+    expected = torch.stack([padded[:n, i].mean(0) for i, n in enumerate([6, 5, 3, 2, 1])])
+    np.testing.assert_allclose(open_dataset(out).numpy(""), expected.numpy(), rtol=1e-6,
+                               atol=1e-6)
