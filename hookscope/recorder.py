@@ -592,6 +592,18 @@ class Recorder:
                 plan.rnn and not plan.module.batch_first):
             return None
         t = leaf.detach()
+        if perm is not None and (t.ndim == 0 or t.shape[0] != len(perm)):
+            raise UnsortError(
+                f"unsort for {where}: the output has {t.shape[0] if t.ndim else 0} examples "
+                f"(shape {tuple(t.shape)}) but the permutation has {len(perm)} entries: the "
+                "permutation is for another batch.")
+        if t.ndim in (1, 2) and lengths is None:  # already one row per example: kept as is
+            if plan.dtype is not None and t.is_floating_point():
+                t = t.to(plan.dtype)
+            rows = t.unsqueeze(1) if t.ndim == 1 else t
+            if perm is None:
+                return rows.clone()  # (the model's own memory: a later in-place op)
+            return rows.index_select(0, plan.perm_on(perm, rows.device))
         mask = None
         packed_in = input_packed(args, kwargs) if lengths is None else None
         if packed_in is not None and t.ndim >= 2:
@@ -614,11 +626,6 @@ class Recorder:
             t = t.to(plan.dtype)  # reduced in the captured precision, as a capture would be
         bidirectional = (plan.bidir_units is not None and t.ndim > 1
                          and t.shape[-1] == plan.bidir_units)
-        if perm is not None and (t.ndim == 0 or t.shape[0] != len(perm)):
-            raise UnsortError(
-                f"unsort for {where}: the output has {t.shape[0] if t.ndim else 0} examples "
-                f"(shape {tuple(t.shape)}) but the permutation has {len(perm)} entries: the "
-                "permutation is for another batch.")
         cap = Capture(plan.name, s.rec.steps - 1, call, label, plan.module_type, t,
                       lengths=lengths, mask=mask, bidirectional=bidirectional)
         rows, shared = plan.rows(cap, perm)

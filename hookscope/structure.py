@@ -223,6 +223,15 @@ def as_permutation(perm: Any, where: str) -> Tensor:
     >>> as_permutation([2, 0, 1], "encoder call 0")
     tensor([2, 0, 1])
     """
+    if (type(perm) is Tensor and perm.dtype is torch.int64 and perm.ndim == 1
+            and perm.device.type == "cpu" and not perm.requires_grad):
+        a = perm.numpy()  # the common case (a collate function's index), checked in NumPy
+        n = len(a)
+        if n and a.min() >= 0 and a.max() < n:
+            seen = np.zeros(n, dtype=bool)
+            seen[a] = True
+            if seen.all():
+                return perm
     try:
         t = torch.as_tensor(perm).detach()
     except Exception as exc:
