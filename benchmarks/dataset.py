@@ -162,7 +162,8 @@ def integrity(n_pairs: int, repeats: int) -> list[dict]:
     from unittest import mock
 
     import hookscope as hs
-    import hookscope.dataset as writer
+    import hookscope.dataset as recording
+    import hookscope.dataset_writer as writer
     from hookscope.fingerprint import model_digest
 
     model, batches = _story_batches(n_pairs)
@@ -176,17 +177,18 @@ def integrity(n_pairs: int, repeats: int) -> list[dict]:
                                                         b.hypothesis_orig_idx]},
                           meta=lambda b: {"text": b.texts})
 
-    def variant(patches: dict) -> Any:
+    def variant(module: Any, patches: dict) -> Any:
         def run() -> None:
             with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
                 for name, fake in patches.items():
-                    stack.enter_context(mock.patch.object(writer, name, fake))
+                    stack.enter_context(mock.patch.object(module, name, fake))
                 record(f"{tmp}/ds")
         return run
 
-    variants = {"full": variant({}),
-                "no checksums": variant({"hashlib": _NoHashlib}),
-                "no fingerprint": variant({"setup_fingerprint": lambda *a, **k: "0" * 64})}
+    variants = {"full": variant(writer, {}),
+                "no checksums": variant(writer, {"hashlib": _NoHashlib}),
+                "no fingerprint": variant(recording, {"setup_fingerprint":
+                                                      lambda *a, **k: "0" * 64})}
     times: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):
         for name, fn in variants.items():

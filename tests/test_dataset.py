@@ -19,6 +19,7 @@ import torch
 import hookscope as hs
 import hookscope.dataset
 import hookscope.dataset_format
+import hookscope.dataset_writer
 from hookscope.dataset import DatasetError, record_dataset
 from hookscope.dataset_view import open_dataset
 from tests import dataset_job
@@ -175,7 +176,7 @@ def test_bad_inputs(tmp_path):
 def test_disk_full_keeps_completed_shards_and_resumes(tmp_path, monkeypatch):
     model = torch.nn.Linear(3, 2)
     data = [torch.randn(4, 3) for _ in range(6)]
-    real_write = hookscope.dataset._HashingFile.write
+    real_write = hookscope.dataset_writer._HashingFile.write
 
     def flaky(self, data):  # the disk fills up while the third shard is written, once
         if self.path.name == ".part-r000-000002.parquet.tmp" and not failed:
@@ -185,7 +186,7 @@ def test_disk_full_keeps_completed_shards_and_resumes(tmp_path, monkeypatch):
 
     failed: list[Path] = []
 
-    monkeypatch.setattr(hookscope.dataset._HashingFile, "write", flaky)
+    monkeypatch.setattr(hookscope.dataset_writer._HashingFile, "write", flaky)
     with pytest.raises(DatasetError, match="No space left.*intact"):
         record_dataset(model, data, [""], tmp_path / "full", shard_rows=4, progress=False)
     manifest = json.loads((tmp_path / "full" / "manifest.json").read_text())
@@ -706,7 +707,7 @@ def _grouped_and_whole(tmp_path, monkeypatch, name, group_bytes, **options):
     group per shard (the writer's former layout): the independent reference."""
     views = {}
     for layout, limit in (("grouped", group_bytes), ("whole", 2**62)):
-        monkeypatch.setattr(hookscope.dataset, "_ROW_GROUP_BYTES", limit)
+        monkeypatch.setattr(hookscope.dataset_writer, "_ROW_GROUP_BYTES", limit)
         out = record_dataset(progress=False, out=tmp_path / f"{name}-{layout}", **options)
         views[layout] = open_dataset(out)  # verify=True: every shard read is checksummed
     monkeypatch.undo()
@@ -789,8 +790,8 @@ def test_a_failed_row_group_stops_the_run_and_resumes(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     data = [torch.randn(4, 3) for _ in range(9)]
-    monkeypatch.setattr(hookscope.dataset, "_ROW_GROUP_BYTES", 1)  # a row group per batch
-    real_write = hookscope.dataset._HashingFile.write
+    monkeypatch.setattr(hookscope.dataset_writer, "_ROW_GROUP_BYTES", 1)  # a row group per batch
+    real_write = hookscope.dataset_writer._HashingFile.write
     seen = []
 
     def flaky(self, data):
@@ -799,15 +800,15 @@ def test_a_failed_row_group_stops_the_run_and_resumes(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real_write(self, data)
 
-    monkeypatch.setattr(hookscope.dataset._HashingFile, "write", flaky)
+    monkeypatch.setattr(hookscope.dataset_writer._HashingFile, "write", flaky)
     added = []
-    real_add = hookscope.dataset._ShardWriter.add
+    real_add = hookscope.dataset_writer.ShardWriter.add
 
     def add(self, columns, n, index):
         added.append(index)
         real_add(self, columns, n, index)
 
-    monkeypatch.setattr(hookscope.dataset._ShardWriter, "add", add)
+    monkeypatch.setattr(hookscope.dataset_writer.ShardWriter, "add", add)
     out = tmp_path / "full"
     with pytest.raises(DatasetError, match="part-r000-000001.parquet failed.*No space left.*"
                                            "the 1 completed shards.*intact"):
@@ -829,7 +830,7 @@ def test_a_run_stopped_mid_shard_leaves_no_temporary(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     data = [torch.randn(4, 3) for _ in range(9)]
-    monkeypatch.setattr(hookscope.dataset, "_ROW_GROUP_BYTES", 1)
+    monkeypatch.setattr(hookscope.dataset_writer, "_ROW_GROUP_BYTES", 1)
 
     stop = [True]
 

@@ -168,7 +168,7 @@ def test_a_permutation_of_another_batch_is_a_clear_error(tmp_path, story):
 
 
 def test_non_finite_rows_are_refused_with_the_column_and_row(tmp_path):
-    from hookscope.dataset import host_columns
+    from hookscope.dataset_rows import host_columns
 
     rows = torch.zeros(4, 3)
     rows[2, 1] = float("nan")

@@ -175,7 +175,7 @@ def test_unsort_permutations_are_moved_to_a_device_once_per_plan():
 
 
 def test_a_dataset_batch_moves_in_one_copy_and_one_wait():
-    from hookscope.dataset import host_columns
+    from hookscope.dataset_rows import host_columns
 
     ops = FakeOps()
     staging = HostStaging(ops=lambda x: ops)
