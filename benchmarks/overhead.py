@@ -134,39 +134,34 @@ def tiny_case(quick: bool) -> tuple[str, dict[str, Variant]]:
                 model(x)
         assert rec.steps == TINY_LOOP
 
-    def raw_once_clone() -> None:  # the floor: hand-written hooks registered once, cloning
-        store: list = []
-        handles = [model[int(n)].register_forward_hook(
-            lambda m, i, o: store.append(o.detach().clone())) for n in names]
-        try:
-            for _ in range(TINY_LOOP):
-                model(x)
-        finally:
-            for h in handles:
-                h.remove()
+    def raw_once_clone(count_steps: bool) -> Variant:
+        """The floor: hand-written hooks registered once, cloning; with ``count_steps``, plus
+        a model pre-hook counting forward passes (what any recorder must know to tell a module
+        called twice from two passes)."""
+        def run() -> None:
+            store: list = []
+            steps = [0]
 
-    def raw_once_clone_step() -> None:  # the same + a model pre-hook counting forward passes
-        store: list = []
-        steps = [0]
+            def new_step(m: nn.Module, args: tuple, kwargs: dict) -> None:
+                steps[0] += 1
 
-        def new_step(m: nn.Module, args: tuple, kwargs: dict) -> None:
-            steps[0] += 1  # what any recorder must know to tell a call twice from two passes
-
-        handles = [model[int(n)].register_forward_hook(
-            lambda m, i, o: store.append(o.detach().clone())) for n in names]
-        handles.append(model.register_forward_pre_hook(new_step, with_kwargs=True))
-        try:
-            for _ in range(TINY_LOOP):
-                model(x)
-        finally:
-            for h in handles:
-                h.remove()
+            handles = [model[int(n)].register_forward_hook(
+                lambda m, i, o: store.append(o.detach().clone())) for n in names]
+            if count_steps:
+                handles.append(model.register_forward_pre_hook(new_step, with_kwargs=True))
+            try:
+                for _ in range(TINY_LOOP):
+                    model(x)
+            finally:
+                for h in handles:
+                    h.remove()
+        return run
 
     return (f"tiny MLP (3 x Linear(16, 16), batch 4), per call, loops of {TINY_LOOP}", {
         "plain forward": loop(lambda: model(x)),
         "raw hooks registered+removed per call": loop(lambda: raw(lambda: model(x))),
-        "raw hooks registered once, clone": raw_once_clone,
-        "the same + a model pre-hook counting forward passes": raw_once_clone_step,
+        "raw hooks registered once, clone": raw_once_clone(count_steps=False),
+        "the same + a model pre-hook counting forward passes": raw_once_clone(count_steps=True),
         "hookscope.record(...) per call": loop(new_record_per_call),
         "one Recorder, run() per call": loop(lambda: recorder.run(x)),
         "one record block, a step per call": one_block,
