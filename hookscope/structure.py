@@ -180,13 +180,7 @@ def packed_lengths(packed: PackedSequence) -> Tensor:
     >>> packed_lengths(pack_sequence([torch.ones(2), torch.ones(3)], enforce_sorted=False))
     tensor([2, 3])
     """
-    sizes = packed.batch_sizes.numpy()  # always on the CPU (NumPy: this runs per call)
-    n = int(sizes[0])
-    # Sequence i (in sorted order) is present at time t iff i < batch_sizes[t].
-    lengths = torch.from_numpy((sizes[None, :] > np.arange(n)[:, None]).sum(1, dtype=np.int64))
-    if packed.unsorted_indices is not None:
-        lengths = lengths[packed.unsorted_indices.cpu()]
-    return lengths
+    return packed_mask(packed).sum(1)
 
 
 def packed_mask(packed: PackedSequence) -> Tensor:
@@ -225,28 +219,20 @@ def as_permutation(perm: Any, where: str) -> Tensor:
     """
     if (type(perm) is Tensor and perm.dtype is torch.int64 and perm.ndim == 1
             and perm.device.type == "cpu" and not perm.requires_grad):
-        a = perm.numpy()  # the common case (a collate function's index), checked in NumPy
-        n = len(a)
-        if n and a.min() >= 0 and a.max() < n:
-            seen = np.zeros(n, dtype=bool)
-            seen[a] = True
-            if seen.all():
-                return perm
-    try:
-        t = torch.as_tensor(perm).detach()
-    except Exception as exc:
-        raise UnsortError(
-            f"unsort for {where}: cannot read {type(perm).__name__} as an index tensor ({exc})."
-        ) from None
-    if t.ndim != 1:
-        raise UnsortError(
-            f"unsort for {where}: a permutation must be 1-D, got shape {tuple(t.shape)}."
-        )
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise UnsortError(
-            f"unsort for {where}: a permutation must hold integers, got dtype {t.dtype}."
-        )
-    t = t.to(device="cpu", dtype=torch.int64)
+        t = perm  # the common case (a collate function's index): no conversion, no copy
+    else:
+        try:
+            t = torch.as_tensor(perm).detach()
+        except Exception as exc:
+            raise UnsortError(f"unsort for {where}: cannot read {type(perm).__name__} as an "
+                              f"index tensor ({exc}).") from None
+        if t.ndim != 1:
+            raise UnsortError(
+                f"unsort for {where}: a permutation must be 1-D, got shape {tuple(t.shape)}.")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise UnsortError(
+                f"unsort for {where}: a permutation must hold integers, got dtype {t.dtype}.")
+        t = t.to(device="cpu", dtype=torch.int64)
     n = t.numel()
     if n == 0:
         return t
