@@ -1,0 +1,132 @@
+"""Where recording's time goes on a GPU: profiler tables and the stack of every host-device
+synchronisation, for the cases of ``benchmarks/gpu.py`` that miss their targets.
+
+    python benchmarks/gpu_profile.py            # on a CUDA machine (about a minute)
+    python benchmarks/gpu_profile.py --quick    # tiny sizes; without CUDA a smoke run
+
+Prints, for the story's BiLSTM with ``unsort=`` (on the GPU and with ``device="cpu"``), BERT
+with ``device="cpu"`` and ``record_dataset``: the operators that take the most host time
+(``torch.profiler``), and where in hookscope each synchronisation was asked for
+(``torch.cuda.set_sync_debug_mode("warn")``).  Diagnostics, not figures: the figures are
+``benchmarks/gpu.py``'s.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import traceback
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from _common import parse_args, story_batch  # benchmarks/ is on sys.path
+from gpu import CUDA, DEVICE, bert, token_batch
+
+import hookscope as hs
+
+
+def profile(title: str, fn: Callable[[], Any], runs: int, rows: int = 18) -> None:
+    """The operators with the most host time over ``runs`` calls of ``fn`` (after a warm
+    call)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(runs):
+            fn()
+        if CUDA:
+            torch.cuda.synchronize()
+    print(f"\n### {title}: {runs} calls, by host time\n")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def sync_sites(title: str, fn: Callable[[], Any]) -> None:
+    """Each place a synchronisation is asked for during one call of ``fn``, with the frames
+    of hookscope and of this script that led to it."""
+    if not CUDA:
+        return
+    fn()
+    torch.cuda.synchronize()
+    sites: Counter = Counter()
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            original = warnings.showwarning
+
+            def show(message, category, filename, lineno, file=None, line=None):
+                frames = [f for f in traceback.extract_stack()[:-1]
+                          if "hookscope" in f.filename or "benchmarks" in f.filename]
+                sites[(str(message)[:80], " <- ".join(
+                    f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}"
+                    for f in reversed(frames[-5:])))] += 1
+
+            warnings.showwarning = show
+            fn()
+            torch.cuda.synchronize()
+            for w in caught:
+                show(w.message, w.category, w.filename, w.lineno)
+            warnings.showwarning = original
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
+    print(f"\n### synchronisations: {title}: {sum(sites.values())}\n")
+    for (msg, where), n in sites.most_common(12):
+        print(f"- {n}x {msg}\n    {where}")
+
+
+def run_block(recorder: hs.Recorder, call: Callable[[], Any]) -> None:
+    with recorder:
+        call()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(__doc__, argv)
+    name = torch.cuda.get_device_name() if CUDA else "no CUDA device (smoke run on the CPU)"
+    print(f"device: {name}; torch {torch.__version__}")
+    if not CUDA and not args.quick:
+        print("nothing to profile without CUDA")
+        return 0
+    runs = 2 if args.quick else 10
+    with torch.no_grad():
+        model, b, sizes = story_batch(args.quick)
+        model = model.to(DEVICE)
+        for side in ("premise", "hypothesis"):
+            for field in (side, f"{side}_orig_idx"):
+                setattr(b, field, getattr(b, field).to(DEVICE))
+        options = {"calls": {"encoder": ["premise", "hypothesis"],
+                             "pooling": ["premise", "hypothesis"]},
+                   "unsort": {"encoder": [b.premise_orig_idx, b.hypothesis_orig_idx]}}
+        names = ["encoder", "pooling", "aggregation"]
+        for device in (None, "cpu"):
+            r = hs.record(model, names, device=device, **options)
+            title = f"BiLSTM ({sizes}), unsort=, device={device!r}"
+            profile(title, lambda r=r: run_block(r, lambda: model(b)), runs)
+            sync_sites(title, lambda r=r: run_block(r, lambda: model(b)))
+        profile("BiLSTM plain forward", lambda: model(b), runs, rows=10)
+
+        bmodel, bnames, forward, btitle = bert(args.quick)
+        tb = token_batch(4, 16) if args.quick else token_batch(32, 128)
+        r = hs.record(bmodel, bnames, device="cpu")
+        profile(f"{btitle}, device='cpu'", lambda: run_block(r, lambda: forward(tb)), runs)
+        sync_sites(f"{btitle}, device='cpu'", lambda: run_block(r, lambda: forward(tb)))
+
+        batches = [token_batch(4 if args.quick else 64, 16 if args.quick else 128, seed=i)
+                   for i in range(3 if args.quick else 8)]
+
+        def dataset() -> None:
+            with tempfile.TemporaryDirectory() as tmp:
+                hs.record_dataset(bmodel, batches, bnames, f"{tmp}/ds", reduce="mean",
+                                  forward=lambda m, x: forward(x), progress=False,
+                                  setup_id="benchmarks/gpu_profile.py")
+    profile(f"record_dataset, {len(batches)} batches", dataset, 1)
+    sync_sites(f"record_dataset, {len(batches)} batches", dataset)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
