@@ -16,11 +16,12 @@ pyarrow is an optional dependency (``pip install 'hookscope[parquet]'``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +205,7 @@ def record_dataset(
         try:
             job = _Job(model, recorder, forward or (lambda m, b: m(b)), per_batch_unsort, meta,
                        lengths, reduce, bidirectional, np_dtype, manifest, writer, bar,
-                       shard_rows, vector_encoding, reducer)
+                       shard_rows, vector_encoding, reducer, HostStaging())
             _record_batches(job, _batches_to_do(batches, done, rank, world))
             writer.flush()
         finally:
@@ -246,7 +247,7 @@ class _Job:
     shard_rows: int
     encoding: str
     reducer: ReduceAtCall | None = None  # reduce= in the hooks (None: reduce=None)
-    staging: HostStaging = field(default_factory=HostStaging)  # pinned buffers, reused
+    staging: HostStaging | None = None  # pinned buffers, reused (one per call)
 
 
 def _batches_to_do(batches: Iterable[Any], done: set[int], rank: int,
@@ -260,36 +261,66 @@ def _batches_to_do(batches: Iterable[Any], done: set[int], rank: int,
 
 
 def _record_batches(job: _Job, items: Iterable[tuple[int, Any]]) -> None:
+    """Each batch's forward, then the previous batch's rows to the writer: on a GPU, batch
+    *i*'s copy to the host and its columns are finished while batch *i + 1* computes (the
+    wait is for batch *i*'s copy alone).  Batches reach the writer in order; a batch whose
+    successor fails is still written, so that a resumed run starts after it."""
+    previous = None
     with torch.no_grad():
         for index, batch in items:
-            recorder = job.recorder if job.unsort is None else \
-                job.recorder.with_unsort(job.unsort(batch))  # this batch's order
-            given = None if job.lengths is None else given_lengths(job.lengths(batch), index)
-            if job.reducer is not None:  # the hooks reduce: they need this batch's lengths=
-                job.reducer.given, job.reducer.index = given, index
             try:
-                with recorder as rec:
-                    job.run(job.model, batch)
-            except (InputError, UnsortError) as exc:  # raised by the hooks: say which batch
-                raise type(exc)(f"batch {index}: {exc}") from None
-            if given is not None and job.reducer is None:
-                apply_lengths(rec, given, index)
-            columns, n = batch_columns(rec, job.reduce, job.bidirectional, job.np_dtype,
+                current = _forward(job, index, batch)
+            except BaseException:
+                if previous is not None:
+                    with contextlib.suppress(Exception):  # the first error is the one to see
+                        _write(job, *previous)
+                raise
+            if previous is not None:
+                _write(job, *previous)
+            previous = current
+        if previous is not None:
+            _write(job, *previous)
+
+
+def _forward(job: _Job, index: int, batch: Any) -> tuple[int, dict, int, Callable]:
+    """One batch's forward with the hooks, its rows reduced and their copy queued, and its
+    other columns."""
+    recorder = job.recorder if job.unsort is None else \
+        job.recorder.with_unsort(job.unsort(batch))  # this batch's order
+    given = None if job.lengths is None else given_lengths(job.lengths(batch), index)
+    if job.reducer is not None:  # the hooks reduce: they need this batch's lengths=
+        job.reducer.given, job.reducer.index = given, index
+    try:
+        with recorder as rec:
+            job.run(job.model, batch)
+    except (InputError, UnsortError) as exc:  # raised by the hooks: say which batch
+        raise type(exc)(f"batch {index}: {exc}") from None
+    if given is not None and job.reducer is None:
+        apply_lengths(rec, given, index)
+    columns, n, vectors = batch_columns(rec, job.reduce, job.bidirectional, job.np_dtype,
                                         job.manifest, index, staging=job.staging,
                                         encoding=job.encoding)
-            if job.meta is not None:
-                columns.update(meta_columns(job.meta(batch), n, job.manifest, index))
-            elif job.manifest["meta"]:
-                raise DatasetError(f"batch {index}: meta= gave no columns; earlier batches "
-                                   f"had {sorted(job.manifest['meta'])}.")
-            columns["batch"] = np.full(n, index, dtype=np.int64)
-            columns["row"] = np.arange(n, dtype=np.int64)
-            job.writer.add(columns, n, index)
-            if job.bar is not None:
-                job.bar.update(n)
-                job.bar.set_postfix(MB=f"{job.writer.bytes_written / 2**20:.1f}")
-            if job.writer.n_buffered >= job.shard_rows:
-                job.writer.flush()
+    # meta= now, not with the rows: an iterable may reuse its batch object for the next one.
+    if job.meta is not None:
+        columns.update(meta_columns(job.meta(batch), n, job.manifest, index))
+    elif job.manifest["meta"]:
+        raise DatasetError(f"batch {index}: meta= gave no columns; earlier batches "
+                           f"had {sorted(job.manifest['meta'])}.")
+    columns["batch"] = np.full(n, index, dtype=np.int64)
+    columns["row"] = np.arange(n, dtype=np.int64)
+    return index, columns, n, vectors
+
+
+def _write(job: _Job, index: int, columns: dict, n: int,
+           vectors: Callable[[], dict]) -> None:
+    """A batch's rows, once on the host, to the writer."""
+    columns.update(vectors())
+    job.writer.add(columns, n, index)
+    if job.bar is not None:
+        job.bar.update(n)
+        job.bar.set_postfix(MB=f"{job.writer.bytes_written / 2**20:.1f}")
+    if job.writer.n_buffered >= job.shard_rows:
+        job.writer.flush()
 
 
 def _progress_bar(progress: bool, rank: int) -> Any:

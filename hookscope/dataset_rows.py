@@ -5,7 +5,7 @@ the host in one copy, checked finite (see :func:`hookscope.record_dataset`)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ from .offload import HostStaging
 from .pooling import REDUCTIONS, pool_sequences
 
 __all__ = ["ReduceAtCall", "apply_lengths", "batch_columns", "given_lengths", "host_columns",
-           "meta_columns"]
+           "host_columns_later", "meta_columns"]
 
 
 def _column_names(rec: Any) -> dict[tuple[str, int], str]:
@@ -172,7 +172,13 @@ def _meta_array(pa: Any, name: str, values: Any, known: str | None, index: int) 
 
 def batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, manifest: dict,
                    index: int, lengths: Any = None, staging: HostStaging | None = None,
-                   encoding: str = "list") -> tuple[dict[str, Any], int]:
+                   encoding: str = "list"
+                   ) -> tuple[dict[str, Any], int, Callable[[], dict[str, np.ndarray]]]:
+    """A batch's columns, the number of its rows, and what gives its vector columns.
+
+    Vectors reduced on a GPU are copied to the host without waiting: calling the third value
+    waits for that copy alone and checks the vectors (``record_dataset`` calls it once the
+    next batch's forward is queued, so that the GPU computes while the host writes)."""
     columns: dict[str, Any] = {}
     vectors: dict[str, torch.Tensor] = {}
     n = None
@@ -217,36 +223,54 @@ def batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, man
         elif rows != n:
             raise DatasetError(f"batch {index}: {col!r} has {rows} examples, other captures "
                                f"have {n}; select modules that see the same examples.")
-        columns[col] = value  # a vector: replaced by its host array below
+        columns[col] = value  # a vector: replaced by its host array when it is there
     if n is None:
         raise DatasetError(f"batch {index}: no selected module ran.")
-    columns.update(host_columns(vectors, np_dtype, staging, index))
-    return columns, n
+    return columns, n, host_columns_later(vectors, np_dtype, staging, index)
 
 
 def host_columns(vectors: dict[str, torch.Tensor], np_dtype: Any,
                  staging: HostStaging | None = None, index: int = 0) -> dict[str, np.ndarray]:
-    """A batch's vector columns ``(batch, units)`` as NumPy in the stored dtype, with one
-    device-to-host copy for all of them: cast and laid side by side on their device, copied
-    into a pinned buffer (``staging``'s, reused) without waiting, then one wait.  CPU tensors
-    are only cast (a float32 column is not copied here: the shard writer concatenates)."""
+    """A batch's vector columns ``(batch, units)`` as NumPy in the stored dtype, checked
+    (see :func:`host_columns_later`)."""
+    return host_columns_later(vectors, np_dtype, staging, index)()
+
+
+def host_columns_later(vectors: dict[str, torch.Tensor], np_dtype: Any,
+                       staging: HostStaging | None = None, index: int = 0
+                       ) -> Callable[[], dict[str, np.ndarray]]:
+    """What gives a batch's vector columns ``(batch, units)`` as NumPy in the stored dtype,
+    with one device-to-host copy for all of them: cast and laid side by side on their device
+    and copied into a pinned buffer (``staging``'s, reused) now, without waiting; the call
+    waits for that copy alone (not for work queued after it) and checks the rows.  CPU
+    tensors are only cast (a float32 column is not copied here: the shard writer
+    concatenates)."""
     if not vectors:
-        return {}
+        return dict
     dtype = torch.float16 if np.dtype(np_dtype) == np.float16 else torch.float32
     parts = [v.detach().to(dtype) for v in vectors.values()]
     staging = staging or HostStaging()
     if not all(staging.copies_async(p) for p in parts):  # the CPU: nothing to move
-        out = {k: p.cpu().numpy() for k, p in zip(vectors, parts, strict=True)}
+        def on_host() -> dict[str, np.ndarray]:
+            return {k: p.cpu().numpy() for k, p in zip(vectors, parts, strict=True)}
     else:
-        host = staging.to_host(torch.cat([p.to(parts[0].device) for p in parts], dim=1), None)
-        staging.synchronize()  # the batch's one wait
-        arr = host.numpy()
+        host, wait = staging.to_host_marked(
+            torch.cat([p.to(parts[0].device) for p in parts], dim=1))
         bounds = np.cumsum([0, *(p.shape[1] for p in parts)])
-        out = {k: arr[:, a:b] for k, a, b in zip(vectors, bounds[:-1], bounds[1:],
-                                                 strict=True)}
-    for name, arr in out.items():
-        check_rows_finite(arr, name, index)
-    return out
+
+        def on_host() -> dict[str, np.ndarray]:
+            wait()  # the batch's one wait
+            arr = host.numpy()
+            return {k: arr[:, a:b] for k, a, b in zip(vectors, bounds[:-1], bounds[1:],
+                                                     strict=True)}
+
+    def checked() -> dict[str, np.ndarray]:
+        out = on_host()
+        for name, arr in out.items():
+            check_rows_finite(arr, name, index)
+        return out
+
+    return checked
 
 
 def check_rows_finite(arr: np.ndarray, column: str, index: int) -> None:

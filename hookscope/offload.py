@@ -76,6 +76,10 @@ class DeviceOps:
         """Block until every copy queued on ``queues`` is complete."""
         raise NotImplementedError
 
+    def mark(self, queue: Any) -> Callable[[], None]:
+        """A wait for what ``queue`` holds now, and not for anything queued on it later."""
+        return lambda: self.wait({queue})
+
 
 class CudaOps(DeviceOps):
     """CUDA: page-locked host buffers, copies on the current stream, stream synchronisation."""
@@ -91,6 +95,11 @@ class CudaOps(DeviceOps):
     def wait(self, queues: set) -> None:
         for stream in queues:
             stream.synchronize()
+
+    def mark(self, queue: Any) -> Callable[[], None]:
+        event = torch.cuda.Event()
+        event.record(queue)
+        return event.synchronize
 
 
 _CUDA = CudaOps()
@@ -154,6 +163,17 @@ class HostStaging:
                 self._pending = Pending(self)
             return buf
 
+    def to_host_marked(self, x: Tensor) -> tuple[Tensor, Callable[[], None]]:
+        """``x`` on the host, and a wait for that copy alone: not for work queued after it
+        (``record_dataset`` reads batch *i*'s rows while the GPU computes batch *i + 1*).
+        The buffer is the caller's to read after the wait; no capture refers to it."""
+        ops = self._ops_for(x)
+        if ops is None:
+            return x.to("cpu"), _nothing
+        with self._lock:
+            buf = self._take(ops, tuple(x.shape), x.dtype)
+            return buf, ops.mark(ops.copy(buf, x))
+
     def in_flight(self) -> Pending | None:
         """What a capture made now must wait for before it is read: the copies issued since
         the last wait, or ``None`` if there are none."""
@@ -194,6 +214,10 @@ class HostStaging:
     @property
     def pooled_bytes(self) -> int:
         return self._pooled
+
+
+def _nothing() -> None:
+    pass
 
 
 def count_host_syncs(fn: Callable[[], Any]) -> int | None:

@@ -378,3 +378,77 @@ def test_a_time_major_output_of_a_packed_call_is_refused_with_the_fix(tmp_path):
     expected = torch.stack([padded[:n, i].mean(0) for i, n in enumerate([6, 5, 3, 2, 1])])
     np.testing.assert_allclose(open_dataset(out).numpy(""), expected.numpy(), rtol=1e-6,
                                atol=1e-6)
+
+
+# -- batches pipelined: batch i's rows are finished while batch i + 1 computes -------------
+
+
+def _linear_batches(n=3, rows=4):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3), nn.ReLU(inplace=True)).eval()
+    return model, [torch.randn(rows, 5) for _ in range(n)]
+
+
+def test_batch_rows_are_waited_for_after_the_next_forward_is_queued(tmp_path, monkeypatch):
+    """With copies that complete only when waited for (a CUDA stream as the host sees it),
+    each batch's wait comes after the next batch's copy was queued, waits for its own copy
+    alone, and the stored rows are the Linear's outputs (before the in-place ReLU)."""
+    import hookscope.dataset as dataset_module
+    from hookscope.offload import HostStaging
+
+    from .test_offload import FakeOps
+
+    ops = FakeOps()
+    monkeypatch.setattr(dataset_module, "HostStaging", lambda: HostStaging(ops=lambda x: ops))
+    model, batches = _linear_batches()
+    out = record_dataset(model, batches, ["0"], tmp_path / "ds", reduce="mean",
+                         progress=False)
+    assert ops.log == [("copy", 1), ("copy", 2), ("wait", 1), ("copy", 3), ("wait", 2),
+                       ("wait", 3)]
+    with torch.no_grad():
+        expected = torch.cat([model[0](b) for b in batches]).numpy()
+    np.testing.assert_array_equal(open_dataset(out).numpy("0"), expected)  # same kernels
+
+
+def test_a_failing_batch_still_writes_the_batch_before_it(tmp_path):
+    """Batch 1's rows wait for batch 2's forward; batch 2 raises: batch 1 is written all the
+    same, and a resumed run records only batch 2 onwards, equal to a clean run."""
+    model, batches = _linear_batches(4)
+
+    def forward(m, x):
+        if forward.fail and x is batches[2]:
+            raise RuntimeError("the model failed on batch 2")
+        return m(x)
+
+    forward.fail = True
+    with pytest.raises(RuntimeError, match="batch 2"):
+        record_dataset(model, batches, ["0"], tmp_path / "ds", reduce="mean", progress=False,
+                       forward=forward, setup_id="test", shard_rows=1)  # a shard per batch
+    with pytest.warns(UserWarning, match="incomplete"):
+        partial = open_dataset(tmp_path / "ds")
+    assert {b for s in partial.manifest["shards"] for b, _ in s["batches"]} == {0, 1}
+    forward.fail = False
+    out = record_dataset(model, batches, ["0"], tmp_path / "ds", reduce="mean",
+                         progress=False, forward=forward, setup_id="test", shard_rows=1,
+                         resume=True)
+    clean = record_dataset(model, batches, ["0"], tmp_path / "clean", reduce="mean",
+                           progress=False, forward=forward, setup_id="test")
+    np.testing.assert_array_equal(open_dataset(out).numpy("0"), open_dataset(clean).numpy("0"))
+
+
+def test_meta_is_read_before_the_iterable_gives_the_next_batch(tmp_path):
+    """An iterable that refills one dict for every batch: each batch's meta is its own,
+    although its rows reach the writer only after the next batch ran."""
+    model, xs = _linear_batches()
+
+    def refilled():
+        batch = {}
+        for i, x in enumerate(xs):
+            batch["x"], batch["id"] = x, [f"{i}-{r}" for r in range(len(x))]
+            yield batch
+
+    out = record_dataset(model, refilled(), ["0"], tmp_path / "ds", reduce="mean",
+                         progress=False, forward=lambda m, b: m(b["x"]),
+                         meta=lambda b: {"id": b["id"]}, setup_id="test")
+    assert open_dataset(out).meta()["id"].tolist() == [
+        f"{i}-{r}" for i in range(len(xs)) for r in range(4)]

@@ -27,20 +27,40 @@ class FakeOps(DeviceOps):
     def __init__(self) -> None:
         self.queued: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.waits = 0
+        self.issued = self.completed = 0  # copies queued and completed so far
+        self.log: list[tuple[str, int]] = []  # ("copy", k) and ("wait", up to copy k)
 
     def empty(self, shape, dtype):
         return torch.full(shape, float("nan"), dtype=dtype)
 
     def copy(self, dst, src):
         self.queued.append((dst, src.detach().clone()))  # read now, in stream order
+        self.issued += 1
+        self.log.append(("copy", self.issued))
         return "stream"
 
     def wait(self, queues):
         assert queues == {"stream"}
         self.waits += 1
-        for dst, src in self.queued:
+        self._complete(self.issued)
+
+    def mark(self, queue):
+        """Like a CUDA event: its wait completes the copies queued before it, no later one."""
+        assert queue == "stream"
+        upto = self.issued
+
+        def wait():
+            self.waits += 1
+            self.log.append(("wait", upto))
+            self._complete(upto)
+
+        return wait
+
+    def _complete(self, upto):
+        while self.completed < upto:
+            dst, src = self.queued.pop(0)
             dst.copy_(src)
-        self.queued.clear()
+            self.completed += 1
 
 
 def fake_recorder(model, names, **options):
