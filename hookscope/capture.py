@@ -6,6 +6,7 @@ Storage and display only: no hooks here (the recorder fills captures), no analys
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -62,8 +63,8 @@ class Capture:
     """
 
     __slots__ = (
-        "_grads", "_inputs", "_kwargs", "_mask", "_output", "_pending", "_versions",
-        "bidirectional", "call", "label", "lengths", "live", "module_type", "name", "step",
+        "_grads", "_inputs", "_kwargs", "_lengths", "_mask", "_output", "_pending",
+        "_versions", "bidirectional", "call", "label", "live", "module_type", "name", "step",
     )  # fmt: skip
 
     def __init__(
@@ -76,7 +77,7 @@ class Capture:
         output: Any,
         inputs: tuple | None = None,
         kwargs: dict | None = None,
-        lengths: Tensor | None = None,
+        lengths: Tensor | Callable[[], Tensor] | None = None,
         versions: list[tuple[Tensor, int]] | None = None,
         mask: Tensor | None = None,
         live: tuple[str, ...] = (),
@@ -90,7 +91,7 @@ class Capture:
         self._output = output
         self._inputs = inputs
         self._kwargs = kwargs
-        self.lengths = lengths
+        self._lengths = lengths  # or what computes them, on first read (see lengths)
         self._mask = mask
         self._versions = versions
         self.live = live
@@ -171,6 +172,20 @@ class Capture:
             raise NotRecordedError(f"{self._where()} was recorded without gradients; record "
                                    "with grads=True and call backward() on the loss.")
         return self._grads.grads
+
+    @property
+    def lengths(self) -> Tensor | None:
+        """Sequence lengths (see the class docstring).  Those of a packed input are worked out
+        from its ``batch_sizes`` when first read, not in the hook: most captures never need
+        them."""
+        lengths = self._lengths
+        if lengths is not None and type(lengths) is not Tensor:
+            lengths = self._lengths = lengths()
+        return lengths
+
+    @lengths.setter
+    def lengths(self, value: Tensor | None) -> None:
+        self._lengths = value
 
     @property
     def mask(self) -> Tensor | None:

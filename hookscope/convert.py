@@ -36,7 +36,13 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .errors import InputError, UnsortError
 from .plan import Plan
-from .structure import find_batch_dim, first_tensor, map_leaves, packed_lengths, pad_packed
+from .structure import (
+    find_batch_dim,
+    first_tensor,
+    lengths_from_batch_sizes,
+    map_leaves,
+    pad_packed,
+)
 
 __all__ = [
     "CloneMode",
@@ -330,15 +336,13 @@ def padding_mask(mask_from: Any, args: tuple, kwargs: dict) -> Tensor | None:
     return mask != 0
 
 
-def lengths_fit(t: Tensor | None, lengths: Tensor) -> bool:
-    """Whether ``lengths`` (of the call's input sequences) describe ``t`` as ``(batch, time,
-    ...)`` or ``(time, batch, ...)``: not an RNN's final state ``(layers, batch, hidden)``
-    computed from the same input.  (A time-major capture keeps them, so that a reduction
-    says it is time-major instead of pooling over the batch.)"""
+def lengths_fit(t: Tensor | None, n: int, longest: int) -> bool:
+    """Whether the lengths of ``n`` input sequences, the longest ``longest`` steps, describe
+    ``t`` as ``(batch, time, ...)`` or ``(time, batch, ...)``: not an RNN's final state
+    ``(layers, batch, hidden)`` computed from the same input.  (A time-major capture keeps
+    them, so that a reduction says it is time-major instead of pooling over the batch.)"""
     if t is None or t.is_nested or t.ndim < 2:
         return False
-    longest = lengths.numpy().max() if len(lengths) else 0
-    n = len(lengths)
     return (t.shape[0] == n and t.shape[1] >= longest) or (t.shape[1] == n
                                                           and t.shape[0] >= longest)
 
@@ -356,14 +360,30 @@ def input_packed(args: tuple, kwargs: dict) -> PackedSequence | None:
     return None
 
 
-def input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str) -> Tensor | None:
+def input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str,
+                  value: Any = None) -> Callable[[], Tensor] | None:
+    """What computes the lengths of the ``PackedSequence`` a call was given, in the output's
+    batch order (a :class:`~hookscope.Capture` calls it when its lengths are first read);
+    given ``value``, only where they describe its primary tensor (see :func:`lengths_fit`).
+    It holds the input's ``batch_sizes`` and ``unsorted_indices``, not its data."""
     # The story's LSTMEncoder takes a PackedSequence and returns a padded tensor: the
     # lengths live in the input's batch_sizes.
     packed = input_packed(args, kwargs)
     if packed is None:
         return None
-    lengths = packed_lengths(packed)
-    return lengths if perm is None else permute_lengths(lengths, perm, f"{name!r} lengths")
+    sizes, unsorted = packed.batch_sizes, packed.unsorted_indices
+    # Sequences: batch_sizes[0]; the longest has a step at every time.
+    n = int(sizes[0]) if len(sizes) else 0
+    if value is not None and not lengths_fit(first_tensor(value), n, len(sizes)):
+        return None  # e.g. an RNN's h_n picked from a packed call
+    if perm is not None and len(perm) != n:  # (checked now: the error belongs to this call)
+        permute_lengths(torch.empty(n, dtype=torch.int64), perm, f"{name!r} lengths")
+
+    def lengths() -> Tensor:
+        out = lengths_from_batch_sizes(sizes, unsorted)
+        return out if perm is None else permute_lengths(out, perm, f"{name!r} lengths")
+
+    return lengths
 
 
 def nested_lengths_or_mask(value: Any, mask: Tensor | None,

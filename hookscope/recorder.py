@@ -28,7 +28,6 @@ from .convert import (
     convert,
     input_lengths,
     input_packed,
-    lengths_fit,
     nested_lengths_or_mask,
     padding_mask,
     snapshot_tensor,
@@ -526,9 +525,7 @@ class Recorder:
         bidirectional = False
         if rows is None:  # (rows know no lengths or mask: they were used)
             if lengths is None and (args or kwargs):
-                lengths = input_lengths(args, kwargs, perm, name)
-                if lengths is not None and not lengths_fit(first_tensor(value), lengths):
-                    lengths = None  # (e.g. an RNN's h_n picked from a packed call)
+                lengths = input_lengths(args, kwargs, perm, name, value)
             if lengths is None and (s.mask is not None or type(value) is not Tensor
                                     or value.is_nested):
                 lengths, mask = nested_lengths_or_mask(value, s.mask, perm)

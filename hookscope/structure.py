@@ -27,6 +27,7 @@ __all__ = [
     "first_tensor",
     "held_bytes",
     "iter_tensors",
+    "lengths_from_batch_sizes",
     "map_leaves",
     "packed_lengths",
     "packed_mask",
@@ -180,7 +181,21 @@ def packed_lengths(packed: PackedSequence) -> Tensor:
     >>> packed_lengths(pack_sequence([torch.ones(2), torch.ones(3)], enforce_sorted=False))
     tensor([2, 3])
     """
-    return packed_mask(packed).sum(1)
+    return lengths_from_batch_sizes(packed.batch_sizes, packed.unsorted_indices)
+
+
+def lengths_from_batch_sizes(batch_sizes: Tensor, unsorted_indices: Tensor | None) -> Tensor:
+    """:func:`packed_lengths` from a ``PackedSequence``'s two index fields alone."""
+    sizes = batch_sizes.numpy()  # always on the CPU, non-increasing
+    n = int(sizes[0]) if len(sizes) else 0
+    # Sequence i (in sorted order) has a step at time t iff i < batch_sizes[t]: its length
+    # is the number of times, less those whose batch size is at most i.  (This runs on every
+    # call of a module fed a PackedSequence: a search, not the (batch, time) mask summed.)
+    lengths = torch.from_numpy(
+        len(sizes) - np.searchsorted(sizes[::-1], np.arange(n), side="right").astype(np.int64))
+    if unsorted_indices is not None:
+        lengths = lengths[unsorted_indices.cpu()]
+    return lengths
 
 
 def packed_mask(packed: PackedSequence) -> Tensor:
