@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import parse_args, story_batch  # benchmarks/ is on sys.path
+from _common import parse_args, raw_hooks, story_batch  # benchmarks/ is on sys.path
 from gpu import CUDA, DEVICE, bert, token_batch
 
 import hookscope as hs
@@ -79,6 +79,25 @@ def sync_sites(title: str, fn: Callable[[], Any]) -> None:
         print(f"- {n}x {msg}\n    {where}")
 
 
+def host_times(title: str, variants: dict[str, Callable[[], Any]], runs: int) -> None:
+    """Median host time per call (the time to queue the work, the GPU's wait excluded):
+    where the host is the bottleneck, what recording adds is this difference."""
+    import statistics
+    import time
+
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(runs * 3):
+        for k, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+            if CUDA:
+                torch.cuda.synchronize()
+    print(f"\n### host time per call: {title}\n")
+    for k, ts in times.items():
+        print(f"- {k}: {statistics.median(ts) * 1e6:.0f} us")
+
+
 def run_block(recorder: hs.Recorder, call: Callable[[], Any]) -> None:
     with recorder:
         call()
@@ -108,9 +127,24 @@ def main(argv: list[str] | None = None) -> int:
             profile(title, lambda r=r: run_block(r, lambda: model(b)), runs)
             sync_sites(title, lambda r=r: run_block(r, lambda: model(b)))
         profile("BiLSTM plain forward", lambda: model(b), runs, rows=10)
+        r = hs.record(model, names, **options)
+        host_times(f"BiLSTM ({sizes})", {
+            "plain": lambda: model(b), "hs.record, unsort=": lambda: run_block(
+                r, lambda: model(b))}, runs)
 
         bmodel, bnames, forward, btitle = bert(args.quick)
         tb = token_batch(4, 16) if args.quick else token_batch(32, 128)
+        ac = (torch.autocast("cuda", dtype=torch.bfloat16) if CUDA
+              else torch.autocast("cpu", enabled=False))
+        with ac:  # the default recorder, where the H100 run found it slower than raw hooks
+            r12 = hs.record(bmodel, bnames)
+            profile(f"{btitle}, bf16 autocast, hs.record", lambda: run_block(
+                r12, lambda: forward(tb)), runs)
+            raw = raw_hooks(bmodel, bnames, lambda t: t.detach().clone())
+            host_times(f"{btitle}, bf16 autocast", {
+                "plain": lambda: forward(tb), "raw hooks + clone": lambda: raw(
+                    lambda: forward(tb)), "hs.record": lambda: run_block(
+                        r12, lambda: forward(tb))}, runs)
         r = hs.record(bmodel, bnames, device="cpu")
         profile(f"{btitle}, device='cpu'", lambda: run_block(r, lambda: forward(tb)), runs)
         sync_sites(f"{btitle}, device='cpu'", lambda: run_block(r, lambda: forward(tb)))
