@@ -206,10 +206,17 @@ def record_dataset(
             job = _Job(model, recorder, forward or (lambda m, b: m(b)), per_batch_unsort, meta,
                        lengths, reduce, bidirectional, np_dtype, manifest, writer, bar,
                        shard_rows, vector_encoding, reducer, HostStaging())
-            _record_batches(job, _batches_to_do(batches, done, rank, world))
+            try:
+                _record_batches(job, _batches_to_do(batches, done, rank, world))
+            except BaseException:
+                # The batches handed to the writer are complete: end their shard, so that a
+                # resumed run starts at the batch that failed (a failing writer fails again).
+                with contextlib.suppress(Exception):
+                    writer.flush()
+                raise
             writer.flush()
         finally:
-            writer.close()  # a started shard is finished and registered, whatever happened
+            writer.close()  # a shard not ended above is dropped; a resumed run redoes it
         manifest["complete"] = True
         write_json_atomic(manifest_path, manifest)
         if bar is not None:

@@ -14,7 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import CallCountError, InputError, InputTypeError, ModuleSelectionError
+from .errors import (
+    CallCountError,
+    InputError,
+    InputTypeError,
+    ModuleSelectionError,
+    UnsortError,
+)
 from .select import describe_spec, resolve_modules
 from .structure import as_permutation, takes_two_args
 
@@ -60,11 +66,26 @@ class Plan:
     # The permutations copied to the devices they were used on, made once (a host-to-device
     # copy from pageable memory waits for the GPU: it must not run in every call).
     device_perms: dict = field(default_factory=dict, compare=False, repr=False)
+    # The caller's unsort= tensors and their versions when they were read (like perms: one,
+    # or one per call): a tensor refilled in place afterwards is an error, not ignored.
+    perm_sources: Any = field(default=None, compare=False, repr=False)
 
     def perm(self, call: int) -> Tensor | None:
         if isinstance(self.perms, tuple):
-            return self.perms[call] if call < len(self.perms) else None
-        return self.perms
+            if call >= len(self.perms):
+                return None
+            sources = self.perm_sources
+            perm, source = self.perms[call], None if sources is None else sources[call]
+        else:
+            perm, source = self.perms, self.perm_sources
+        if source is not None and source[0]._version != source[1]:
+            raise UnsortError(
+                f"unsort for {self.name!r} call {call}: the permutation tensor was changed in "
+                "place after it was given (permutations are read when record(), "
+                "with_unsort() or run() is called). Give each batch's permutation with "
+                "recorder.with_unsort({...}) or recorder.run(batch, unsort={...}) instead of "
+                "refilling one tensor.")
+        return perm
 
     def edit(self, call: int) -> EditFn | None:
         if isinstance(self.edits, tuple):
@@ -185,7 +206,8 @@ def with_perms(plans: dict[str, Plan], model: nn.Module, selected: dict[str, nn.
             out[name] = plan
             continue
         f = {k: getattr(plan, k) for k in _INIT_FIELDS}
-        f.update(perms=None, device_perms={})  # (cached device copies belong to the old perms)
+        f.update(perms=None, perm_sources=None, device_perms={})  # (cached device copies
+        # belong to the old perms)
         if name in given:
             _unsort_fields(name, given[name], f)
         out[name] = Plan(**_derived_fields(f))
@@ -258,6 +280,7 @@ def _unsort_fields(name: str, spec: Any, f: dict[str, Any]) -> None:
     labels = f.get("labels")
     if _is_one_perm(spec):
         f["perms"] = as_permutation(spec, f"{name!r} (every call)")
+        f["perm_sources"] = _source(spec)
         return
     if isinstance(spec, Mapping):  # {label: perm}
         spec = _by_label("unsort", name, spec, labels)
@@ -268,3 +291,14 @@ def _unsort_fields(name: str, spec: Any, f: dict[str, Any]) -> None:
             f"unsort= gives {name!r} {len(perms)} permutation(s) but calls= "
             f"gives {len(labels)} label(s); give one per call.")
     f["perms"] = perms
+    f["perm_sources"] = tuple(_source(p) for p in spec)
+
+
+def _source(perm: Any) -> tuple[Tensor, int] | None:
+    """The caller's permutation tensor and its version now (see Plan.perm_sources)."""
+    if not isinstance(perm, Tensor):
+        return None
+    try:
+        return perm, perm._version
+    except RuntimeError:  # an inference-mode tensor keeps no version (nor can it change)
+        return None

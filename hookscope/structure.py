@@ -232,9 +232,11 @@ def as_permutation(perm: Any, where: str) -> Tensor:
     >>> as_permutation([2, 0, 1], "encoder call 0")
     tensor([2, 0, 1])
     """
+    # A copy in every case: the permutation is read now, so that refilling the caller's tensor
+    # (or NumPy array) later can change neither this call's order nor lengths read later.
     if (type(perm) is Tensor and perm.dtype is torch.int64 and perm.ndim == 1
             and perm.device.type == "cpu" and not perm.requires_grad):
-        t = perm  # the common case (a collate function's index): no conversion, no copy
+        t = perm.clone()  # the common case (a collate function's index): no conversion
     else:
         try:
             t = torch.as_tensor(perm).detach()
@@ -247,7 +249,7 @@ def as_permutation(perm: Any, where: str) -> Tensor:
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise UnsortError(
                 f"unsort for {where}: a permutation must hold integers, got dtype {t.dtype}.")
-        t = t.to(device="cpu", dtype=torch.int64)
+        t = t.to(device="cpu", dtype=torch.int64, copy=True)
     n = t.numel()
     if n == 0:
         return t

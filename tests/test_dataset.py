@@ -825,8 +825,9 @@ def test_a_failed_row_group_stops_the_run_and_resumes(tmp_path, monkeypatch):
 
 
 def test_a_run_stopped_mid_shard_leaves_no_temporary(tmp_path, monkeypatch):
-    """An error in the main loop while a shard has row groups on disk: the unfinished shard
-    is dropped (as its buffered rows were), and a resumed run gives the whole dataset."""
+    """An error in the main loop while a shard has row groups on disk: the batches already
+    handed to the writer end that shard (a resumed run starts at the failing batch), no
+    temporary is left, and a resumed run gives the whole dataset."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     data = [torch.randn(4, 3) for _ in range(9)]
@@ -844,8 +845,10 @@ def test_a_run_stopped_mid_shard_leaves_no_temporary(tmp_path, monkeypatch):
         record_dataset(model, data, [""], out, shard_rows=8, progress=False, meta=meta,
                        setup_id="v1")
     names = sorted(p.name for p in (out / "shards").iterdir())
-    assert names == [f"part-r000-00000{i}.parquet" for i in range(3)]  # batch 6's row group:
-    # on disk, not registered, removed
+    assert names == [f"part-r000-00000{i}.parquet" for i in range(4)]  # batch 6: a shard
+    with pytest.warns(UserWarning, match="incomplete"):
+        partial = open_dataset(out)
+    assert [b for s in partial.manifest["shards"] for b, _ in s["batches"]] == list(range(7))
     stop[0] = False
     record_dataset(model, data, [""], out, shard_rows=8, progress=False, meta=meta,
                    setup_id="v1")

@@ -411,8 +411,9 @@ def test_batch_rows_are_waited_for_after_the_next_forward_is_queued(tmp_path, mo
 
 
 def test_a_failing_batch_still_writes_the_batch_before_it(tmp_path):
-    """Batch 1's rows wait for batch 2's forward; batch 2 raises: batch 1 is written all the
-    same, and a resumed run records only batch 2 onwards, equal to a clean run."""
+    """Batch 1's rows wait for batch 2's forward; batch 2 raises: batches 0 and 1 are written
+    all the same (their shard is ended, not dropped), and a resumed run records only batch 2
+    onwards, equal to a clean run."""
     model, batches = _linear_batches(4)
 
     def forward(m, x):
@@ -423,14 +424,13 @@ def test_a_failing_batch_still_writes_the_batch_before_it(tmp_path):
     forward.fail = True
     with pytest.raises(RuntimeError, match="batch 2"):
         record_dataset(model, batches, ["0"], tmp_path / "ds", reduce="mean", progress=False,
-                       forward=forward, setup_id="test", shard_rows=1)  # a shard per batch
+                       forward=forward, setup_id="test")  # one shard, not yet ended
     with pytest.warns(UserWarning, match="incomplete"):
         partial = open_dataset(tmp_path / "ds")
     assert {b for s in partial.manifest["shards"] for b, _ in s["batches"]} == {0, 1}
     forward.fail = False
     out = record_dataset(model, batches, ["0"], tmp_path / "ds", reduce="mean",
-                         progress=False, forward=forward, setup_id="test", shard_rows=1,
-                         resume=True)
+                         progress=False, forward=forward, setup_id="test", resume=True)
     clean = record_dataset(model, batches, ["0"], tmp_path / "clean", reduce="mean",
                            progress=False, forward=forward, setup_id="test")
     np.testing.assert_array_equal(open_dataset(out).numpy("0"), open_dataset(clean).numpy("0"))

@@ -113,3 +113,46 @@ def test_only_bidirectional_rnn_outputs_are_marked(story_model, story_batch):
     with hs.record(model, ["", "lstm"]) as rec2:
         model(torch.randn(2, 3, 3))
     assert rec2["lstm"].bidirectional and not rec2[""].bidirectional
+
+
+class _PackedWrapper(nn.Module):
+    """Takes a PackedSequence, returns the padded output (as the story's LSTMEncoder does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, batch_first=True)
+
+    def forward(self, packed):
+        return pad_packed_sequence(self.rnn(packed)[0], batch_first=True)[0]
+
+
+class _SortedModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = _PackedWrapper()
+
+    def forward(self, x, lengths):
+        return self.enc(pack_padded_sequence(x, lengths, batch_first=True))
+
+
+def test_unsort_permutations_are_read_when_given_and_a_refilled_one_is_an_error():
+    """Lengths of a packed input are worked out when first read: from the permutation as it
+    was when given, not as the caller's tensor holds it later; a permutation tensor refilled
+    in place between forwards is refused, not used stale or unchecked."""
+    torch.manual_seed(0)
+    model = _SortedModel().eval()
+    lengths, x = torch.tensor([7, 5, 4, 3, 2, 1]), torch.randn(6, 7, 3)
+    perm = torch.tensor([2, 0, 4, 1, 5, 3])
+    expected_lengths = lengths[perm.clone()]
+    recorder = hs.record(model, ["enc"], unsort={"enc": perm})
+    with torch.no_grad(), recorder as rec:
+        out = model(x, lengths)
+    perm.copy_(torch.arange(6))  # refilled after the forward, before lengths are read
+    assert torch.equal(rec["enc"].lengths, expected_lengths)
+    assert torch.equal(rec["enc"].tensor, out[expected_lengths.new_tensor([2, 0, 4, 1, 5, 3])])
+    with pytest.raises(hs.UnsortError, match="changed in place"), torch.no_grad():
+        recorder.run(x, lengths)
+    assert not model.enc._forward_hooks  # the hooks are gone all the same
+    with torch.no_grad():  # the remedy the message gives
+        again = recorder.run(x, lengths, unsort={"enc": [2, 0, 4, 1, 5, 3]})
+    assert torch.equal(again["enc"].lengths, expected_lengths)
