@@ -115,16 +115,35 @@ def _run(recorder: hs.Recorder, forward: Callable[[Any], Any], batch: Any) -> hs
     return rec
 
 
-def bilstm_variants(quick: bool) -> tuple[str, dict[str, Callable[[], None]], Any, Any]:
+def story_on_device(quick: bool) -> tuple[Any, Any, str, list[str], dict]:
+    """The story's BiLSTM and batch on the benchmark's device: (model, batch, sizes, the
+    three modules, the calls= and unsort= options)."""
     model, b, sizes = story_batch(quick)
     model = model.to(DEVICE)
     for side in ("premise", "hypothesis"):  # lengths stay on the CPU (pack_padded_sequence)
         for field in (side, f"{side}_orig_idx"):
             setattr(b, field, getattr(b, field).to(DEVICE))
-    names = ["encoder", "pooling", "aggregation"]
     options = {"calls": {"encoder": ["premise", "hypothesis"],
                          "pooling": ["premise", "hypothesis"]},
                "unsort": {"encoder": [b.premise_orig_idx, b.hypothesis_orig_idx]}}
+    return model, b, sizes, ["encoder", "pooling", "aggregation"], options
+
+
+def start(quick: bool, script: str) -> bool:
+    """Print the device line; whether there is anything to run (CUDA, or a --quick smoke run
+    on the CPU)."""
+    name = torch.cuda.get_device_name() if CUDA else "no CUDA device"
+    print(f"device: {name}; torch {torch.__version__}; hookscope {hs.__version__}")
+    if not CUDA and not quick:
+        print(f"benchmarks/{script} measures a GPU: none here, nothing measured.")
+        return False
+    if not CUDA:
+        print("(no CUDA device: a smoke run of the same code on the CPU; no GPU figures)")
+    return True
+
+
+def bilstm_variants(quick: bool) -> tuple[str, dict[str, Callable[[], None]], Any, Any]:
+    model, b, sizes, names, options = story_on_device(quick)
     raw = raw_hooks(model, names, lambda t: t.detach())
     recorder = hs.record(model, names, **options)
     offload = hs.record(model, names, device="cpu", **options)
@@ -208,13 +227,9 @@ def report(title: str, times: dict[str, list[float]]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__, argv)
-    name = torch.cuda.get_device_name() if CUDA else "no CUDA device"
-    print(f"device: {name}; torch {torch.__version__}; hookscope {hs.__version__}")
-    if not CUDA and not args.quick:
-        print("benchmarks/gpu.py measures a GPU: none here, nothing measured.")
+    if not start(args.quick, "gpu.py"):
         return 0
-    if not CUDA:
-        print("(no CUDA device: a smoke run of the same code on the CPU; no GPU figures)")
+    name = torch.cuda.get_device_name() if CUDA else "no CUDA device"
     iters = 2 if args.quick else 20
     repeats = 1 if args.quick else args.repeats
     results: list[dict] = []

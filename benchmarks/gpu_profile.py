@@ -21,8 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import parse_args, raw_hooks, story_batch  # benchmarks/ is on sys.path
-from gpu import CUDA, DEVICE, bert, token_batch
+from _common import parse_args, raw_hooks  # benchmarks/ is on sys.path
+from gpu import CUDA, bert, start, story_on_device, token_batch
 
 import hookscope as hs
 
@@ -105,22 +105,11 @@ def run_block(recorder: hs.Recorder, call: Callable[[], Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(__doc__, argv)
-    name = torch.cuda.get_device_name() if CUDA else "no CUDA device (smoke run on the CPU)"
-    print(f"device: {name}; torch {torch.__version__}")
-    if not CUDA and not args.quick:
-        print("nothing to profile without CUDA")
+    if not start(args.quick, "gpu_profile.py"):
         return 0
     runs = 2 if args.quick else 10
     with torch.no_grad():
-        model, b, sizes = story_batch(args.quick)
-        model = model.to(DEVICE)
-        for side in ("premise", "hypothesis"):
-            for field in (side, f"{side}_orig_idx"):
-                setattr(b, field, getattr(b, field).to(DEVICE))
-        options = {"calls": {"encoder": ["premise", "hypothesis"],
-                             "pooling": ["premise", "hypothesis"]},
-                   "unsort": {"encoder": [b.premise_orig_idx, b.hypothesis_orig_idx]}}
-        names = ["encoder", "pooling", "aggregation"]
+        model, b, sizes, names, options = story_on_device(args.quick)
         for device in (None, "cpu"):
             r = hs.record(model, names, device=device, **options)
             title = f"BiLSTM ({sizes}), unsort=, device={device!r}"

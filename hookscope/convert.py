@@ -53,6 +53,7 @@ __all__ = [
     "input_packed",
     "lengths_fit",
     "nested_lengths_or_mask",
+    "packed_layout",
     "padding_mask",
     "snapshot_tensor",
 ]
@@ -338,13 +339,28 @@ def padding_mask(mask_from: Any, args: tuple, kwargs: dict) -> Tensor | None:
 
 def lengths_fit(t: Tensor | None, n: int, longest: int) -> bool:
     """Whether the lengths of ``n`` input sequences, the longest ``longest`` steps, describe
-    ``t`` as ``(batch, time, ...)`` or ``(time, batch, ...)``: not an RNN's final state
-    ``(layers, batch, hidden)`` computed from the same input.  (A time-major capture keeps
-    them, so that a reduction says it is time-major instead of pooling over the batch.)"""
+    ``t`` as ``(batch, time, ...)`` or ``(time, batch, ...)`` (see :func:`packed_layout`).
+    (A time-major capture keeps them, so that a reduction says it is time-major instead of
+    pooling over the batch.)"""
+    return packed_layout(t, n, longest) is not None
+
+
+def packed_layout(t: Tensor | None, n: int, longest: int) -> str | None:
+    """``"batch"`` where ``t`` is ``(batch, time, ...)`` for ``n`` sequences of at most
+    ``longest`` steps, ``"time"`` where it is ``(time, batch, ...)``, else ``None``.
+
+    The time dimension holds exactly ``longest`` steps (``pad_packed_sequence``), or more
+    (``total_length=``) where ``t`` is a sequence of vectors (3-D or more): a 2-D ``(batch,
+    features)`` output, an RNN's final state or its concatenated halves, is not a sequence
+    merely because it has at least as many features as the longest sequence has steps.
+    (An RNN's own state is excluded by identity before this: see ``Recorder``.)"""
     if t is None or t.is_nested or t.ndim < 2:
-        return False
-    return (t.shape[0] == n and t.shape[1] >= longest) or (t.shape[1] == n
-                                                          and t.shape[0] >= longest)
+        return None
+    for layout, b, time in (("batch", 0, 1), ("time", 1, 0)):
+        steps = t.shape[time]
+        if t.shape[b] == n and (steps == longest or (t.ndim >= 3 and steps > longest)):
+            return layout
+    return None
 
 
 def input_packed(args: tuple, kwargs: dict) -> PackedSequence | None:

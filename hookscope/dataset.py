@@ -106,9 +106,10 @@ def record_dataset(
         fingerprint: model classes, training flags, parameter and buffer bytes, modules, every
         option, and the callables' code and captured values (see :mod:`hookscope.fingerprint`).
         One writer at a time: a second run on the same folder is refused.
-    reduce : callable, {"last", "mean", "max", "sum"} or None
+    reduce : callable, {"last", "mean", "max", "sum", "flatten"} or None
         Length-aware reduction of sequence captures to one vector per example (see
-        :meth:`hookscope.Recording.to_frame`).  ``None`` keeps per-example vectors as they are
+        :meth:`hookscope.Recording.to_frame`; feature maps are pooled over their positions,
+        ``"flatten"`` keeps every position).  ``None`` keeps per-example vectors as they are
         and stores sequence captures as each example's real positions (a list of vectors).
     forward : callable, optional
         ``forward(model, batch)`` runs one batch; default ``model(batch)``.

@@ -190,18 +190,31 @@ def batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, man
         given = (lengths if lengths is not None and t.ndim == 3 and cap.mask is None
                  and len(t) == len(lengths) else None)
         if reduce is None and t.ndim == 3:
-            mask = capture_mask(cap, given)
             with np.errstate(over="ignore"):  # (an overflow is refused below, clearly)
-                arr = t.detach().cpu().float().numpy().astype(np_dtype, copy=False)
-            value: Any = list(arr) if mask is None else [
-                row[keep] for row, keep in zip(arr, mask.numpy(), strict=True)]
+                if t.is_nested:  # (nn.TransformerEncoder's fast path): real positions only
+                    value: Any = [c.detach().cpu().float().numpy().astype(np_dtype, copy=False)
+                                  for c in t.unbind()]
+                    units = t.size(2)
+                else:
+                    mask = capture_mask(cap, given)
+                    arr = t.detach().cpu().float().numpy().astype(np_dtype, copy=False)
+                    value = list(arr) if mask is None else [
+                        row[keep] for row, keep in zip(arr, mask.numpy(), strict=True)]
+                    units = arr.shape[2]
             for row, seq in enumerate(value):  # real positions only: padding may hold anything
                 if not np.isfinite(seq).all():
                     position, unit = np.argwhere(~np.isfinite(seq))[0]
                     _refuse_non_finite(f"batch {index}: {col!r} example {row} position "
                                        f"{position} (unit {unit})")
-            kind, units, rows = "sequence", arr.shape[2], len(value)
+            kind, rows = "sequence", len(value)
         else:  # reduced where the capture is (the GPU); moved below, with the others
+            if reduce is None and t.ndim >= 4:  # (to_frame's advice, kind="long", is not ours)
+                raise InputError(
+                    f"batch {index}: {col!r} is a feature map of shape {tuple(t.shape)} "
+                    "(batch, channels, *spatial); record_dataset stores one vector per example, "
+                    "or with reduce=None a (batch, time, features) sequence: pass "
+                    "reduce='mean'|'max'|'sum' (global pooling), reduce='flatten' (every "
+                    "position), or a callable t -> (batch, units).")
             value, _ = capture_rows(cap, reduce, bidirectional=bidirectional, lengths=given)
             vectors[col] = value
             kind, units, rows = "vector", value.shape[1], value.shape[0]

@@ -146,13 +146,18 @@ class DatasetView:
         return frame
 
     def to_frame(self, columns: list[str] | None = None, rows: Any = None) -> pd.DataFrame:
-        """Wide DataFrame: one row per example, ``(column, unit)`` columns, metadata first."""
+        """Wide DataFrame: one row per example, ``(column, unit)`` columns, metadata first.
+
+        The columns are a two-level index throughout: a metadata or bookkeeping column is
+        ``(name, "")``, so ``frame["encoder"]`` is that column's units and ``frame["text"]``
+        (pandas' rule for an empty second level) the metadata as a Series."""
         columns = self.columns if columns is None else columns
         for c in columns:
             self._vector_spec(c)
         extra = [*self.manifest["meta"], *BOOKKEEPING]
         table = self._table([*extra, *columns], rows)  # each shard read (and verified) once
         meta = table.select(extra).to_pandas()
+        meta.columns = pd.MultiIndex.from_arrays([list(meta.columns), [""] * len(extra)])
         meta.index = pd.Index(np.atleast_1d(np.arange(len(self))[rows]) if rows is not None
                               else np.arange(len(meta)), name="example")
         parts = [meta]

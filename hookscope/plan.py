@@ -47,8 +47,8 @@ class Plan:
     dtype: torch.dtype | None = None
     clone: Any = True
     rnn: bool = False
-    # (layers * directions, hidden) of RNNs inside this module (a wrapper such as the story's
-    # LSTMEncoder): their (h, c) are found by identity when unsort= is given.
+    # RNNs inside this module (a wrapper such as the story's LSTMEncoder): their (h, c) are
+    # found by identity (unsort= dims; no input lengths for a final state).
     inner_rnns: tuple[nn.RNNBase, ...] = ()
     # Feature size of a bidirectional RNN's output ([forward, backward] halves) in this module
     # (itself, or the one RNN inside a wrapper): captures of that width know they are.
@@ -221,8 +221,7 @@ def _derived_fields(f: dict[str, Any]) -> dict[str, Any]:
     f["expected"] = max([len(labels) if labels is not None else 1,
                          *(len(x) for x in (edits, perms) if isinstance(x, tuple))])
     m = f["module"]  # RNNs inside a wrapper: their (h, c) are found by identity
-    f["inner_rnns"] = () if perms is None else tuple(
-        x for x in m.modules() if isinstance(x, nn.RNNBase) and x is not m)
+    f["inner_rnns"] = tuple(x for x in m.modules() if isinstance(x, nn.RNNBase) and x is not m)
     f["plain"] = (f.get("pick") is None and perms is None and f.get("device") is None
                   and f.get("dtype") is None and edits is None and not f.get("grads")
                   and f.get("rows") is None)

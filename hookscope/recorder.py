@@ -29,6 +29,7 @@ from .convert import (
     input_lengths,
     input_packed,
     nested_lengths_or_mask,
+    packed_layout,
     padding_mask,
     snapshot_tensor,
     state_key,
@@ -78,7 +79,7 @@ class _Session:
     """The state of one entered block: the recording, call counters, handles."""
 
     __slots__ = ("counts", "handles", "mask", "no_grad_warned", "pending_inputs", "rec",
-                 "remaining", "rnn_keys", "stance", "thread")
+                 "remaining", "rnn_keys", "rnn_states", "stance", "thread")
 
     def __init__(self, rec: Recording, n_plans: int, thread: int | None) -> None:
         self.rec = rec
@@ -90,6 +91,9 @@ class _Session:
         self.stance: Any = None
         self.mask: Tensor | None = None  # the model call's attention mask, if any
         self.rnn_keys: set[tuple] = set()  # (h, c) returned by RNNs inside wrappers
+        # ... and those tensors themselves (held until the wrapper's capture: an address of a
+        # freed state could be reused by the output): no packed input's lengths for them.
+        self.rnn_states: list[Tensor] = []
         self.no_grad_warned = False
 
 
@@ -299,9 +303,10 @@ class Recorder:
         self._hooks = [(p.module, self._make_pre_hook(p) if self.inputs else None,
                         self._make_fast_hook(p) if self._fast(p) else self._make_hook(p),
                         p.edits is not None) for p in plans]
-        # RNNs inside a wrapper with unsort=: their (h, c) are recognised by identity.
+        # RNNs inside a wrapper: their (h, c) are recognised by identity (for unsort=, and so
+        # that a final state returned by the wrapper is not given the input's lengths).
         self._state_hooks = [(rnn, self._make_state_hook()) for p in plans
-                             if p.perms is not None and not p.rnn for rnn in p.inner_rnns]
+                             if not p.rnn for rnn in p.inner_rnns]
 
     # -- entering and leaving ---------------------------------------------------------------
     def __enter__(self) -> Recording:
@@ -385,6 +390,7 @@ class Recorder:
         s.remaining = len(self._plans)
         s.pending_inputs.clear()
         s.rnn_keys.clear()
+        s.rnn_states.clear()
         s.mask = None
         mask_from = self.mask_from
         if mask_from is not None:
@@ -469,6 +475,8 @@ class Recorder:
             s = self._own()
             if s is not None:
                 s.rnn_keys.update(state_keys(output))
+                if isinstance(output, tuple) and len(output) == 2:
+                    s.rnn_states.extend(t for _, t in iter_tensors(output[1]))
 
         return state_hook
 
@@ -486,6 +494,7 @@ class Recorder:
         live: tuple[str, ...] = ()
         perm = lengths = mask = versions = grads = returned = in_flight = rows = None
         if plan.plain and type(output) is Tensor:  # the common case, without the tree walk
+            raw = output  # (the model's own tensor: an RNN state is known by its memory)
             value = output.detach()
             if plan.clone is True:
                 value = value.clone()
@@ -506,7 +515,7 @@ class Recorder:
             if plan.grads:
                 returned = self._require_grads(s, output, returned, where)
                 output = output if returned is None else returned
-            value = plan.pick(output) if plan.pick is not None else output
+            value = raw = plan.pick(output) if plan.pick is not None else output
             rows = (None if plan.rows is None else
                     self._rows_at_call(s, plan, args, kwargs, value, perm, call, label, where))
             if rows is not None:  # record_dataset: one row per example, nothing else kept
@@ -524,7 +533,7 @@ class Recorder:
                 s.rnn_keys.clear()
         bidirectional = False
         if rows is None:  # (rows know no lengths or mask: they were used)
-            if lengths is None and (args or kwargs):
+            if lengths is None and (args or kwargs) and not _rnn_state(s, plan, raw):
                 lengths = input_lengths(args, kwargs, perm, name, value)
             if lengths is None and (s.mask is not None or type(value) is not Tensor
                                     or value.is_nested):
@@ -533,6 +542,8 @@ class Recorder:
                 t = first_tensor(value)
                 bidirectional = (t is not None and t.ndim > 1
                                  and t.shape[-1] == plan.bidir_units)
+        if s.rnn_states and not plan.rnn:
+            s.rnn_states.clear()  # (those of this wrapper call: known until its capture)
         inputs = kwargs_in = None
         if self.inputs:
             pending = s.pending_inputs.get(name)
@@ -595,15 +606,16 @@ class Recorder:
             return rows.index_select(0, plan.perm_on(perm, rows.device))
         mask = None
         packed_in = input_packed(args, kwargs) if lengths is None else None
-        if packed_in is not None and t.ndim >= 2:
+        if packed_in is not None and t.ndim >= 2 and not _rnn_state(s, plan, t):
             # Real positions straight from the input's batch_sizes, where they describe this
             # output as (batch, time, ...) (not an RNN's h_n computed from the same input).
             keep = packed_mask(packed_in)
-            if t.shape[0] == keep.shape[0] and t.shape[1] >= keep.shape[1]:
+            layout = packed_layout(t, *keep.shape)
+            if layout == "batch":
                 if t.shape[1] > keep.shape[1]:  # padded to a longer total_length
                     keep = torch.nn.functional.pad(keep, (0, t.shape[1] - keep.shape[1]))
                 mask = keep
-            elif t.shape[1] == keep.shape[0] and t.shape[0] >= keep.shape[1]:
+            elif layout == "time":
                 raise InputError(f"{where} returned shape {tuple(t.shape)} from a packed "
                                  f"batch of {keep.shape[0]} sequences: one row per example "
                                  "needs (batch, time, ...)."
@@ -666,6 +678,23 @@ class Recorder:
                 "calls= / unsort= / edit= disagree with what ran: " + "; ".join(problems)
                 + ". The recording is complete (rec.calls(name) lists every call); give one "
                 "per call of the module in a forward pass.")
+
+
+def _rnn_state(s: _Session, plan: Plan, value: Any) -> bool:
+    """Whether ``value``'s primary tensor is an RNN's final state (or a view of one) rather
+    than its sequence output: the hooked module is an RNN (its sequence output, packed, has
+    lengths of its own), or the tensor shares memory with the ``(h, c)`` an RNN inside the
+    hooked wrapper returned in this call.  The input's lengths never describe it, whatever
+    its shape happens to be."""
+    if plan.rnn:
+        return True
+    if not s.rnn_states:
+        return False
+    t = first_tensor(value)
+    if t is None or t.is_nested or t.layout is not torch.strided:
+        return False
+    where = t.untyped_storage().data_ptr()
+    return any(where == st.untyped_storage().data_ptr() for st in s.rnn_states)
 
 
 def _close(s: _Session) -> None:

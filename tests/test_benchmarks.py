@@ -12,13 +12,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _quick_run(name: str, tmp_path: Path, *extra: str) -> dict:
-    if str(ROOT / "benchmarks") not in sys.path:  # as when the script runs: its helpers
+def _load(name: str):
+    """benchmarks/<name>.py as a module, imported as when the script runs."""
+    if str(ROOT / "benchmarks") not in sys.path:  # its helpers
         sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(f"bench_{name}",
                                                   ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def _quick_run(name: str, tmp_path: Path, *extra: str) -> dict:
+    module = _load(name)
     out = tmp_path / f"{name}.json"
     assert module.main(["--quick", *extra, "--json", str(out)]) == 0
     return json.loads(out.read_text())
@@ -68,3 +74,11 @@ def test_gpu_benchmark_quick_mode(tmp_path, capsys):
     assert data["machine"]["torch"] == torch.__version__
     out = capsys.readouterr().out
     assert out.startswith("device: ") and "| plain forward |" in out
+
+
+def test_gpu_profile_quick_mode(capsys):
+    """gpu_check.sh's third step: without CUDA, --quick profiles the same cases on the CPU."""
+    assert _load("gpu_profile").main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("device: ") and "### host time per call: BiLSTM" in out
+    assert "### record_dataset, 3 batches: 1 calls, by host time" in out

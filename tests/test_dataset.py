@@ -855,3 +855,20 @@ def test_a_run_stopped_mid_shard_leaves_no_temporary(tmp_path, monkeypatch):
     with torch.no_grad():
         expected = torch.cat([model(batch) for batch in data]).numpy()
     assert np.array_equal(open_dataset(out).numpy(""), expected)
+
+
+def test_to_frame_selects_a_column_and_a_meta_column_by_name(tmp_path):
+    """(column, unit) columns stay a two-level index beside the metadata: frame["0"] is the
+    units, frame["k"] the metadata, as the recorded values and meta say."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    data = [torch.randn(4, 3), torch.randn(2, 3)]
+    out = record_dataset(model, data, [""], tmp_path / "ds", progress=False, setup_id="v1",
+                         meta=lambda b: {"k": (b[:, 0] * 10).round().tolist()})
+    frame = open_dataset(out).to_frame()
+    assert isinstance(frame.columns, pd.MultiIndex)
+    with torch.no_grad():
+        expected = torch.cat([model(b) for b in data]).numpy()
+    np.testing.assert_array_equal(frame[""].to_numpy(), expected)
+    assert frame["k"].tolist() == torch.cat(data)[:, 0].mul(10).round().tolist()
+    assert frame["batch"].tolist() == [0, 0, 0, 0, 1, 1]

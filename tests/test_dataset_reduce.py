@@ -158,6 +158,13 @@ def test_cnn_feature_maps_and_a_later_in_place_op(tmp_path):
     assert np.array_equal(ds.numpy("0"), torch.cat([c.amax((2, 3)) for c in got["0"]]).numpy())
     assert np.array_equal(ds.numpy("3"), torch.cat(got["3"]).numpy())
     assert (ds.numpy("3") < 0).any()  # (what the in-place ReLU would have hidden)
+    with pytest.raises(hs.InputError, match="reduce='flatten'") as err:
+        record_dataset(model, data, ["0"], tmp_path / "none", reduce=None, progress=False)
+    assert "kind=" not in str(err.value) and "batch 0" in str(err.value)  # (not to_frame's)
+    flat = record_dataset(model, data, ["0"], tmp_path / "flat", reduce="flatten",
+                          progress=False)
+    assert np.array_equal(open_dataset(flat).numpy("0"),
+                          torch.cat([c.flatten(1) for c in got["0"]]).numpy())
 
 
 def test_a_permutation_of_another_batch_is_a_clear_error(tmp_path, story):

@@ -156,3 +156,49 @@ def test_unsort_permutations_are_read_when_given_and_a_refilled_one_is_an_error(
     with torch.no_grad():  # the remedy the message gives
         again = recorder.run(x, lengths, unsort={"enc": [2, 0, 4, 1, 5, 3]})
     assert torch.equal(again["enc"].lengths, expected_lengths)
+
+
+class _FinalState(nn.Module):
+    """Takes a PackedSequence, returns the RNN's final state as the caller asks for it."""
+
+    def __init__(self, shape: str) -> None:
+        super().__init__()
+        self.rnn, self.shape = nn.GRU(3, 5, num_layers=2, bidirectional=True), shape
+
+    def forward(self, packed):
+        _, h = self.rnn(packed)  # (layers * directions = 4, batch, 5)
+        if self.shape == "batch_first":
+            return h.transpose(0, 1)  # (batch, 4, 5): a "sequence" of 4 by its shape
+        return torch.cat([h[-2], h[-1]], dim=1)  # (batch, 10)
+
+
+@pytest.mark.parametrize("shape", ["batch_first", "halves"])
+def test_a_final_state_is_not_given_the_input_lengths_whatever_its_shape(tmp_path, shape):
+    """Sequences of at most 4 steps and a final state with 4 layer-directions (or 10 features):
+    shapes alone would take the state for a sequence.  Its capture knows no lengths, and a
+    dataset's mean is over all of it, as computed by hand; a GRU hooked itself with pick=
+    likewise."""
+    torch.manual_seed(0)
+    wrapper = _FinalState(shape).eval()
+    packed = torch.nn.utils.rnn.pack_sequence([torch.randn(n, 3) for n in (2, 4, 1)],
+                                              enforce_sorted=False)
+    with torch.no_grad(), hs.record(wrapper, ["", "rnn"], pick={"rnn": lambda o: o[1]}) as rec:
+        state = wrapper(packed)
+    assert rec[""].lengths is None and rec[""].mask is None
+    assert rec["rnn"].lengths is None
+    out = hs.record_dataset(wrapper, [packed], [""], tmp_path / "ds", reduce="mean",
+                            progress=False)
+    expected = state.mean(1) if state.ndim == 3 else state
+    np.testing.assert_allclose(hs.open_dataset(out).numpy(""), expected.numpy(), rtol=1e-6,
+                               atol=1e-7)
+
+
+def test_the_sequence_output_of_a_wrapper_keeps_the_input_lengths():
+    """The same wrapper kind returning the padded sequence: lengths as pad_packed_sequence
+    gives them (the story's encoder, checked on its own model elsewhere)."""
+    torch.manual_seed(0)
+    model = _SortedModel().eval()
+    lengths, x = torch.tensor([4, 4, 3, 1]), torch.randn(4, 4, 3)  # longest == 4 as above
+    with torch.no_grad(), hs.record(model, ["enc"]) as rec:
+        model(x, lengths)
+    assert torch.equal(rec["enc"].lengths, lengths)

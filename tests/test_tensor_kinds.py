@@ -229,3 +229,27 @@ def test_nested_captures_export_only_their_real_positions():
                        atol=1e-6)
     long = rec["layers.0"].to_frame(kind="long")
     assert len(long) == (5 + 3 + 2) * 8
+
+
+@pytest.mark.parametrize("reduce", [None, "mean"])
+def test_record_dataset_of_nested_outputs_stores_the_real_positions(tmp_path, reduce):
+    """record_dataset of the fast path's nested tensors: reduce=None stores each example's
+    real positions, "mean" their mean, as the hand-written hook's nested copies give them."""
+    pytest.importorskip("pyarrow")
+    model, x, pad = _fast_path_encoder(2)
+    with torch.no_grad():
+        reference = _manual(model, "layers.0", x, src_key_padding_mask=pad)[0].unbind()
+    out = hs.record_dataset(model, [(x, pad)], ["layers.0"], tmp_path / "ds", reduce=reduce,
+                            forward=lambda m, b: m(b[0], src_key_padding_mask=b[1]),
+                            progress=False, setup_id="test")
+    ds = hs.open_dataset(out)
+    if reduce is None:
+        import pyarrow.parquet as pq
+
+        stored = pq.read_table(out / "shards")["layers.0"].to_pylist()  # as any reader sees it
+        for got, ref in zip(stored, reference, strict=True):
+            np.testing.assert_array_equal(np.array(got, dtype=np.float32), ref.numpy())
+    else:
+        np.testing.assert_allclose(ds.numpy("layers.0"),
+                                   np.stack([r.mean(0).numpy() for r in reference]),
+                                   rtol=1e-6, atol=1e-6)
