@@ -60,11 +60,16 @@ class Capture:
         halves): ``reduce="last"`` then takes the backward half at the first real position.
     mask : Tensor or None
         Boolean ``(batch, time)``, True at real positions (see :attr:`mask`).
+    rnn_state : bool
+        Whether the primary tensor is an RNN's final state ``(layers * directions, batch,
+        hidden)`` as the RNN returned it (``pick=lambda out: out[1]``): its batch is dim 1,
+        so reductions and exports one row per example refuse it and say what to pick.
     """
 
     __slots__ = (
         "_grads", "_inputs", "_kwargs", "_lengths", "_mask", "_output", "_pending",
-        "_versions", "bidirectional", "call", "label", "live", "module_type", "name", "step",
+        "_versions", "bidirectional", "call", "label", "live", "module_type", "name",
+        "rnn_state", "step",
     )  # fmt: skip
 
     def __init__(
@@ -82,6 +87,7 @@ class Capture:
         mask: Tensor | None = None,
         live: tuple[str, ...] = (),
         bidirectional: bool = False,
+        rnn_state: bool = False,
     ) -> None:
         self.name = name
         self.step = step
@@ -96,6 +102,7 @@ class Capture:
         self._versions = versions
         self.live = live
         self.bidirectional = bidirectional
+        self.rnn_state = rnn_state
         self._grads: Any = None  # a grads.GradStore with grads=True
         self._pending: Any = None  # device="cpu": copies in flight (see hookscope.offload)
 

@@ -151,6 +151,7 @@ def capture_rows(cap: Any, reduce: Reduce = None, *, bidirectional: bool | None 
                      else check_bool(bidirectional, "bidirectional"))
     cap = dense_capture(cap)
     t = cap.tensor
+    refuse_rnn_state(cap)
     if t.ndim == 0:
         raise InputError(f"{_where(cap)} returned a scalar, which has no examples; use pick= "
                          "to select a batched tensor.")
@@ -348,8 +349,24 @@ def _wide(captures: list[Any], reduce: Reduce, meta: Any, bidirectional: bool | 
     return pd.DataFrame(values, index=index, columns=columns, copy=False)
 
 
+def refuse_rnn_state(cap: Any) -> None:
+    """An RNN's final state as it returned it, ``(layers * directions, batch, hidden)``, is not
+    one row per example along dim 0: an error that says what to pick instead."""
+    if getattr(cap, "rnn_state", False) and cap.tensor.ndim == 3:
+        raise rnn_state_error(_where(cap), tuple(cap.tensor.shape))
+
+
+def rnn_state_error(where: str, shape: tuple[int, ...]) -> InputError:
+    return InputError(
+        f"{where} is an RNN's final state of shape {shape} (layers * directions, batch, "
+        "hidden): its batch is dim 1, so one row per example needs pick=lambda out: "
+        "out[1][-1] (the last layer; out[1][0][-1] for an LSTM's h), or pick=lambda out: "
+        "out[1].transpose(0, 1).flatten(1) (every layer and direction).")
+
+
 def _long_rows(cap: Any, by_step: dict[int, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(example, position, values (rows, units))`` of one capture, padding left out."""
+    refuse_rnn_state(cap)
     t = cap.tensor
     arr = to_numpy(t)
     b = arr.shape[0]

@@ -163,6 +163,7 @@ def save(recording: Recording, path: str | os.PathLike) -> Path:
             "mask": None if cap._mask is None else w.tensor(cap._mask),
             "live": list(cap.live),
             "bidirectional": bool(cap.bidirectional),
+            "rnn_state": bool(cap.rnn_state),
         })
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION,
@@ -576,7 +577,8 @@ def _load(f: Any, path: Path, budget: int) -> Recording:
             c["name"], c["step"], c["call"], c["label"], types_[c["name"]],
             reader.tree(c["output"]), None if c["inputs"] is None else reader.tree(c["inputs"]),
             None if c["kwargs"] is None else reader.tree(c["kwargs"]), lengths, mask=mask,
-            live=tuple(c.get("live", ())), bidirectional=c.get("bidirectional") is True))
+            live=tuple(c.get("live", ())), bidirectional=c.get("bidirectional") is True,
+            rnn_state=c.get("rnn_state") is True))
     for caps in rec._captures.values():
         caps.sort(key=lambda cap: (cap.step, cap.call))
     return rec

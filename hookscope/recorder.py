@@ -44,7 +44,7 @@ from .errors import (
     UnsortError,
     UnsupportedModelError,
 )
-from .frame import time_major_hint
+from .frame import rnn_state_error, time_major_hint
 from .grads import attach_grad_hooks, require_grads
 from .offload import HostStaging
 from .plan import BatchDim, Plan, build_plans, with_perms
@@ -493,6 +493,7 @@ class Recorder:
         label = labels[call] if labels is not None and call < len(labels) else None
         live: tuple[str, ...] = ()
         perm = lengths = mask = versions = grads = returned = in_flight = rows = None
+        rnn_state = False
         if plan.plain and type(output) is Tensor:  # the common case, without the tree walk
             raw = output  # (the model's own tensor: an RNN state is known by its memory)
             value = output.detach()
@@ -516,6 +517,10 @@ class Recorder:
                 returned = self._require_grads(s, output, returned, where)
                 output = output if returned is None else returned
             value = raw = plan.pick(output) if plan.pick is not None else output
+            rnn_state = plan.rnn and plan.pick is not None and _own_state(output, raw)
+            if rnn_state and plan.rows is not None and getattr(
+                    first_tensor(raw), "ndim", 0) == 3:  # record_dataset: rows along dim 0
+                raise rnn_state_error(f"the output of {where}", tuple(first_tensor(raw).shape))
             rows = (None if plan.rows is None else
                     self._rows_at_call(s, plan, args, kwargs, value, perm, call, label, where))
             if rows is not None:  # record_dataset: one row per example, nothing else kept
@@ -552,7 +557,8 @@ class Recorder:
                 if in_versions:
                     versions = [*(versions or []), *in_versions]
         capture = Capture(name, rec.steps - 1, call, label, plan.module_type, value, inputs,
-                          kwargs_in, lengths, versions, mask, live, bidirectional)  # positional:
+                          kwargs_in, lengths, versions, mask, live, bidirectional,
+                          rnn_state)  # positional:
         # keywords cost half a microsecond per capture here
         if grads is not None:
             capture._grads = grads
@@ -678,6 +684,15 @@ class Recorder:
                 "calls= / unsort= / edit= disagree with what ran: " + "; ".join(problems)
                 + ". The recording is complete (rec.calls(name) lists every call); give one "
                 "per call of the module in a forward pass.")
+
+
+def _own_state(output: Any, picked: Any) -> bool:
+    """Whether ``picked`` is (or begins with) the state an RNN returned beside its output,
+    ``(out, h)`` or ``(out, (h, c))``: the very tensor, not a view or part of it."""
+    if not (isinstance(output, tuple) and len(output) == 2):
+        return False
+    t = first_tensor(picked)
+    return t is not None and any(t is state for _, state in iter_tensors(output[1]))
 
 
 def _rnn_state(s: _Session, plan: Plan, value: Any) -> bool:

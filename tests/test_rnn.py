@@ -202,3 +202,31 @@ def test_the_sequence_output_of_a_wrapper_keeps_the_input_lengths():
     with torch.no_grad(), hs.record(model, ["enc"]) as rec:
         model(x, lengths)
     assert torch.equal(rec["enc"].lengths, lengths)
+
+
+@pytest.mark.parametrize("rnn_type", [nn.GRU, nn.LSTM])
+def test_an_rnns_own_final_state_is_refused_where_rows_are_per_example(tmp_path, rnn_type):
+    """h_n as the RNN returns it is (layers * directions, batch, hidden): to_frame (wide and
+    long), a saved and loaded recording, and record_dataset refuse to take dim 0 for the batch
+    and say what to pick; the suggested pick gives the per-example rows computed by hand."""
+    torch.manual_seed(0)
+    rnn = rnn_type(3, 5, num_layers=2).eval()
+    packed = torch.nn.utils.rnn.pack_sequence([torch.randn(n, 3) for n in (2, 5, 1, 3)],
+                                              enforce_sorted=False)
+    with torch.no_grad(), hs.record(rnn, [""], pick=lambda o: o[1]) as rec:
+        _, state = rnn(packed)
+    h = state[0] if rnn_type is nn.LSTM else state
+    assert rec[""].rnn_state and torch.equal(rec[""].tensor, h)  # the value itself is kept
+    for export in (lambda r: r.to_frame(reduce="mean"), lambda r: r[""].to_frame(kind="long")):
+        with pytest.raises(hs.InputError, match=r"out\[1\]\[-1\]"):
+            export(rec)
+    hs.save(rec, tmp_path / "r.hsrec")
+    with pytest.raises(hs.InputError, match="final state"):
+        hs.load(tmp_path / "r.hsrec").to_frame(reduce="mean")
+    with pytest.raises(hs.InputError, match="batch 0: .* final state"):
+        hs.record_dataset(rnn, [packed], [""], tmp_path / "ds", pick=lambda o: o[1],
+                          reduce="mean", progress=False)
+    last = (lambda o: o[1][0][-1]) if rnn_type is nn.LSTM else (lambda o: o[1][-1])
+    out = hs.record_dataset(rnn, [packed], [""], tmp_path / "ok", pick=last, reduce="mean",
+                            progress=False)
+    np.testing.assert_array_equal(hs.open_dataset(out).numpy(""), h[-1].numpy())
