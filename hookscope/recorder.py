@@ -372,7 +372,7 @@ class Recorder:
         Forcing eager mode costs about 20 µs per block.  Asking whether any submodule was
         compiled walked every module instead: 0.4 ms per block on BERT-base, paid by everyone
         whose process imported the compiler (``transformers`` does)."""
-        return self._wrapped_compiled or "torch._dynamo" in sys.modules
+        return self._wrapped_compiled or ("torch._dynamo" in sys.modules and _HAS_STANCE)
 
     # -- hooks ------------------------------------------------------------------------------
     def _own(self) -> _Session | None:
@@ -684,6 +684,11 @@ class Recorder:
                 "calls= / unsort= / edit= disagree with what ran: " + "; ".join(problems)
                 + ". The recording is complete (rec.calls(name) lists every call); give one "
                 "per call of the module in a forward pass.")
+
+
+# torch.compiler.set_stance is PyTorch 2.6+; setup.cfg allows 2.1: without it, a loaded
+# compiler alone does not make a block force eager mode (nothing to force it with).
+_HAS_STANCE = hasattr(torch.compiler, "set_stance")
 
 
 def _own_state(output: Any, picked: Any) -> bool:
