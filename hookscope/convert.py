@@ -39,6 +39,7 @@ from .plan import Plan
 from .structure import (
     find_batch_dim,
     first_tensor,
+    iter_tensors,
     lengths_from_batch_sizes,
     map_leaves,
     pad_packed,
@@ -364,16 +365,25 @@ def packed_layout(t: Tensor | None, n: int, longest: int) -> str | None:
 
 
 def input_packed(args: tuple, kwargs: dict) -> PackedSequence | None:
-    """The first ``PackedSequence`` a call was given, if any.  (Plain loops: this runs on
-    every call.)"""
+    """The first ``PackedSequence`` a call was given as an argument, else the one inside its
+    arguments' containers (``model({"premise": packed, ...})``) where there is exactly one
+    (several would leave it unknown which one a capture's sequences come from).  (Plain loops:
+    this runs on every call.)"""
+    containers = False
     for a in args:
         if isinstance(a, PackedSequence):
             return a
+        containers = containers or isinstance(a, Mapping | list | tuple)
     if kwargs:
         for a in kwargs.values():
             if isinstance(a, PackedSequence):
                 return a
-    return None
+            containers = containers or isinstance(a, Mapping | list | tuple)
+    if not containers:
+        return None
+    found = [x for _, x in iter_tensors((args, kwargs), packed=True)
+             if isinstance(x, PackedSequence)]
+    return found[0] if len(found) == 1 else None
 
 
 def input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str,

@@ -15,7 +15,7 @@ from torch import Tensor
 from .capture import Capture
 from .dataset_format import BOOKKEEPING, arrow
 from .errors import DatasetError, InputError
-from .frame import capture_mask, capture_rows
+from .frame import capture_mask, capture_rows, rnn_state_error
 from .offload import HostStaging
 from .pooling import REDUCTIONS, pool_sequences
 
@@ -189,6 +189,8 @@ def batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, man
         # lengths= (integer lengths or a (batch, time) mask) for sequences that know neither.
         given = (lengths if lengths is not None and t.ndim == 3 and cap.mask is None
                  and len(t) == len(lengths) else None)
+        if cap.rnn_state and t.ndim == 3:  # (rows reduced in the hook are refused there)
+            raise rnn_state_error(f"batch {index}: {col!r}", tuple(t.shape))
         if reduce is None and t.ndim == 3:
             with np.errstate(over="ignore"):  # (an overflow is refused below, clearly)
                 if t.is_nested:  # (nn.TransformerEncoder's fast path): real positions only

@@ -358,10 +358,11 @@ def refuse_rnn_state(cap: Any) -> None:
 
 def rnn_state_error(where: str, shape: tuple[int, ...]) -> InputError:
     return InputError(
-        f"{where} is an RNN's final state of shape {shape} (layers * directions, batch, "
-        "hidden): its batch is dim 1, so one row per example needs pick=lambda out: "
-        "out[1][-1] (the last layer; out[1][0][-1] for an LSTM's h), or pick=lambda out: "
-        "out[1].transpose(0, 1).flatten(1) (every layer and direction).")
+        f"{where} is an RNN's final state h_n of shape {shape} (layers * directions, batch, "
+        "hidden): its batch is dim 1. One row per example needs the last layer, h_n[-1], or "
+        "every layer and direction, h_n.transpose(0, 1).flatten(1): with pick= on the RNN "
+        "itself, pick=lambda out: out[1][-1] (out[1][0][-1] for an LSTM, whose state is "
+        "(h, c)), or return that from your module.")
 
 
 def _long_rows(cap: Any, by_step: dict[int, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

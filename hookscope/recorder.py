@@ -496,6 +496,7 @@ class Recorder:
         rnn_state = False
         if plan.plain and type(output) is Tensor:  # the common case, without the tree walk
             raw = output  # (the model's own tensor: an RNN state is known by its memory)
+            rnn_state = bool(s.rnn_states) and _is_state(s, plan, output, raw)
             value = output.detach()
             if plan.clone is True:
                 value = value.clone()
@@ -517,10 +518,11 @@ class Recorder:
                 returned = self._require_grads(s, output, returned, where)
                 output = output if returned is None else returned
             value = raw = plan.pick(output) if plan.pick is not None else output
-            rnn_state = plan.rnn and plan.pick is not None and _own_state(output, raw)
-            if rnn_state and plan.rows is not None and getattr(
-                    first_tensor(raw), "ndim", 0) == 3:  # record_dataset: rows along dim 0
+            rnn_state = _is_state(s, plan, output, raw)
+            if rnn_state and plan.rows is not None:  # record_dataset: rows along dim 0
                 raise rnn_state_error(f"the output of {where}", tuple(first_tensor(raw).shape))
+            if rnn_state and perm is not None and dims is None:  # its batch is dim 1
+                dims = {path: 1 for path, _ in iter_tensors(raw)}
             rows = (None if plan.rows is None else
                     self._rows_at_call(s, plan, args, kwargs, value, perm, call, label, where))
             if rows is not None:  # record_dataset: one row per example, nothing else kept
@@ -691,13 +693,18 @@ class Recorder:
 _HAS_STANCE = hasattr(torch.compiler, "set_stance")
 
 
-def _own_state(output: Any, picked: Any) -> bool:
-    """Whether ``picked`` is (or begins with) the state an RNN returned beside its output,
-    ``(out, h)`` or ``(out, (h, c))``: the very tensor, not a view or part of it."""
-    if not (isinstance(output, tuple) and len(output) == 2):
-        return False
+def _is_state(s: _Session, plan: Plan, output: Any, picked: Any) -> bool:
+    """Whether the capture's primary tensor is an RNN's final state ``(layers * directions,
+    batch, hidden)`` as the RNN returned it (the very tensor, not a view or part of it): the
+    state the hooked RNN returned beside its output (``(out, h)`` or ``(out, (h, c))``, picked
+    with ``pick=``), or one that an RNN inside the hooked wrapper returned in this call."""
     t = first_tensor(picked)
-    return t is not None and any(t is state for _, state in iter_tensors(output[1]))
+    if t is None or t.ndim != 3:
+        return False
+    if plan.rnn:
+        return (plan.pick is not None and isinstance(output, tuple) and len(output) == 2
+                and any(t is state for _, state in iter_tensors(output[1])))
+    return any(t is state for state in s.rnn_states)
 
 
 def _rnn_state(s: _Session, plan: Plan, value: Any) -> bool:

@@ -230,3 +230,63 @@ def test_an_rnns_own_final_state_is_refused_where_rows_are_per_example(tmp_path,
     out = hs.record_dataset(rnn, [packed], [""], tmp_path / "ok", pick=last, reduce="mean",
                             progress=False)
     np.testing.assert_array_equal(hs.open_dataset(out).numpy(""), h[-1].numpy())
+
+
+class _ReturnsState(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 5, num_layers=2, bidirectional=True, batch_first=True)
+
+    def forward(self, x):
+        return self.rnn(x)[1]  # h_n itself: (4, batch, 5)
+
+
+@pytest.mark.parametrize("reduce", ["mean", None])
+def test_a_wrapper_returning_h_n_is_marked_and_refused_not_pooled_across_the_batch(
+        tmp_path, reduce):
+    """A module that returns its inner RNN's h_n: the capture is the state (unsorted along
+    dim 1 with unsort=), and exports one row per example refuse it instead of reading its
+    layers as examples."""
+    torch.manual_seed(0)
+    model, x, perm = _ReturnsState().eval(), torch.randn(3, 6, 3), torch.tensor([2, 0, 1])
+    with torch.no_grad(), hs.record(model, [""], unsort={"": perm}) as rec:
+        h = model(x)
+    assert rec[""].rnn_state and torch.equal(rec[""].tensor, h[:, perm])
+    with pytest.raises(hs.InputError, match="final state"):
+        rec.to_frame(reduce="mean")
+    with pytest.raises(hs.InputError, match="batch 0: .*final state"):
+        hs.record_dataset(model, [x], [""], tmp_path / "ds", reduce=reduce, progress=False)
+
+
+def test_an_rnns_picked_state_is_unsorted_along_its_batch_dimension():
+    torch.manual_seed(0)
+    lstm, perm = nn.LSTM(3, 4, num_layers=2).eval(), torch.tensor([2, 0, 1])
+    packed = torch.nn.utils.rnn.pack_sequence([torch.randn(n, 3) for n in (5, 3, 2)])
+    with torch.no_grad(), hs.record(lstm, [""], pick=lambda o: o[1][0], unsort={"": perm}) as rec:
+        _, (h, _) = lstm(packed)
+    assert rec[""].rnn_state and torch.equal(rec[""].tensor, h[:, perm])
+
+
+class _DictFed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 4, batch_first=True)
+
+    def forward(self, batch):
+        return pad_packed_sequence(self.rnn(batch["packed"])[0], batch_first=True)[0]
+
+
+def test_a_packed_sequence_inside_a_dict_input_gives_the_lengths(tmp_path):
+    """model({"packed": ...}): the lengths are found inside the container, so pooling is over
+    real positions, as computed by hand per example."""
+    torch.manual_seed(0)
+    model, lengths = _DictFed().eval(), torch.tensor([2, 7, 1, 3])
+    batch = {"packed": pack_padded_sequence(torch.randn(4, 7, 3), lengths, batch_first=True,
+                                            enforce_sorted=False), "ids": [0, 1, 2, 3]}
+    with torch.no_grad(), hs.record(model, [""]) as rec:
+        out = model(batch)
+    assert torch.equal(rec[""].lengths, lengths)
+    ds = hs.record_dataset(model, [batch], [""], tmp_path / "ds", reduce="mean", progress=False,
+                           setup_id="test")
+    expected = np.stack([out[i, :n].mean(0).numpy() for i, n in enumerate(lengths)])
+    np.testing.assert_allclose(hs.open_dataset(ds).numpy(""), expected, rtol=1e-6, atol=1e-7)
