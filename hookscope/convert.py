@@ -50,8 +50,10 @@ __all__ = [
     "Converted",
     "batch_dim_of",
     "convert",
+    "from_rnn_state",
     "input_lengths",
     "input_packed",
+    "is_rnn_state",
     "lengths_fit",
     "nested_lengths_or_mask",
     "packed_layout",
@@ -362,6 +364,38 @@ def packed_layout(t: Tensor | None, n: int, longest: int) -> str | None:
         if t.shape[b] == n and (steps == longest or (t.ndim >= 3 and steps > longest)):
             return layout
     return None
+
+
+def is_rnn_state(plan: Plan, output: Any, picked: Any, states: list[Tensor]) -> bool:
+    """Whether a capture's primary tensor is an RNN's final state ``(layers * directions,
+    batch, hidden)`` as the RNN returned it (the very tensor, not a view or part of it): the
+    state the hooked RNN returned beside its output (``(out, h)`` or ``(out, (h, c))``, picked
+    with ``pick=``), or one of ``states``, those an RNN inside the hooked wrapper returned in
+    this call."""
+    t = first_tensor(picked)
+    if t is None or t.ndim != 3:
+        return False
+    if plan.rnn:
+        return (plan.pick is not None and isinstance(output, tuple) and len(output) == 2
+                and any(t is state for _, state in iter_tensors(output[1])))
+    return any(t is state for state in states)
+
+
+def from_rnn_state(plan: Plan, value: Any, states: list[Tensor]) -> bool:
+    """Whether ``value``'s primary tensor is an RNN's final state (or a view of one) rather
+    than its sequence output: the hooked module is an RNN (its sequence output, packed, has
+    lengths of its own), or the tensor shares memory with one of ``states``, the ``(h, c)``
+    an RNN inside the hooked wrapper returned in this call (held alive until the capture, so
+    that no address is reused).  The input's lengths never describe it, whatever its shape."""
+    if plan.rnn:
+        return True
+    if not states:
+        return False
+    t = first_tensor(value)
+    if t is None or t.is_nested or t.layout is not torch.strided:
+        return False
+    where = t.untyped_storage().data_ptr()
+    return any(where == st.untyped_storage().data_ptr() for st in states)
 
 
 def input_packed(args: tuple, kwargs: dict) -> PackedSequence | None:

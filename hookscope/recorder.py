@@ -26,8 +26,10 @@ from .capture import Capture
 from .convert import (
     CloneMode,
     convert,
+    from_rnn_state,
     input_lengths,
     input_packed,
+    is_rnn_state,
     nested_lengths_or_mask,
     packed_layout,
     padding_mask,
@@ -496,7 +498,7 @@ class Recorder:
         rnn_state = False
         if plan.plain and type(output) is Tensor:  # the common case, without the tree walk
             raw = output  # (the model's own tensor: an RNN state is known by its memory)
-            rnn_state = bool(s.rnn_states) and _is_state(s, plan, output, raw)
+            rnn_state = bool(s.rnn_states) and is_rnn_state(plan, output, raw, s.rnn_states)
             value = output.detach()
             if plan.clone is True:
                 value = value.clone()
@@ -518,7 +520,7 @@ class Recorder:
                 returned = self._require_grads(s, output, returned, where)
                 output = output if returned is None else returned
             value = raw = plan.pick(output) if plan.pick is not None else output
-            rnn_state = _is_state(s, plan, output, raw)
+            rnn_state = is_rnn_state(plan, output, raw, s.rnn_states)
             if rnn_state and plan.rows is not None:  # record_dataset: rows along dim 0
                 raise rnn_state_error(f"the output of {where}", tuple(first_tensor(raw).shape))
             if rnn_state and perm is not None and dims is None:  # its batch is dim 1
@@ -540,7 +542,7 @@ class Recorder:
                 s.rnn_keys.clear()
         bidirectional = False
         if rows is None:  # (rows know no lengths or mask: they were used)
-            if lengths is None and (args or kwargs) and not _rnn_state(s, plan, raw):
+            if lengths is None and (args or kwargs) and not from_rnn_state(plan, raw, s.rnn_states):
                 lengths = input_lengths(args, kwargs, perm, name, value)
             if lengths is None and (s.mask is not None or type(value) is not Tensor
                                     or value.is_nested):
@@ -614,7 +616,7 @@ class Recorder:
             return rows.index_select(0, plan.perm_on(perm, rows.device))
         mask = None
         packed_in = input_packed(args, kwargs) if lengths is None else None
-        if packed_in is not None and t.ndim >= 2 and not _rnn_state(s, plan, t):
+        if packed_in is not None and t.ndim >= 2 and not from_rnn_state(plan, t, s.rnn_states):
             # Real positions straight from the input's batch_sizes, where they describe this
             # output as (batch, time, ...) (not an RNN's h_n computed from the same input).
             keep = packed_mask(packed_in)
@@ -691,37 +693,6 @@ class Recorder:
 # torch.compiler.set_stance is PyTorch 2.6+; setup.cfg allows 2.1: without it, a loaded
 # compiler alone does not make a block force eager mode (nothing to force it with).
 _HAS_STANCE = hasattr(torch.compiler, "set_stance")
-
-
-def _is_state(s: _Session, plan: Plan, output: Any, picked: Any) -> bool:
-    """Whether the capture's primary tensor is an RNN's final state ``(layers * directions,
-    batch, hidden)`` as the RNN returned it (the very tensor, not a view or part of it): the
-    state the hooked RNN returned beside its output (``(out, h)`` or ``(out, (h, c))``, picked
-    with ``pick=``), or one that an RNN inside the hooked wrapper returned in this call."""
-    t = first_tensor(picked)
-    if t is None or t.ndim != 3:
-        return False
-    if plan.rnn:
-        return (plan.pick is not None and isinstance(output, tuple) and len(output) == 2
-                and any(t is state for _, state in iter_tensors(output[1])))
-    return any(t is state for state in s.rnn_states)
-
-
-def _rnn_state(s: _Session, plan: Plan, value: Any) -> bool:
-    """Whether ``value``'s primary tensor is an RNN's final state (or a view of one) rather
-    than its sequence output: the hooked module is an RNN (its sequence output, packed, has
-    lengths of its own), or the tensor shares memory with the ``(h, c)`` an RNN inside the
-    hooked wrapper returned in this call.  The input's lengths never describe it, whatever
-    its shape happens to be."""
-    if plan.rnn:
-        return True
-    if not s.rnn_states:
-        return False
-    t = first_tensor(value)
-    if t is None or t.is_nested or t.layout is not torch.strided:
-        return False
-    where = t.untyped_storage().data_ptr()
-    return any(where == st.untyped_storage().data_ptr() for st in s.rnn_states)
 
 
 def _close(s: _Session) -> None:
