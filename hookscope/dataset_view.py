@@ -188,6 +188,11 @@ def open_dataset(path: str | os.PathLike, *, verify: bool = True) -> DatasetView
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.exists():
+        if (path / "shards").is_dir():  # record_dataset made the folder, then stopped
+            raise DatasetError(
+                f"{path} has no {MANIFEST}: its recording stopped before a first batch was "
+                "written (or it is a multi-process run that did not finish). Run the same "
+                "record_dataset(...) again to record it.")
         raise DatasetError(f"{path} has no {MANIFEST}: not a hookscope dataset (or a "
                            "multi-process run that did not finish).")
     view = DatasetView(path, read_manifest(manifest_path), verify=verify)

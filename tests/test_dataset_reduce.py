@@ -459,3 +459,16 @@ def test_meta_is_read_before_the_iterable_gives_the_next_batch(tmp_path):
                          meta=lambda b: {"id": b["id"]}, setup_id="test")
     assert open_dataset(out).meta()["id"].tolist() == [
         f"{i}-{r}" for i in range(len(xs)) for r in range(4)]
+
+
+def test_a_run_that_fails_on_its_first_batch_says_to_run_it_again(tmp_path):
+    model, batches = _linear_batches(2)
+
+    def forward(m, x):
+        raise RuntimeError("the model failed")
+
+    with pytest.raises(RuntimeError, match="the model failed"):
+        record_dataset(model, batches, ["0"], tmp_path / "ds", reduce="mean", progress=False,
+                       forward=forward, setup_id="test")
+    with pytest.raises(hs.DatasetError, match="stopped before a first batch.*again"):
+        open_dataset(tmp_path / "ds")
