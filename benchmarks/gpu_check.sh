@@ -32,5 +32,5 @@ timeout 300 python benchmarks/gpu.py --json "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu
 
 # 3. Where the time goes: profiler tables and the stack of each synchronisation.
 timeout 120 python benchmarks/gpu_profile.py > "$OUT/profile.txt" 2>&1
-grep -A14 "^### synchronisations" "$OUT/profile.txt" | head -60
+grep -A14 -E "^### (synchronisations|host and wall)" "$OUT/profile.txt" | head -80
 echo "done: $(ls "$OUT")"

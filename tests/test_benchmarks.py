@@ -80,5 +80,6 @@ def test_gpu_profile_quick_mode(capsys):
     """gpu_check.sh's third step: without CUDA, --quick profiles the same cases on the CPU."""
     assert _load("gpu_profile").main(["--quick"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("device: ") and "### host time per call: BiLSTM" in out
+    assert out.startswith("device: ") and "### host and wall time per call: BiLSTM" in out
+    assert "| hs.record, 2 layers |" in out  # (the BERT of --quick has 2)
     assert "### record_dataset, 3 batches: 1 calls, by host time" in out
