@@ -49,12 +49,12 @@ __all__ = [
     "CloneMode",
     "Converted",
     "batch_dim_of",
+    "check_perm_length",
     "convert",
     "from_rnn_state",
     "input_lengths",
     "input_packed",
     "is_rnn_state",
-    "lengths_fit",
     "nested_lengths_or_mask",
     "packed_layout",
     "padding_mask",
@@ -184,11 +184,16 @@ def convert(
 
 def permute_lengths(lengths: Tensor, perm: Tensor, where: str) -> Tensor:
     """``lengths[perm]``, after checking that both describe the same batch."""
-    if len(lengths) != len(perm):
+    check_perm_length(len(lengths), perm, where)
+    return lengths.index_select(0, perm)  # (cheaper to dispatch than lengths[perm])
+
+
+def check_perm_length(n: int, perm: Tensor, where: str) -> None:
+    """An ``UnsortError`` unless ``perm`` is for a batch of ``n`` sequences."""
+    if n != len(perm):
         raise UnsortError(
             f"unsort for {where}: the permutation has {len(perm)} entries but the batch has "
-            f"{len(lengths)} sequences. Pass this call's own permutation.")
-    return lengths.index_select(0, perm)  # (cheaper to dispatch than lengths[perm])
+            f"{n} sequences. Pass this call's own permutation.")
 
 
 def _snapshot_object(path: tuple, obj: Any, leaf: Callable, live: list[str],
@@ -340,14 +345,6 @@ def padding_mask(mask_from: Any, args: tuple, kwargs: dict) -> Tensor | None:
     return mask != 0
 
 
-def lengths_fit(t: Tensor | None, n: int, longest: int) -> bool:
-    """Whether the lengths of ``n`` input sequences, the longest ``longest`` steps, describe
-    ``t`` as ``(batch, time, ...)`` or ``(time, batch, ...)`` (see :func:`packed_layout`).
-    (A time-major capture keeps them, so that a reduction says it is time-major instead of
-    pooling over the batch.)"""
-    return packed_layout(t, n, longest) is not None
-
-
 def packed_layout(t: Tensor | None, n: int, longest: int) -> str | None:
     """``"batch"`` where ``t`` is ``(batch, time, ...)`` for ``n`` sequences of at most
     ``longest`` steps, ``"time"`` where it is ``(time, batch, ...)``, else ``None``.
@@ -356,7 +353,9 @@ def packed_layout(t: Tensor | None, n: int, longest: int) -> str | None:
     (``total_length=``) where ``t`` is a sequence of vectors (3-D or more): a 2-D ``(batch,
     features)`` output, an RNN's final state or its concatenated halves, is not a sequence
     merely because it has at least as many features as the longest sequence has steps.
-    (An RNN's own state is excluded by identity before this: see ``Recorder``.)"""
+    (An RNN's own state is excluded by identity before this: see :func:`from_rnn_state`.  A
+    time-major capture keeps its lengths, so that a reduction says it is time-major instead
+    of pooling over the batch.)"""
     if t is None or t.is_nested or t.ndim < 2:
         return None
     for layout, b, time in (("batch", 0, 1), ("time", 1, 0)):
@@ -424,7 +423,7 @@ def input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str,
                   value: Any = None) -> Callable[[], Tensor] | None:
     """What computes the lengths of the ``PackedSequence`` a call was given, in the output's
     batch order (a :class:`~hookscope.Capture` calls it when its lengths are first read);
-    given ``value``, only where they describe its primary tensor (see :func:`lengths_fit`).
+    given ``value``, only where they describe its primary tensor (see :func:`packed_layout`).
     It holds the input's ``batch_sizes`` and ``unsorted_indices``, not its data."""
     # The story's LSTMEncoder takes a PackedSequence and returns a padded tensor: the
     # lengths live in the input's batch_sizes.
@@ -434,10 +433,10 @@ def input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str,
     sizes, unsorted = packed.batch_sizes, packed.unsorted_indices
     # Sequences: batch_sizes[0]; the longest has a step at every time.
     n = int(sizes[0]) if len(sizes) else 0
-    if value is not None and not lengths_fit(first_tensor(value), n, len(sizes)):
+    if value is not None and packed_layout(first_tensor(value), n, len(sizes)) is None:
         return None  # e.g. an RNN's h_n picked from a packed call
-    if perm is not None and len(perm) != n:  # (checked now: the error belongs to this call)
-        permute_lengths(torch.empty(n, dtype=torch.int64), perm, f"{name!r} lengths")
+    if perm is not None:  # (checked now, not on first read: the error belongs to this call)
+        check_perm_length(n, perm, f"{name!r} lengths")
 
     def lengths() -> Tensor:
         out = lengths_from_batch_sizes(sizes, unsorted)

@@ -520,7 +520,8 @@ class Recorder:
                 returned = self._require_grads(s, output, returned, where)
                 output = output if returned is None else returned
             value = raw = plan.pick(output) if plan.pick is not None else output
-            rnn_state = is_rnn_state(plan, output, raw, s.rnn_states)
+            rnn_state = bool(plan.rnn or s.rnn_states) and is_rnn_state(
+                plan, output, raw, s.rnn_states)
             if rnn_state and plan.rows is not None:  # record_dataset: rows along dim 0
                 raise rnn_state_error(f"the output of {where}", tuple(first_tensor(raw).shape))
             if rnn_state and perm is not None and dims is None:  # its batch is dim 1

@@ -189,8 +189,8 @@ def lengths_from_batch_sizes(batch_sizes: Tensor, unsorted_indices: Tensor | Non
     sizes = batch_sizes.numpy()  # always on the CPU, non-increasing
     n = int(sizes[0]) if len(sizes) else 0
     # Sequence i (in sorted order) has a step at time t iff i < batch_sizes[t]: its length
-    # is the number of times, less those whose batch size is at most i.  (This runs on every
-    # call of a module fed a PackedSequence: a search, not the (batch, time) mask summed.)
+    # is the number of times, less those whose batch size is at most i (a search, not the
+    # (batch, time) mask summed).
     lengths = torch.from_numpy(
         len(sizes) - np.searchsorted(sizes[::-1], np.arange(n), side="right").astype(np.int64))
     if unsorted_indices is not None:
