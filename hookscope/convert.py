@@ -147,7 +147,7 @@ def convert(
             if dims is not None and path in dims:
                 dim = dims[path]
             else:
-                dim = batch_dim_of(plan, path, x, packed, len(perm), where, rnn_state_keys)
+                dim = batch_dim_of(plan, path, x, packed, perm.shape[0], where, rnn_state_keys)
             out.dims[path] = dim
             if dim is not None:
                 x = x.index_select(dim, plan.perm_on(perm, x.device))
@@ -190,9 +190,9 @@ def permute_lengths(lengths: Tensor, perm: Tensor, where: str) -> Tensor:
 
 def check_perm_length(n: int, perm: Tensor, where: str) -> None:
     """An ``UnsortError`` unless ``perm`` is for a batch of ``n`` sequences."""
-    if n != len(perm):
+    if n != perm.shape[0]:
         raise UnsortError(
-            f"unsort for {where}: the permutation has {len(perm)} entries but the batch has "
+            f"unsort for {where}: the permutation has {perm.shape[0]} entries but the batch has "
             f"{n} sequences. Pass this call's own permutation.")
 
 
@@ -238,7 +238,7 @@ def batch_dim_of(
     dimension that is not of size ``n`` raises too (never a silent partial permutation).
     """
     spec = plan.batch_dim
-    if isinstance(spec, Mapping):
+    if type(spec) is not str and isinstance(spec, Mapping):  # ("auto", the default: a str)
         best = None
         for prefix, dim in spec.items():
             prefix = prefix if isinstance(prefix, tuple) else (prefix,)
@@ -249,7 +249,7 @@ def batch_dim_of(
             return None
     if spec is None:
         return None
-    if isinstance(spec, int):
+    if type(spec) is not str and isinstance(spec, int):
         dim = spec
         if x.ndim <= dim or x.shape[dim] != n:
             leaf = "output" + "".join(f"[{k!r}]" for k in path)
@@ -400,18 +400,18 @@ def from_rnn_state(plan: Plan, value: Any, states: list[Tensor]) -> bool:
 def input_packed(args: tuple, kwargs: dict) -> PackedSequence | None:
     """The first ``PackedSequence`` a call was given as an argument, else the one inside its
     arguments' containers (``model({"premise": packed, ...})``) where there is exactly one
-    (several would leave it unknown which one a capture's sequences come from).  (Plain loops:
-    this runs on every call.)"""
+    (several would leave it unknown which one a capture's sequences come from).  (Plain loops
+    and exact type tests: this runs on every call.)"""
     containers = False
-    for a in args:
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        kind = type(a)
+        if kind is PackedSequence:
+            return a
+        if kind is Tensor or a is None or kind in _SCALARS:
+            continue
         if isinstance(a, PackedSequence):
             return a
         containers = containers or isinstance(a, Mapping | list | tuple)
-    if kwargs:
-        for a in kwargs.values():
-            if isinstance(a, PackedSequence):
-                return a
-            containers = containers or isinstance(a, Mapping | list | tuple)
     if not containers:
         return None
     found = [x for _, x in iter_tensors((args, kwargs), packed=True)
@@ -419,12 +419,16 @@ def input_packed(args: tuple, kwargs: dict) -> PackedSequence | None:
     return found[0] if len(found) == 1 else None
 
 
+_SCALARS = frozenset({int, float, bool, str})
+
+
 def input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str,
-                  value: Any = None) -> Callable[[], Tensor] | None:
+                  t: Tensor | None = None) -> Callable[[], Tensor] | None:
     """What computes the lengths of the ``PackedSequence`` a call was given, in the output's
     batch order (a :class:`~hookscope.Capture` calls it when its lengths are first read);
-    given ``value``, only where they describe its primary tensor (see :func:`packed_layout`).
-    It holds the input's ``batch_sizes`` and ``unsorted_indices``, not its data."""
+    given ``t``, the capture's primary tensor, only where they describe it (see
+    :func:`packed_layout`).  It holds the input's ``batch_sizes`` and ``unsorted_indices``,
+    not its data."""
     # The story's LSTMEncoder takes a PackedSequence and returns a padded tensor: the
     # lengths live in the input's batch_sizes.
     packed = input_packed(args, kwargs)
@@ -432,8 +436,9 @@ def input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str,
         return None
     sizes, unsorted = packed.batch_sizes, packed.unsorted_indices
     # Sequences: batch_sizes[0]; the longest has a step at every time.
-    n = int(sizes[0]) if len(sizes) else 0
-    if value is not None and packed_layout(first_tensor(value), n, len(sizes)) is None:
+    longest = sizes.shape[0]
+    n = int(sizes[0]) if longest else 0
+    if t is not None and packed_layout(t, n, longest) is None:
         return None  # e.g. an RNN's h_n picked from a packed call
     if perm is not None:  # (checked now, not on first read: the error belongs to this call)
         check_perm_length(n, perm, f"{name!r} lengths")
@@ -457,6 +462,6 @@ def nested_lengths_or_mask(value: Any, mask: Tensor | None,
             return torch.tensor([c.shape[0] for c in t.unbind()], dtype=torch.int64), None
         except Exception:
             return None, None
-    if mask is None or t.ndim < 2 or tuple(t.shape[:2]) != tuple(mask.shape):
+    if mask is None or t.ndim < 2 or t.shape[:2] != mask.shape:
         return None, None
     return None, mask if perm is None else mask[perm]

@@ -63,6 +63,17 @@ _NO_KWARGS = object()  # a forward hook called as hook(module, args, output)
 # module raises (so that a nested recorder's hook on the same module still records first).
 _PENDING_STOPS: dict[int, set[Recorder]] = {}
 
+# Argument types that cannot hold a PackedSequence (the fast hook's test, by exact type).
+_ATOMIC = frozenset({Tensor, type(None), int, float, bool, str})
+
+
+def _atomic(values: Iterable[Any]) -> bool:
+    """Whether every value is of an :data:`_ATOMIC` type (no container, no PackedSequence)."""
+    for v in values:  # noqa: SIM110 (a loop: all() of a generator costs twice as much here)
+        if type(v) not in _ATOMIC:
+            return False
+    return True
+
 
 class _Stop(BaseException):
     """Raised by a hook to end the forward pass early (``stop=True``).
@@ -428,9 +439,13 @@ class Recorder:
                 and not self.inputs and not self.stop)
 
     def _make_fast_hook(self, plan: Plan) -> Callable[..., None]:
-        """The hot path for small models: the general hook's work for a tensor output of a
-        module called with one tensor, inlined (a model call that gives a padding mask, a
-        nested tensor or packed inputs takes the general path)."""
+        """The hot path: the general hook's work for a tensor output, inlined.  It takes any
+        call whose arguments are tensors, numbers, strings or ``None`` (a transformer layer
+        called with its mask), so nothing can hold a ``PackedSequence`` whose lengths the
+        capture would need; other calls, nested outputs, and calls inside a wrapper of an RNN
+        (whose state tensors must be recognised) take the general path.  Each check here is
+        an exact type test: this runs once per module call, on the GPU's critical path where
+        a forward is bound by the host."""
         name, labels, module_type = plan.name, plan.labels, plan.module_type
 
         def hook(module: nn.Module, args: tuple, kwargs: Any, output: Any = _NO_KWARGS) -> None:
@@ -438,8 +453,8 @@ class Recorder:
             if s is not None and (s.thread is None or s.thread == _get_ident()):
                 if output is _NO_KWARGS:  # (registered an instant ago, seen without kwargs)
                     kwargs, output = {}, kwargs
-                if (type(output) is not Tensor or s.mask is not None or kwargs
-                        or len(args) != 1 or type(args[0]) is not Tensor or output.is_nested):
+                if (type(output) is not Tensor or output.is_nested or s.rnn_states
+                        or not _atomic(args) or (kwargs and not _atomic(kwargs.values()))):
                     self._record_call(s, plan, args, kwargs, output)
                 else:
                     rec = s.rec
@@ -449,10 +464,14 @@ class Recorder:
                     call = counts.get(name, 0)
                     counts[name] = call + 1
                     label = labels[call] if labels is not None and call < len(labels) else None
+                    mask = s.mask  # the model call's (batch, time) mask, where it fits
+                    if mask is not None and (output.ndim < 2 or output.shape[:2] != mask.shape):
+                        mask = None
                     # (detach only what autograd tracks: it costs a tensor of its own)
                     value = (output.detach() if output.requires_grad else output).clone()
                     rec._captures[name].append(Capture(
-                        name, rec.steps - 1, call, label, module_type, value))
+                        name, rec.steps - 1, call, label, module_type, value, None, None, None,
+                        None, mask))
             if _PENDING_STOPS:
                 _raise_pending_stop(module, hook)
 
@@ -478,7 +497,11 @@ class Recorder:
             if s is not None:
                 s.rnn_keys.update(state_keys(output))
                 if isinstance(output, tuple) and len(output) == 2:
-                    s.rnn_states.extend(t for _, t in iter_tensors(output[1]))
+                    state = output[1]  # h, or (h, c): tensors (the common case) first
+                    if type(state) is tuple and all(type(t) is Tensor for t in state):
+                        s.rnn_states.extend(state)
+                    else:
+                        s.rnn_states.extend(t for _, t in iter_tensors(state))
 
         return state_hook
 
@@ -543,13 +566,13 @@ class Recorder:
                 s.rnn_keys.clear()
         bidirectional = False
         if rows is None:  # (rows know no lengths or mask: they were used)
+            t = first_tensor(value)  # the primary tensor, as stored
             if lengths is None and (args or kwargs) and not from_rnn_state(plan, raw, s.rnn_states):
-                lengths = input_lengths(args, kwargs, perm, name, value)
+                lengths = input_lengths(args, kwargs, perm, name, t)
             if lengths is None and (s.mask is not None or type(value) is not Tensor
                                     or value.is_nested):
-                lengths, mask = nested_lengths_or_mask(value, s.mask, perm)
+                lengths, mask = nested_lengths_or_mask(t, s.mask, perm)
             if plan.bidir_units is not None:
-                t = first_tensor(value)
                 bidirectional = (t is not None and t.ndim > 1
                                  and t.shape[-1] == plan.bidir_units)
         if s.rnn_states and not plan.rnn:

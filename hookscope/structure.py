@@ -120,6 +120,8 @@ def first_tensor(obj: Any) -> Tensor | None:
     """The first tensor leaf of ``obj`` (``obj`` itself if it is a tensor), or ``None``."""
     if isinstance(obj, Tensor):
         return obj
+    if type(obj) is tuple and obj and type(obj[0]) is Tensor:  # (out, state): every call
+        return obj[0]
     return next((t for _, t in iter_tensors(obj)), None)
 
 
