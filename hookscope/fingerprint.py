@@ -74,6 +74,7 @@ def model_digest(model: torch.nn.Module) -> str:
 
 
 _PARALLEL_BYTES = 32 << 20  # below this a model is hashed in this thread (a few ms)
+_CHUNK_BYTES = 64 << 20  # a GPU model is copied off in pieces of this size (two buffers)
 
 
 def _digests(tensors: list[tuple[str, torch.Tensor]]) -> list[str | Exception]:
@@ -81,7 +82,9 @@ def _digests(tensors: list[tuple[str, torch.Tensor]]) -> list[str | Exception]:
 
     A large model is hashed on several threads: hashlib and the copies off the GPU release
     the GIL, and hashing is most of what ``record_dataset`` costs before its first batch
-    (BERT-base: 440 MB, about 0.3 s on one core).  The digests are the same either way."""
+    (BERT-base: 440 MB, about 0.3 s on one core).  Dense GPU tensors are copied off in
+    chunks (:func:`_chunked_digests`): one wait per chunk instead of one per tensor (BERT-base
+    has 201).  The digests are the same either way."""
     def one(t: torch.Tensor) -> str | Exception:
         try:
             return _tensor_digest(t)
@@ -92,8 +95,58 @@ def _digests(tensors: list[tuple[str, torch.Tensor]]) -> list[str | Exception]:
     workers = min(8, os.cpu_count() or 1, len(tensors))
     if size < _PARALLEL_BYTES or workers < 2:
         return [one(t) for _, t in tensors]
+    out: list[str | Exception | None] = [None] * len(tensors)
+    gpu = [i for i, (_, t) in enumerate(tensors) if _chunkable(t)]
     with ThreadPoolExecutor(workers, thread_name_prefix="hookscope-digest") as pool:
-        return list(pool.map(one, (t for _, t in tensors)))
+        rest = [i for i, (_, t) in enumerate(tensors) if not _chunkable(t)]
+        for i, d in zip(rest, pool.map(one, (tensors[i][1] for i in rest)), strict=True):
+            out[i] = d
+        if gpu:
+            digests = _chunked_digests([tensors[i][1] for i in gpu], pool)
+            for i, d in zip(gpu, digests, strict=True):
+                out[i] = d
+    return out  # type: ignore[return-value]
+
+
+def _chunkable(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" and t.layout is torch.strided and t.numel() > 0
+
+
+def _chunked_digests(tensors: list[torch.Tensor], pool: ThreadPoolExecutor,
+                     chunk: int | None = None) -> list[str]:
+    """SHA-256 of each tensor's bytes (as :func:`_tensor_digest`), its bytes copied to the
+    host in chunks of ``chunk`` bytes, alternating between two pinned buffers: the copies of
+    one chunk are queued without waiting, waited for once, and hashed on ``pool`` while the
+    next chunk is copied.  A tensor larger than a chunk is hashed piece by piece, in order
+    (SHA-256 is incremental), so no buffer grows with the model."""
+    chunk = chunk or _CHUNK_BYTES
+    flats = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    pin = any(f.device.type == "cuda" for f in flats)
+    buffers = [torch.empty(chunk, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+    hashers = [hashlib.sha256() for _ in flats]
+    pending: list[Any] = []
+    k, i, start = 0, 0, 0  # chunk number; tensor and byte where the next piece begins
+    while i < len(flats):
+        buf, used, pieces, devices = buffers[k % 2], 0, [], set()
+        while i < len(flats) and used < chunk:
+            n = min(chunk - used, flats[i].numel() - start)
+            buf[used:used + n].copy_(flats[i][start:start + n], non_blocking=True)
+            pieces.append((i, used, n))
+            devices.add(flats[i].device)
+            used, start = used + n, start + n
+            if start == flats[i].numel():
+                i, start = i + 1, 0
+        for device in devices:  # the one wait of this chunk
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        for f in pending:  # the previous chunk is hashed: its buffer is free, and each
+            f.result()  # tensor's pieces reach its hasher in order
+        pending = [pool.submit(hashers[j].update, memoryview(buf[at:at + n].numpy()))
+                   for j, at, n in pieces]
+        k += 1
+    for f in pending:
+        f.result()
+    return [h.hexdigest() for h in hashers]
 
 
 class _Describer:
