@@ -389,3 +389,69 @@ def test_compiled_model_still_compiled_after_the_block():
     assert len(rec.calls("0")) == 1
     assert torch.allclose(compiled(x), model(x))  # after the block: runs, no stale hook
     assert len(rec.calls("0")) == 1
+
+
+class MaskedLayers(nn.Module):
+    """Layers called as transformer layers are: ``layer(x, mask, None, scale=..., tag=...)``,
+    returning a ``(batch, time, d)`` sequence; a pooler returns ``(batch, d)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([Layer(), Layer()])
+        self.pool = Pool()
+
+    def forward(self, x, attention_mask):
+        for layer in self.layers:
+            x = layer(x, attention_mask, None, scale=0.5, tag="t")
+            x.add_(1.0)  # in place, after the hook: captures must not see it
+        return self.pool(x, attention_mask)
+
+
+class Layer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 6)
+
+    def forward(self, x, mask, cache, *, scale, tag):
+        return self.lin(x) * mask[..., None] * scale
+
+
+class Pool(nn.Module):
+    def forward(self, x, mask):
+        return (x * mask[..., None]).sum(1)
+
+
+def test_calls_with_tensor_and_scalar_arguments_record_as_the_general_path_does():
+    """The short path (arguments that are tensors, numbers, strings or None) gives what the
+    general one gives (``inputs=True`` forces it): values before the in-place change, the
+    model's mask where the output is (batch, time, ...), none on a (batch, d) output."""
+    torch.manual_seed(0)
+    model = MaskedLayers().eval()
+    x = torch.randn(3, 5, 6)
+    mask = torch.ones(3, 5)
+    mask[1, 3:] = 0
+    names = ["layers.0", "layers.1", "pool"]
+    expected = {}
+
+    def keep(name):
+        return lambda m, a, k, out: expected.__setitem__(name, out.detach().clone())
+
+    handles = [model.get_submodule(n).register_forward_hook(keep(n), with_kwargs=True)
+               for n in names]
+    with torch.no_grad():
+        model(x, attention_mask=mask)
+    for h in handles:
+        h.remove()
+    recs = []
+    for options in ({}, {"inputs": True}):
+        with torch.no_grad(), hs.record(model, names, **options) as rec:
+            model(x, attention_mask=mask)
+        recs.append(rec)
+    for rec in recs:
+        for n in names:
+            assert torch.equal(rec[n].tensor, expected[n])
+            assert rec[n].lengths is None
+        for n in names[:2]:
+            assert torch.equal(rec[n].mask, mask.bool())
+        assert rec["pool"].mask is None
+    assert_no_hooks(model)
