@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -10,17 +11,30 @@ from typing import Any
 
 
 def interleaved(variants: dict[str, Callable[[], Any]], iterations: int, repeats: int,
-                warmup: int = 1) -> dict[str, list[float]]:
+                warmup: int = 1, settle: int = 0, shuffle: bool = False
+                ) -> dict[str, list[float]]:
     """Median seconds per call of each variant, one value per repeat.  Variants run in turn
-    (A B C A B C ...) so that drift of the machine hits all of them alike."""
+    (A B C A B C ...) so that drift of the machine hits all of them alike.
+
+    ``settle`` untimed calls of a variant come right before each timed one, so that a timed
+    call follows its own kind, not whatever ran before it (on a GPU, the variant after one
+    that copies 150 MB to pageable memory); ``shuffle`` draws a
+    new order of the variants for each round (seeded: the same order on every machine)."""
     for fn in variants.values():
         for _ in range(warmup):
             fn()
+    order = list(variants)
+    rng = random.Random(0)
     out: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(iterations):
-            for name, fn in variants.items():
+            if shuffle:
+                rng.shuffle(order)
+            for name in order:
+                fn = variants[name]
+                for _ in range(settle):
+                    fn()
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
