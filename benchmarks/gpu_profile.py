@@ -83,15 +83,20 @@ def host_times(title: str, variants: dict[str, Callable[[], Any]], runs: int) ->
     """Median host time per call (the time to queue the work) and wall time (with the wait
     for the GPU), variants interleaved.  Where the host is the bottleneck, what recording adds
     is the host difference.  Run before any profiler: a profiler leaves launches slower."""
+    import random
     import statistics
     import time
 
     host: dict[str, list[float]] = {k: [] for k in variants}
     wall: dict[str, list[float]] = {k: [] for k in variants}
-    for fn in variants.values():
-        fn()
+    order, rng = list(variants), random.Random(0)
     for _ in range(runs * 3):
-        for k, fn in variants.items():
+        rng.shuffle(order)  # a new order each round, and each timed call right after an
+        for k in order:  # untimed one of its own (see _common.interleaved)
+            fn = variants[k]
+            fn()
+            if CUDA:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             fn()
             t1 = time.perf_counter()
@@ -124,9 +129,17 @@ def main(argv: list[str] | None = None) -> int:
         # with 3, 6 and 12 layers recorded, where the H100 runs found 12 layers at 1.2x and 3
         # at 1.0x: the slope per hook, recorded against hand-written.
         r = hs.record(model, names, **options)
+        raw_lstm = raw_hooks(model, names, lambda t: t.detach())
         host_times(f"BiLSTM ({sizes})", {
-            "plain": lambda: model(b), "hs.record, unsort=": lambda: run_block(
-                r, lambda: model(b))}, runs)
+            "plain": lambda: model(b), "raw hooks (detach)": lambda: raw_lstm(lambda: model(b)),
+            "hs.record, unsort=": lambda: run_block(r, lambda: model(b))}, runs)
+        raw12 = raw_hooks(bmodel, bnames, lambda t: t.detach().clone())
+        r12 = hs.record(bmodel, bnames)
+        host_times(f"{btitle}, fp32", {
+            "plain": lambda: forward(tb),
+            f"raw hooks + clone, {len(bnames)} layers": lambda: raw12(lambda: forward(tb)),
+            f"hs.record, {len(bnames)} layers": lambda: run_block(r12, lambda: forward(tb))},
+            runs)
         ac = (torch.autocast("cuda", dtype=torch.bfloat16) if CUDA
               else torch.autocast("cpu", enabled=False))
         with ac:

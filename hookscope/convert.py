@@ -377,7 +377,10 @@ def is_rnn_state(plan: Plan, output: Any, picked: Any, states: list[Tensor]) -> 
     if plan.rnn:
         return (plan.pick is not None and isinstance(output, tuple) and len(output) == 2
                 and any(t is state for _, state in iter_tensors(output[1])))
-    return any(t is state for state in states)
+    for state in states:  # noqa: SIM110 (a loop: cheaper than any() of a generator)
+        if t is state:
+            return True
+    return False
 
 
 def from_rnn_state(plan: Plan, value: Any, states: list[Tensor]) -> bool:
@@ -394,7 +397,10 @@ def from_rnn_state(plan: Plan, value: Any, states: list[Tensor]) -> bool:
     if t is None or t.is_nested or t.layout is not torch.strided:
         return False
     where = t.untyped_storage().data_ptr()
-    return any(where == st.untyped_storage().data_ptr() for st in states)
+    for st in states:  # noqa: SIM110 (a loop: this runs on every call of a wrapper of an RNN)
+        if where == st.untyped_storage().data_ptr():
+            return True
+    return False
 
 
 def input_packed(args: tuple, kwargs: dict) -> PackedSequence | None:

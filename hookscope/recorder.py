@@ -498,7 +498,10 @@ class Recorder:
                 s.rnn_keys.update(state_keys(output))
                 if isinstance(output, tuple) and len(output) == 2:
                     state = output[1]  # h, or (h, c): tensors (the common case) first
-                    if type(state) is tuple and all(type(t) is Tensor for t in state):
+                    if type(state) is Tensor:
+                        s.rnn_states.append(state)
+                    elif (type(state) is tuple and len(state) == 2
+                          and type(state[0]) is Tensor and type(state[1]) is Tensor):
                         s.rnn_states.extend(state)
                     else:
                         s.rnn_states.extend(t for _, t in iter_tensors(state))
