@@ -120,10 +120,13 @@ def record_dataset(
         recorded column.
     lengths : callable, optional
         ``lengths(batch)`` -> ``(batch,)`` sequence lengths or a ``(batch, time)`` mask (True/1
-        at real positions, any padding side) for sequence captures that do not know theirs,
-        e.g. ``lambda b: b["attention_mask"]`` for a Hugging Face batch; used by ``reduce`` and
-        for sequences.  In the caller's order, as the stored rows are: with ``unsort=``, not
-        the order a collate function sorted the batch into.
+        at real positions, any padding side) for every ``(batch, time, features)`` capture,
+        e.g. ``lambda b: b["attention_mask"]`` where the model is not given its mask; used by
+        ``reduce`` and for sequences.  Given, it wins over the lengths or mask a capture knows
+        from the model call (as ``to_frame(lengths=)`` does), and must fit every sequence
+        capture (their batch and time sizes), or the batch is an error.  In the caller's
+        order, as the stored rows are: with ``unsort=``, not the order a collate function
+        sorted the batch into.
     shard_rows : int
         Rows per shard file: what :meth:`hookscope.DatasetView.iter_chunks` reads at a
         time.  Shards end at batch boundaries, so a shard holds up to ``shard_rows + batch

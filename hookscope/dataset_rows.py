@@ -46,7 +46,7 @@ class ReduceAtCall:
 
     def __call__(self, cap: Capture, perm: Tensor | None) -> tuple[Tensor, bool]:
         given = None
-        if self.given is not None and needs_lengths(cap):
+        if self.given is not None and takes_lengths(cap):
             given = _lengths_for(cap, self.given, self.index)
             if perm is not None:  # given in the caller's order; the capture is the model's
                 given = given.index_select(0, perm.argsort())
@@ -66,10 +66,12 @@ class ReduceAtCall:
         return capture_rows(cap, self.reduce, bidirectional=self.bidirectional, lengths=given)
 
 
-def needs_lengths(cap: Capture) -> bool:
-    """A sequence capture that knows neither its lengths nor its mask (``lengths=`` is for
-    those)."""
-    return cap.lengths is None and cap._mask is None and cap.tensor.ndim == 3
+def takes_lengths(cap: Capture) -> bool:
+    """A ``(batch, time, features)`` sequence capture: ``lengths=`` applies to it, and wins
+    over the lengths or mask it knows from the model call (as ``to_frame(lengths=)`` does):
+    what a caller asks for explicitly is never dropped silently."""
+    t = cap.tensor
+    return t.ndim == 3 and not t.is_nested
 
 
 def given_lengths(given: Any, index: int) -> Tensor:
@@ -103,15 +105,15 @@ def _lengths_for(cap: Capture, known: Tensor, index: int) -> Tensor:
 
 
 def apply_lengths(rec: Any, known: Tensor, index: int) -> None:
-    """Give ``lengths=`` (checked by :func:`given_lengths`) to the sequence captures that
-    know neither lengths nor mask."""
+    """Give ``lengths=`` (checked by :func:`given_lengths`) to every sequence capture (see
+    :func:`takes_lengths`), in place of what it knew."""
     for cap in rec.captures():
-        if needs_lengths(cap):
+        if takes_lengths(cap):
             known = _lengths_for(cap, known, index)
             if known.ndim == 2:
-                cap._mask = known
+                cap._mask, cap.lengths = known, None
             else:
-                cap.lengths = known
+                cap._mask, cap.lengths = None, known
 
 
 def meta_columns(given: Any, n: int, manifest: dict, index: int) -> dict[str, Any]:

@@ -512,6 +512,52 @@ def test_meta_and_lengths_errors(tmp_path):
                        lengths=lambda b: torch.tensor([1, 9]), progress=False)
 
 
+class MaskedEncoder(torch.nn.Module):
+    """Called as a Hugging Face model is: ``model(input_ids=..., attention_mask=...)``, so its
+    sequence captures know the call's mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 4)
+        self.layer = torch.nn.Linear(4, 4)
+
+    def forward(self, input_ids, attention_mask):
+        return self.layer(self.embed(input_ids)) * attention_mask[..., None]
+
+
+@pytest.mark.parametrize("reduce", ["mean", None])
+def test_lengths_given_win_over_the_models_mask_and_are_checked(tmp_path, reduce):
+    """A caller's ``lengths=`` is never dropped silently because the model was given a mask
+    (as ``to_frame(lengths=)``): the first token alone, against the layer's own output; and
+    lengths that do not fit are errors, mask or not."""
+    torch.manual_seed(0)
+    model = MaskedEncoder().eval()
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    batches = [{"input_ids": torch.randint(1, 20, (3, 6)), "attention_mask": mask}
+               for _ in range(2)]
+    ones = torch.ones(3, dtype=torch.long)
+
+    def run(name, lengths):
+        return record_dataset(model, batches, ["layer"], tmp_path / name, reduce=reduce,
+                              forward=lambda m, b: m(**b), lengths=lengths, progress=False)
+
+    ds = open_dataset(run("first", lambda b: ones))
+    with torch.no_grad():
+        first = torch.cat([model.layer(model.embed(b["input_ids"]))[:, 0] for b in batches])
+    if reduce == "mean":
+        # The same Linear on the same rows in one process: only summation order differs.
+        np.testing.assert_allclose(ds.numpy("layer"), first.numpy(), rtol=1e-6, atol=1e-7)
+    else:  # every example keeps one position, the first
+        stored = pq.read_table(ds.path / "shards")["layer"].to_pylist()
+        assert [len(x) for x in stored] == [1] * 6
+        np.testing.assert_allclose(np.array([x[0] for x in stored]), first.numpy(),
+                                   rtol=1e-6, atol=1e-7)
+    with pytest.raises(DatasetError, match="lengths from 1 to 9, but 'layer' has 6 positions"):
+        run("long", lambda b: torch.tensor([1, 9, 2]))
+    with pytest.raises(DatasetError, match="lengths= gave 2 lengths, but 'layer' has 3"):
+        run("few", lambda b: torch.tensor([1, 2]))
+
+
 # -- errors while writing -----------------------------------------------------------------------
 
 def test_write_errors_are_dataset_errors_with_the_resume_hint(tmp_path, monkeypatch):
