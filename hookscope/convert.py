@@ -459,7 +459,8 @@ def input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str,
 def nested_lengths_or_mask(value: Any, mask: Tensor | None,
                             perm: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     """Lengths of a nested tensor's sequences, or the model call's attention mask where the
-    primary tensor is ``(batch, time, ...)`` of the mask's shape."""
+    primary tensor is ``(batch, time, features...)`` of the mask's shape (a 2-D ``(batch, d)``
+    output whose ``d`` happens to equal the time steps is no sequence)."""
     t = first_tensor(value)
     if t is None:
         return None, None
@@ -468,6 +469,6 @@ def nested_lengths_or_mask(value: Any, mask: Tensor | None,
             return torch.tensor([c.shape[0] for c in t.unbind()], dtype=torch.int64), None
         except Exception:
             return None, None
-    if mask is None or t.ndim < 2 or t.shape[:2] != mask.shape:
+    if mask is None or t.ndim < 3 or t.shape[:2] != mask.shape:  # (batch, d): no sequence
         return None, None
     return None, mask if perm is None else mask[perm]

@@ -464,8 +464,9 @@ class Recorder:
                     call = counts.get(name, 0)
                     counts[name] = call + 1
                     label = labels[call] if labels is not None and call < len(labels) else None
-                    mask = s.mask  # the model call's (batch, time) mask, where it fits
-                    if mask is not None and (output.ndim < 2 or output.shape[:2] != mask.shape):
+                    mask = s.mask  # the model call's (batch, time) mask, where it fits a
+                    # (batch, time, features...) sequence (a (batch, d) output is none)
+                    if mask is not None and (output.ndim < 3 or output.shape[:2] != mask.shape):
                         mask = None
                     # (detach only what autograd tracks: it costs a tensor of its own)
                     value = (output.detach() if output.requires_grad else output).clone()

@@ -399,12 +399,13 @@ class MaskedLayers(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([Layer(), Layer()])
         self.pool = Pool()
+        self.score = Score()
 
     def forward(self, x, attention_mask):
         for layer in self.layers:
             x = layer(x, attention_mask, None, scale=0.5, tag="t")
             x.add_(1.0)  # in place, after the hook: captures must not see it
-        return self.pool(x, attention_mask)
+        return self.pool(x, attention_mask) + self.score(x).sum()
 
 
 class Layer(nn.Module):
@@ -421,16 +422,24 @@ class Pool(nn.Module):
         return (x * mask[..., None]).sum(1)
 
 
+class Score(nn.Module):
+    """``(batch, time)``: the mask's shape, and no sequence of vectors."""
+
+    def forward(self, x):
+        return x.sum(-1)
+
+
 def test_calls_with_tensor_and_scalar_arguments_record_as_the_general_path_does():
     """The short path (arguments that are tensors, numbers, strings or None) gives what the
     general one gives (``inputs=True`` forces it): values before the in-place change, the
-    model's mask where the output is (batch, time, ...), none on a (batch, d) output."""
+    model's mask where the output is (batch, time, features), none on a (batch, d) output,
+    even one of the mask's shape."""
     torch.manual_seed(0)
     model = MaskedLayers().eval()
     x = torch.randn(3, 5, 6)
     mask = torch.ones(3, 5)
     mask[1, 3:] = 0
-    names = ["layers.0", "layers.1", "pool"]
+    names = ["layers.0", "layers.1", "pool", "score"]
     expected = {}
 
     def keep(name):
@@ -454,4 +463,5 @@ def test_calls_with_tensor_and_scalar_arguments_record_as_the_general_path_does(
         for n in names[:2]:
             assert torch.equal(rec[n].mask, mask.bool())
         assert rec["pool"].mask is None
+        assert rec["score"].tensor.shape == mask.shape and rec["score"].mask is None
     assert_no_hooks(model)
