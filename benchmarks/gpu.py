@@ -8,8 +8,9 @@
   32 x 128 with an attention mask, fp32 and bf16 autocast: plain; hand-written hooks that
   detach, that clone, that call ``.to("cpu")``; ``hs.record`` of 12 layers, of 3 layers,
   with ``device="cpu"``, and with ``stop=True`` after layer 0.
-- The story's BiLSTM (batch 64) with ``unsort=``: plain, hand-written hooks, ``hs.record``
-  (on the GPU and with ``device="cpu"``).
+- The story's BiLSTM (batch 64) with ``unsort=``: plain, hand-written hooks that detach, and
+  that make the copies the recorder makes (``index_select`` of the encoder's output, ``h`` and
+  ``c``, clones of the rest), ``hs.record`` (on the GPU and with ``device="cpu"``).
 - ``record_dataset`` of the 12 layers, ``reduce="mean"``, 40 batches of 64 x 128, against
   plain inference over the same batches (list and binary vector encodings).
 - Host-device synchronisations counted with ``torch.cuda.set_sync_debug_mode("warn")``: a
@@ -143,13 +144,46 @@ def start(quick: bool, script: str) -> bool:
     return True
 
 
+def raw_unsort_hooks(model: Any, b: Any) -> Callable[[Callable[[], Any]], list]:
+    """The hand-written floor of what ``hs.record(..., unsort=)`` keeps on the story's model:
+    each encoder call's output, ``h`` and ``c`` put back in order with one ``index_select``
+    each (a copy, so safe from later in-place ops), and the pooling and aggregation outputs
+    cloned; registered and removed per call."""
+    perms = [b.premise_orig_idx, b.hypothesis_orig_idx]
+
+    def run(call: Callable[[], Any]) -> list:
+        store: list = []
+        calls = [0]
+
+        def encoder(m: Any, i: Any, o: Any) -> None:
+            p = perms[calls[0] % 2]
+            calls[0] += 1
+            out, (h, c) = o
+            store.append((out.index_select(0, p), h.index_select(1, p), c.index_select(1, p)))
+
+        handles = [model.encoder.register_forward_hook(encoder)]
+        handles += [getattr(model, n).register_forward_hook(
+            lambda m, i, o: store.append(o.detach().clone())) for n in ("pooling", "aggregation")]
+        try:
+            call()
+        finally:
+            for h in handles:
+                h.remove()
+        return store
+
+    return run
+
+
 def bilstm_variants(quick: bool) -> tuple[str, dict[str, Callable[[], None]], Any, Any]:
     model, b, sizes, names, options = story_on_device(quick)
     raw = raw_hooks(model, names, lambda t: t.detach())
+    unsorting = raw_unsort_hooks(model, b)
     recorder = hs.record(model, names, **options)
     offload = hs.record(model, names, device="cpu", **options)
     variants = {"plain forward": timed(lambda: model(b)),
                 "raw hooks (detach)": timed(lambda: raw(lambda: model(b))),
+                "raw hooks (index_select / clone: the same copies)": timed(
+                    lambda: unsorting(lambda: model(b))),
                 "hs.record, unsort=": timed(lambda: recorder.run(b)),
                 'hs.record, unsort=, device="cpu"': timed(lambda: offload.run(b))}
     return f"story's BiLSTM ({sizes})", variants, model, b

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from _common import parse_args, raw_hooks  # benchmarks/ is on sys.path
-from gpu import CUDA, bert, start, story_on_device, token_batch
+from gpu import CUDA, bert, raw_unsort_hooks, start, story_on_device, token_batch
 
 import hookscope as hs
 
@@ -130,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         # at 1.0x: the slope per hook, recorded against hand-written.
         r = hs.record(model, names, **options)
         raw_lstm = raw_hooks(model, names, lambda t: t.detach())
+        unsorting = raw_unsort_hooks(model, b)
         host_times(f"BiLSTM ({sizes})", {
             "plain": lambda: model(b), "raw hooks (detach)": lambda: raw_lstm(lambda: model(b)),
+            "raw hooks (index_select / clone)": lambda: unsorting(lambda: model(b)),
             "hs.record, unsort=": lambda: run_block(r, lambda: model(b))}, runs)
         raw12 = raw_hooks(bmodel, bnames, lambda t: t.detach().clone())
         r12 = hs.record(bmodel, bnames)
