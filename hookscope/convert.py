@@ -141,7 +141,9 @@ def convert(
             if out.lengths is None:
                 out.lengths = lengths
         else:
-            x = x.detach()
+            tracked = x.requires_grad  # (a copy below needs no detached alias first)
+            if tracked:
+                x = x.detach()
         own = not packed  # still the model's own memory?
         if perm is not None:
             if dims is not None and path in dims:
@@ -162,6 +164,8 @@ def convert(
             own = own and moved is x
             x = moved
         if own:
+            if not packed and not tracked and clone is False:
+                x = x.detach()  # kept as it is: an alias, never the model's own object
             x, version = snapshot_tensor(x, clone)
             if version is not None:
                 out.versions.append(version)
