@@ -112,12 +112,17 @@ def raw_hooks(model: Any, names: list[str], keep: Callable[[Any], Any] | None = 
 
     def run(call: Callable[[], Any]) -> list:
         store: list = []
-        handles = [modules[n].register_forward_hook(store_of(store)) for n in names]
-        try:
-            call()
-        finally:
-            for h in handles:
-                h.remove()
+        hooked([(modules[n], store_of(store)) for n in names], call)
         return store
 
     return run
+
+
+def hooked(hooks: list[tuple[Any, Callable[..., Any]]], call: Callable[[], Any]) -> None:
+    """``call()`` with each ``(module, hook)`` registered as a forward hook, removed after."""
+    handles = [m.register_forward_hook(fn) for m, fn in hooks]
+    try:
+        call()
+    finally:
+        for h in handles:
+            h.remove()

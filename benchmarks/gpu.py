@@ -34,7 +34,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _common import interleaved, parse_args, raw_hooks, story_batch  # benchmarks/ is on sys.path
+from _common import (  # benchmarks/ is on sys.path
+    hooked,
+    interleaved,
+    parse_args,
+    raw_hooks,
+    story_batch,
+)
 from torch import nn
 
 import hookscope as hs
@@ -161,14 +167,11 @@ def raw_unsort_hooks(model: Any, b: Any) -> Callable[[Callable[[], Any]], list]:
             out, (h, c) = o
             store.append((out.index_select(0, p), h.index_select(1, p), c.index_select(1, p)))
 
-        handles = [model.encoder.register_forward_hook(encoder)]
-        handles += [getattr(model, n).register_forward_hook(
-            lambda m, i, o: store.append(o.detach().clone())) for n in ("pooling", "aggregation")]
-        try:
-            call()
-        finally:
-            for h in handles:
-                h.remove()
+        def clone(m: Any, i: Any, o: Any) -> None:
+            store.append(o.detach().clone())
+
+        hooked([(model.encoder, encoder), (model.pooling, clone), (model.aggregation, clone)],
+               call)
         return store
 
     return run
