@@ -48,6 +48,7 @@ from .structure import (
 __all__ = [
     "CloneMode",
     "Converted",
+    "RNNStates",
     "batch_dim_of",
     "check_perm_length",
     "convert",
@@ -116,15 +117,15 @@ def convert(
     *,
     perm: Tensor | None = None,
     where: str = "",
-    rnn_state_keys: set | None = None,
+    rnn_states: RNNStates | None = None,
     dims: Mapping[tuple, int | None] | None = None,
 ) -> Converted:
     """Detach, pad, unsort, move/cast and snapshot every leaf of ``value`` by ``plan``'s rules.
 
     ``perm`` is this call's ``unsort=`` permutation (validated by the plan); every leaf with a
     batch dimension is indexed with it, and a permutation that no leaf can take is an error.
-    ``rnn_state_keys`` identifies the (h, c) tensors that RNNs inside ``plan.module`` returned
-    in this call (see :func:`batch_dim_of`).  ``dims`` gives the batch dimension of leaves by
+    ``rnn_states`` holds the (h, c) tensors that RNNs inside ``plan.module`` returned in this
+    call (see :func:`batch_dim_of`).  ``dims`` gives the batch dimension of leaves by
     path where it was already decided (an edited output keeps its original's dims).
     """
     out = Converted()
@@ -149,7 +150,7 @@ def convert(
             if dims is not None and path in dims:
                 dim = dims[path]
             else:
-                dim = batch_dim_of(plan, path, x, packed, perm.shape[0], where, rnn_state_keys)
+                dim = batch_dim_of(plan, path, x, packed, perm.shape[0], where, rnn_states)
             out.dims[path] = dim
             if dim is not None:
                 x = x.index_select(dim, plan.perm_on(perm, x.device))
@@ -231,14 +232,14 @@ def _snapshot_object(path: tuple, obj: Any, leaf: Callable, live: list[str],
 
 def batch_dim_of(
     plan: Plan, path: tuple, x: Tensor, packed: bool, n: int, where: str,
-    rnn_state_keys: set | None = None,
+    rnn_states: RNNStates | None = None,
 ) -> int | None:
     """The dimension of leaf ``x`` (at ``path`` in the output) that ``unsort=`` permutes.
 
     ``batch_dim=`` decides where given; otherwise: sequences padded from a ``PackedSequence``
     dim 0; an RNN's own output by ``batch_first``, its ``(h, c)`` dim 1; the ``(h, c)`` that an
-    RNN inside a wrapper returned (the very tensors, ``rnn_state_keys``) dim 1; else the one
-    dimension of size ``n``.  Several candidates raise instead of guessing, and a chosen
+    RNN inside a wrapper returned (those very tensors or aliases, ``rnn_states``) dim 1; else
+    the one dimension of size ``n``.  Several candidates raise instead of guessing, and a chosen
     dimension that is not of size ``n`` raises too (never a silent partial permutation).
     """
     spec = plan.batch_dim
@@ -269,7 +270,7 @@ def batch_dim_of(
         # An RNN's output sequence follows batch_first; h / (h, c) are
         # (layers * directions, batch, hidden) whatever batch_first says.
         dim = (0 if plan.module.batch_first else 1) if path[0] == 0 else 1
-    elif rnn_state_keys and state_key(x) in rnn_state_keys:
+    elif rnn_states and x in rnn_states:
         dim = 1  # the wrapped RNN's own (h, c), returned as the RNN returned them
     else:
         dim = find_batch_dim(x.shape, n, where, path)
@@ -306,13 +307,66 @@ def state_key(x: Tensor) -> tuple:
     return (x.data_ptr(), tuple(x.shape), x.stride())
 
 
-def state_keys(output: Any) -> list[tuple]:
-    """Keys of the state tensors ``(h, c)`` or ``h`` in an RNN's output ``(out, state)``."""
-    if not isinstance(output, tuple) or len(output) != 2:
-        return []
-    state = output[1]
-    leaves = state if isinstance(state, tuple) else (state,)
-    return [state_key(t) for t in leaves if isinstance(t, Tensor)]
+class RNNStates:
+    """The final states ``(h, c)`` that RNNs inside a hooked wrapper returned in one call of
+    the wrapper, held (so that no address is reused) until the wrapper's capture.
+
+    ``x in states`` is True for one of those very tensors or an alias of one (same memory and
+    layout: ``h.detach()``); :meth:`shares_memory` also for a view or part of one.  Identity
+    is tested first and addresses only on a miss, so that the common case (the wrapper returns
+    what its RNN returned, beside an output of other memory) costs a few pointer compares.
+    """
+
+    __slots__ = ("_keys", "_ptrs", "_storages", "tensors")
+
+    def __init__(self) -> None:
+        self.tensors: list[Tensor] = []
+        self._ptrs: set[int] | None = None  # made on the first miss (see __contains__)
+        self._keys: set[tuple] | None = None
+        self._storages: set[int] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.tensors)
+
+    def add(self, t: Tensor) -> None:
+        self.tensors.append(t)
+        self._ptrs = self._keys = self._storages = None
+
+    def add_state(self, state: Any) -> None:
+        """Add an RNN's state: ``h``, or ``(h, c)``."""
+        if type(state) is Tensor:
+            self.add(state)
+        elif (type(state) is tuple and len(state) == 2
+              and type(state[0]) is Tensor and type(state[1]) is Tensor):
+            self.tensors.extend(state)  # (h, c): the common case, without the tree walk
+            self._ptrs = self._keys = self._storages = None
+        else:
+            for _, t in iter_tensors(state):
+                self.add(t)
+
+    def clear(self) -> None:
+        self.tensors.clear()
+        self._ptrs = self._keys = self._storages = None
+
+    def __contains__(self, x: Tensor) -> bool:
+        for t in self.tensors:
+            if x is t:
+                return True
+        if not self.tensors:
+            return False
+        if self._ptrs is None:
+            self._ptrs = {t.data_ptr() for t in self.tensors}
+        if x.data_ptr() not in self._ptrs:
+            return False
+        if self._keys is None:
+            self._keys = {state_key(t) for t in self.tensors}
+        return state_key(x) in self._keys
+
+    def shares_memory(self, x: Tensor) -> bool:
+        """Whether ``x`` lies in the memory of one of the states (a view or part of one)."""
+        if self._storages is None:
+            self._storages = {t.untyped_storage().data_ptr() for t in self.tensors}
+        return x.untyped_storage().data_ptr() in self._storages
 
 
 # -- what a capture knows besides its value: lengths and padding masks ---------------------
@@ -369,7 +423,7 @@ def packed_layout(t: Tensor | None, n: int, longest: int) -> str | None:
     return None
 
 
-def is_rnn_state(plan: Plan, output: Any, picked: Any, states: list[Tensor]) -> bool:
+def is_rnn_state(plan: Plan, output: Any, picked: Any, states: RNNStates) -> bool:
     """Whether a capture's primary tensor is an RNN's final state ``(layers * directions,
     batch, hidden)`` as the RNN returned it (the very tensor, not a view or part of it): the
     state the hooked RNN returned beside its output (``(out, h)`` or ``(out, (h, c))``, picked
@@ -381,13 +435,13 @@ def is_rnn_state(plan: Plan, output: Any, picked: Any, states: list[Tensor]) -> 
     if plan.rnn:
         return (plan.pick is not None and isinstance(output, tuple) and len(output) == 2
                 and any(t is state for _, state in iter_tensors(output[1])))
-    for state in states:  # noqa: SIM110 (a loop: cheaper than any() of a generator)
+    for state in states.tensors:  # noqa: SIM110 (a loop: cheaper than any() of a generator)
         if t is state:
             return True
     return False
 
 
-def from_rnn_state(plan: Plan, value: Any, states: list[Tensor]) -> bool:
+def from_rnn_state(plan: Plan, value: Any, states: RNNStates) -> bool:
     """Whether ``value``'s primary tensor is an RNN's final state (or a view of one) rather
     than its sequence output: the hooked module is an RNN (its sequence output, packed, has
     lengths of its own), or the tensor shares memory with one of ``states``, the ``(h, c)``
@@ -400,11 +454,7 @@ def from_rnn_state(plan: Plan, value: Any, states: list[Tensor]) -> bool:
     t = first_tensor(value)
     if t is None or t.is_nested or t.layout is not torch.strided:
         return False
-    where = t.untyped_storage().data_ptr()
-    for st in states:  # noqa: SIM110 (a loop: this runs on every call of a wrapper of an RNN)
-        if where == st.untyped_storage().data_ptr():
-            return True
-    return False
+    return states.shares_memory(t)
 
 
 def input_packed(args: tuple, kwargs: dict) -> PackedSequence | None:

@@ -38,7 +38,7 @@ class CallInfo(NamedTuple):
 
 
 def apply_edit(fn: EditFn, output: Any, plan: Plan, info: CallInfo, perm: Tensor | None,
-               rnn_state_keys: set, where: str) -> tuple[Any, dict[tuple, int | None] | None]:
+               rnn_states: Any, where: str) -> tuple[Any, dict[tuple, int | None] | None]:
     """Run ``fn`` on ``output`` in the caller's batch order; return the value in the model's
     order and the batch dimension used per leaf (``None`` without ``unsort=``)."""
     dims: dict[tuple, int | None] | None = None
@@ -54,7 +54,7 @@ def apply_edit(fn: EditFn, output: Any, plan: Plan, info: CallInfo, perm: Tensor
                     "shown in the caller's batch order. Edit the module that pads it "
                     "(pad_packed_sequence) instead, or drop unsort= for this module and edit "
                     "in the model's sorted order.")
-            dim = batch_dim_of(whole, path, x, False, len(perm), where, rnn_state_keys)
+            dim = batch_dim_of(whole, path, x, False, len(perm), where, rnn_states)
             dims[path] = dim
             return x if dim is None else x.index_select(dim, plan.perm_on(perm, x.device))
 

@@ -25,6 +25,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .capture import Capture
 from .convert import (
     CloneMode,
+    RNNStates,
     convert,
     from_rnn_state,
     input_lengths,
@@ -34,8 +35,6 @@ from .convert import (
     packed_layout,
     padding_mask,
     snapshot_tensor,
-    state_key,
-    state_keys,
 )
 from .edit import CallInfo, apply_edit
 from .errors import (
@@ -92,7 +91,7 @@ class _Session:
     """The state of one entered block: the recording, call counters, handles."""
 
     __slots__ = ("counts", "handles", "mask", "no_grad_warned", "pending_inputs", "rec",
-                 "remaining", "rnn_keys", "rnn_states", "stance", "thread")
+                 "remaining", "rnn_states", "stance", "thread")
 
     def __init__(self, rec: Recording, n_plans: int, thread: int | None) -> None:
         self.rec = rec
@@ -103,10 +102,9 @@ class _Session:
         self.handles: list[Any] = []
         self.stance: Any = None
         self.mask: Tensor | None = None  # the model call's attention mask, if any
-        self.rnn_keys: set[tuple] = set()  # (h, c) returned by RNNs inside wrappers
-        # ... and those tensors themselves (held until the wrapper's capture: an address of a
-        # freed state could be reused by the output): no packed input's lengths for them.
-        self.rnn_states: list[Tensor] = []
+        # (h, c) returned by RNNs inside a hooked wrapper in this call of it: their batch is
+        # dim 1, and no packed input's lengths describe them (see RNNStates).
+        self.rnn_states = RNNStates()
         self.no_grad_warned = False
 
 
@@ -402,7 +400,6 @@ class Recorder:
         s.counts.clear()
         s.remaining = len(self._plans)
         s.pending_inputs.clear()
-        s.rnn_keys.clear()
         s.rnn_states.clear()
         s.mask = None
         mask_from = self.mask_from
@@ -495,17 +492,8 @@ class Recorder:
     def _make_state_hook(self) -> Callable[..., None]:
         def state_hook(module: nn.Module, args: tuple, output: Any) -> None:
             s = self._own()
-            if s is not None:
-                s.rnn_keys.update(state_keys(output))
-                if isinstance(output, tuple) and len(output) == 2:
-                    state = output[1]  # h, or (h, c): tensors (the common case) first
-                    if type(state) is Tensor:
-                        s.rnn_states.append(state)
-                    elif (type(state) is tuple and len(state) == 2
-                          and type(state[0]) is Tensor and type(state[1]) is Tensor):
-                        s.rnn_states.extend(state)
-                    else:
-                        s.rnn_states.extend(t for _, t in iter_tensors(state))
+            if s is not None and type(output) is tuple and len(output) == 2:
+                s.rnn_states.add_state(output[1])  # h, or (h, c)
 
         return state_hook
 
@@ -539,7 +527,7 @@ class Recorder:
             edit = plan.edit(call) if plan.edits is not None else None
             if edit is not None:
                 info = CallInfo(name, rec.steps - 1, call, label)
-                output, dims = apply_edit(edit, output, plan, info, perm, s.rnn_keys, where)
+                output, dims = apply_edit(edit, output, plan, info, perm, s.rnn_states, where)
                 returned = output
                 if plan.pick is not None:
                     dims = None  # the dims are of the whole output, not of the picked part
@@ -559,15 +547,13 @@ class Recorder:
                 value = rows
             else:
                 converted = convert(value, plan, perm=perm, where=where,
-                                    rnn_state_keys=s.rnn_keys, dims=dims)
+                                    rnn_states=s.rnn_states, dims=dims)
                 if plan.grads:
                     grads = attach_grad_hooks(value, output, plan, perm, converted.dims, where)
                 value, lengths, versions = converted.value, converted.lengths, converted.versions
                 if plan.staging is not None:  # device="cpu": copies of this call's (and its
                     in_flight = plan.staging.in_flight()  # inputs') tensors may be in flight
                 live = tuple(converted.live)
-            if s.rnn_keys and not plan.rnn:
-                s.rnn_keys.clear()
         bidirectional = False
         if rows is None:  # (rows know no lengths or mask: they were used)
             t = first_tensor(value)  # the primary tensor, as stored
@@ -686,11 +672,11 @@ class Recorder:
         new = require_grads(output)
         if new is output:
             return returned
-        if s.rnn_keys:  # an inner RNN's (h, c), now copies: still known by identity
+        if s.rnn_states:  # an inner RNN's (h, c), now copies: still known as states
             for (_, old), (_, copy) in zip(iter_tensors(output), iter_tensors(new),
                                            strict=True):
-                if copy is not old and state_key(old) in s.rnn_keys:
-                    s.rnn_keys.add(state_key(copy))
+                if copy is not old and old in s.rnn_states:
+                    s.rnn_states.add(copy)
         return new
 
     def _check_counts(self, rec: Recording) -> None:

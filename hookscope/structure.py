@@ -55,12 +55,15 @@ def map_leaves(obj: Any, fn: LeafFn, path: Path = (), other: LeafFn | None = Non
     kind = type(obj)
     if kind is Tensor or kind is PackedSequence or isinstance(obj, Tensor):
         return fn(path, obj)
-    if kind is tuple:  # the common containers first, by exact type: this runs on every call
-        return tuple([map_leaves(v, fn, (*path, i), other) for i, v in enumerate(obj)])
+    if kind is tuple or kind is list:  # the common containers first, by exact type: this
+        # runs on every call, so a tensor item is passed to fn without a call of its own
+        items = []
+        for i, v in enumerate(obj):
+            items.append(fn((*path, i), v) if type(v) is Tensor
+                         else map_leaves(v, fn, (*path, i), other))
+        return tuple(items) if kind is tuple else items
     if kind is dict:
         return {k: map_leaves(v, fn, (*path, k), other) for k, v in obj.items()}
-    if kind is list:
-        return [map_leaves(v, fn, (*path, i), other) for i, v in enumerate(obj)]
     if obj is None:
         return None
     if isinstance(obj, PackedSequence):
