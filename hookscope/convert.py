@@ -133,9 +133,15 @@ def convert(
         out.versions = []
     device, dtype, clone, staging = plan.device, plan.dtype, plan.clone, plan.staging
     memo: dict[int, Any] = {}
+    if perm is not None:
+        n, perm_device = perm.shape[0], perm.device
+        # Dim 0 is decided here for a plain leaf whose dim 0 alone has the batch's size (most
+        # leaves); batch_dim_of decides everything else, and raises.
+        auto = plan.batch_dim == "auto" and not plan.rnn
+        states = rnn_states if rnn_states is not None and rnn_states.tensors else None
 
     def leaf(path: tuple, x: Any) -> Tensor:
-        packed = isinstance(x, PackedSequence)
+        packed = type(x) is not Tensor and isinstance(x, PackedSequence)
         if packed:
             x, lengths = pad_packed(x)
             x = x.detach()  # padding is an autograd op: keep no graph alive
@@ -150,10 +156,16 @@ def convert(
             if dims is not None and path in dims:
                 dim = dims[path]
             else:
-                dim = batch_dim_of(plan, path, x, packed, perm.shape[0], where, rnn_states)
+                shape = x.shape
+                if (auto and not packed and shape and shape[0] == n and shape.count(n) == 1
+                        and (states is None or x not in states)):
+                    dim = 0
+                else:
+                    dim = batch_dim_of(plan, path, x, packed, n, where, rnn_states)
             out.dims[path] = dim
             if dim is not None:
-                x = x.index_select(dim, plan.perm_on(perm, x.device))
+                here = x.device
+                x = x.index_select(dim, perm if here == perm_device else plan.perm_on(perm, here))
                 own = False
                 out.permuted += 1
         if device is not None or (dtype is not None and x.is_floating_point()):
@@ -270,7 +282,7 @@ def batch_dim_of(
         # An RNN's output sequence follows batch_first; h / (h, c) are
         # (layers * directions, batch, hidden) whatever batch_first says.
         dim = (0 if plan.module.batch_first else 1) if path[0] == 0 else 1
-    elif rnn_states and x in rnn_states:
+    elif rnn_states is not None and x in rnn_states:
         dim = 1  # the wrapped RNN's own (h, c), returned as the RNN returned them
     else:
         dim = find_batch_dim(x.shape, n, where, path)
@@ -423,13 +435,12 @@ def packed_layout(t: Tensor | None, n: int, longest: int) -> str | None:
     return None
 
 
-def is_rnn_state(plan: Plan, output: Any, picked: Any, states: RNNStates) -> bool:
-    """Whether a capture's primary tensor is an RNN's final state ``(layers * directions,
-    batch, hidden)`` as the RNN returned it (the very tensor, not a view or part of it): the
-    state the hooked RNN returned beside its output (``(out, h)`` or ``(out, (h, c))``, picked
-    with ``pick=``), or one of ``states``, those an RNN inside the hooked wrapper returned in
-    this call."""
-    t = first_tensor(picked)
+def is_rnn_state(plan: Plan, t: Tensor | None, states: RNNStates, output: Any = None) -> bool:
+    """Whether ``t``, a capture's primary tensor (picked from the module's ``output``), is an
+    RNN's final state ``(layers * directions, batch, hidden)`` as the RNN returned it (the
+    very tensor, not a view or part of it): the state the hooked RNN returned beside its
+    output (``(out, h)`` or ``(out, (h, c))``, picked with ``pick=``), or one of ``states``,
+    those an RNN inside the hooked wrapper returned in this call."""
     if t is None or t.ndim != 3:
         return False
     if plan.rnn:
@@ -441,17 +452,16 @@ def is_rnn_state(plan: Plan, output: Any, picked: Any, states: RNNStates) -> boo
     return False
 
 
-def from_rnn_state(plan: Plan, value: Any, states: RNNStates) -> bool:
-    """Whether ``value``'s primary tensor is an RNN's final state (or a view of one) rather
-    than its sequence output: the hooked module is an RNN (its sequence output, packed, has
+def from_rnn_state(plan: Plan, t: Tensor | None, states: RNNStates) -> bool:
+    """Whether ``t``, a capture's primary tensor, is an RNN's final state (or a view of one)
+    rather than its sequence output: the hooked module is an RNN (its sequence output, packed, has
     lengths of its own), or the tensor shares memory with one of ``states``, the ``(h, c)``
     an RNN inside the hooked wrapper returned in this call (held alive until the capture, so
     that no address is reused).  The input's lengths never describe it, whatever its shape."""
     if plan.rnn:
         return True
-    if not states:
+    if not states.tensors:
         return False
-    t = first_tensor(value)
     if t is None or t.is_nested or t.layout is not torch.strided:
         return False
     return states.shares_memory(t)

@@ -74,6 +74,22 @@ def _atomic(values: Iterable[Any]) -> bool:
     return True
 
 
+class _CallName:
+    """``'encoder' call 1 ('hypothesis')``, the call an error message names: made into text
+    only when a message is (a formatted string per call costs more than the rest of a
+    simple hook)."""
+
+    __slots__ = ("call", "label", "name")
+
+    def __init__(self, name: str, call: int, label: str | None) -> None:
+        self.name, self.call, self.label = name, call, label
+
+    def __str__(self) -> str:
+        return f"{self.name!r} call {self.call}" + (f" ({self.label!r})" if self.label else "")
+
+    __format__ = object.__format__  # (format(x, "") is str(x))
+
+
 class _Stop(BaseException):
     """Raised by a hook to end the forward pass early (``stop=True``).
 
@@ -90,13 +106,14 @@ class _Stop(BaseException):
 class _Session:
     """The state of one entered block: the recording, call counters, handles."""
 
-    __slots__ = ("counts", "handles", "mask", "no_grad_warned", "pending_inputs", "rec",
-                 "remaining", "rnn_states", "stance", "thread")
+    __slots__ = ("count_problems", "counts", "handles", "mask", "no_grad_warned",
+                 "pending_inputs", "rec", "remaining", "rnn_states", "stance", "thread")
 
     def __init__(self, rec: Recording, n_plans: int, thread: int | None) -> None:
         self.rec = rec
         self.thread = thread  # None: every thread's calls are recorded
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}  # calls per module in the current step
+        self.count_problems: list[str] = []  # steps whose calls disagree with calls= etc.
         self.remaining = n_plans
         self.pending_inputs: dict[str, list[tuple[tuple, dict]]] = {}
         self.handles: list[Any] = []
@@ -318,6 +335,17 @@ class Recorder:
         # that a final state returned by the wrapper is not given the input's lengths).
         self._state_hooks = [(rnn, self._make_state_hook()) for p in plans
                              if not p.rnn for rnn in p.inner_rnns]
+        # Modules given a number of calls per forward pass (calls=, unsort= or edit= per
+        # call): (name, expected calls, what was given), checked as each step ends.
+        self._expected_calls = []
+        for p in plans:
+            if p.labels is not None:
+                self._expected_calls.append((p.name, len(p.labels), "labels"))
+            elif isinstance(p.perms, tuple):
+                self._expected_calls.append((p.name, len(p.perms), "unsort permutations"))
+            elif isinstance(p.edits, tuple):
+                self._expected_calls.append((p.name, len(p.edits),
+                                             "edit functions (or patches)"))
 
     # -- entering and leaving ---------------------------------------------------------------
     def __enter__(self) -> Recording:
@@ -359,7 +387,7 @@ class Recorder:
             if not stopped:
                 return False
         if s is not None and (exc is None or isinstance(exc, _Stop)):
-            self._check_counts(s.rec)  # nothing else went wrong: report label/call mismatches
+            self._check_counts(s)  # nothing else went wrong: report label/call mismatches
         return stopped
 
     def run(self, *args: Any, unsort: Mapping[ModuleSpec, Any] | None = None,
@@ -396,6 +424,8 @@ class Recorder:
         s = self._own()
         if s is None:
             return
+        if s.counts and self._expected_calls:
+            self._tally_calls(s)
         s.rec.steps += 1
         s.counts.clear()
         s.remaining = len(self._plans)
@@ -450,7 +480,7 @@ class Recorder:
             if s is not None and (s.thread is None or s.thread == _get_ident()):
                 if output is _NO_KWARGS:  # (registered an instant ago, seen without kwargs)
                     kwargs, output = {}, kwargs
-                if (type(output) is not Tensor or output.is_nested or s.rnn_states
+                if (type(output) is not Tensor or output.is_nested or s.rnn_states.tensors
                         or not _atomic(args) or (kwargs and not _atomic(kwargs.values()))):
                     self._record_call(s, plan, args, kwargs, output)
                 else:
@@ -512,8 +542,8 @@ class Recorder:
         perm = lengths = mask = versions = grads = returned = in_flight = rows = None
         rnn_state = False
         if plan.plain and type(output) is Tensor:  # the common case, without the tree walk
-            raw = output  # (the model's own tensor: an RNN state is known by its memory)
-            rnn_state = bool(s.rnn_states) and is_rnn_state(plan, output, raw, s.rnn_states)
+            raw = primary = output  # (the model's own tensor: an RNN state is known by its memory)
+            rnn_state = bool(s.rnn_states.tensors) and is_rnn_state(plan, raw, s.rnn_states)
             value = output.detach()
             if plan.clone is True:
                 value = value.clone()
@@ -522,7 +552,7 @@ class Recorder:
                 versions = None if version is None else [version]
         else:
             perm = plan.perm(call) if plan.perms is not None else None
-            where = f"{name!r} call {call}" + (f" ({label!r})" if label else "")
+            where = _CallName(name, call, label)  # (made into text only for an error)
             dims = None
             edit = plan.edit(call) if plan.edits is not None else None
             if edit is not None:
@@ -535,10 +565,11 @@ class Recorder:
                 returned = self._require_grads(s, output, returned, where)
                 output = output if returned is None else returned
             value = raw = plan.pick(output) if plan.pick is not None else output
-            rnn_state = bool(plan.rnn or s.rnn_states) and is_rnn_state(
-                plan, output, raw, s.rnn_states)
+            primary = first_tensor(raw)
+            rnn_state = bool(plan.rnn or s.rnn_states.tensors) and is_rnn_state(
+                plan, primary, s.rnn_states, output)
             if rnn_state and plan.rows is not None:  # record_dataset: rows along dim 0
-                raise rnn_state_error(f"the output of {where}", tuple(first_tensor(raw).shape))
+                raise rnn_state_error(f"the output of {where}", tuple(primary.shape))
             if rnn_state and perm is not None and dims is None:  # its batch is dim 1
                 dims = {path: 1 for path, _ in iter_tensors(raw)}
             rows = (None if plan.rows is None else
@@ -556,8 +587,9 @@ class Recorder:
                 live = tuple(converted.live)
         bidirectional = False
         if rows is None:  # (rows know no lengths or mask: they were used)
-            t = first_tensor(value)  # the primary tensor, as stored
-            if lengths is None and (args or kwargs) and not from_rnn_state(plan, raw, s.rnn_states):
+            t = value if type(value) is Tensor else first_tensor(value)  # the primary, as stored
+            if lengths is None and (args or kwargs) and not from_rnn_state(
+                    plan, primary, s.rnn_states):
                 lengths = input_lengths(args, kwargs, perm, name, t)
             if lengths is None and (s.mask is not None or type(value) is not Tensor
                                     or value.is_nested):
@@ -565,7 +597,7 @@ class Recorder:
             if plan.bidir_units is not None:
                 bidirectional = (t is not None and t.ndim > 1
                                  and t.shape[-1] == plan.bidir_units)
-        if s.rnn_states and not plan.rnn:
+        if s.rnn_states.tensors and not plan.rnn:
             s.rnn_states.clear()  # (those of this wrapper call: known until its capture)
         inputs = kwargs_in = None
         if self.inputs:
@@ -672,36 +704,32 @@ class Recorder:
         new = require_grads(output)
         if new is output:
             return returned
-        if s.rnn_states:  # an inner RNN's (h, c), now copies: still known as states
+        if s.rnn_states.tensors:  # an inner RNN's (h, c), now copies: still known as states
             for (_, old), (_, copy) in zip(iter_tensors(output), iter_tensors(new),
                                            strict=True):
                 if copy is not old and old in s.rnn_states:
                     s.rnn_states.add(copy)
         return new
 
-    def _check_counts(self, rec: Recording) -> None:
-        problems = []
-        for name, plan in self._plans.items():
-            if plan.labels is not None:
-                n_expected, given = len(plan.labels), "labels"
-            elif isinstance(plan.perms, tuple):
-                n_expected, given = len(plan.perms), "unsort permutations"
-            elif isinstance(plan.edits, tuple):
-                n_expected, given = len(plan.edits), "edit functions (or patches)"
-            else:
-                continue
-            per_step: dict[int, int] = {}
-            for c in rec._captures[name]:
-                per_step[c.step] = per_step.get(c.step, 0) + 1
-            for step, n in sorted(per_step.items()):
-                if n != n_expected:
-                    problems.append(f"{name!r} ran {n} time(s) in step {step}, but {n_expected} "
-                                    f"{given} were given")
-        if problems:
+    def _tally_calls(self, s: _Session) -> None:
+        """Note where the step that ends ran a module another number of times than it was
+        given labels (or permutations, or edits) for."""
+        counts, step = s.counts, s.rec.steps - 1
+        for name, n_expected, given in self._expected_calls:
+            n = counts.get(name, 0)
+            if n and n != n_expected:
+                s.count_problems.append(f"{name!r} ran {n} time(s) in step {step}, but "
+                                        f"{n_expected} {given} were given")
+
+    def _check_counts(self, s: _Session) -> None:
+        if s.counts and self._expected_calls:
+            self._tally_calls(s)  # the last step
+        if s.count_problems:
             raise CallCountError(
-                "calls= / unsort= / edit= disagree with what ran: " + "; ".join(problems)
-                + ". The recording is complete (rec.calls(name) lists every call); give one "
-                "per call of the module in a forward pass.")
+                "calls= / unsort= / edit= disagree with what ran: "
+                + "; ".join(s.count_problems) + ". The recording is complete "
+                "(rec.calls(name) lists every call); give one per call of the module in a "
+                "forward pass.")
 
 
 # torch.compiler.set_stance is PyTorch 2.6+; setup.cfg allows 2.1: without it, a loaded

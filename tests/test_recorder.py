@@ -245,6 +245,41 @@ def test_labels_mismatch_is_reported(mlp):
     assert len(rec.calls("0")) == 1  # the recording is still there, complete
 
 
+class _Repeat(nn.Module):
+    """Calls its block as many times as it is told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Linear(2, 2)
+
+    def forward(self, x, times: int):
+        for _ in range(times):
+            x = self.block(x)
+        return x
+
+
+def test_a_call_count_mismatch_names_each_step_it_happened_in():
+    """Checked per forward pass: a step that ran the module as often as it has labels is not
+    reported, each one that did not is, by its number; a call outside the model's forward
+    (the module called directly) is a step too."""
+    model = _Repeat()
+    x = torch.randn(1, 2)
+    with pytest.raises(CallCountError) as err, \
+            hs.record(model, ["block"], calls={"block": ["a", "b"]}) as rec:
+        model(x, 2)
+        model(x, 3)
+        model(x, 2)
+        model(x, 1)
+    message = str(err.value)
+    assert "in step 1, but 2 labels" in message and "in step 3, but 2 labels" in message
+    assert "step 0" not in message and "step 2" not in message
+    assert [len([c for c in rec.calls("block") if c.step == i]) for i in range(4)] == [2, 3, 2, 1]
+    with pytest.raises(CallCountError, match=r"'block' ran 1 time\(s\) in step 0"), \
+            hs.record(model, ["block"], calls={"block": ["a", "b"]}):
+        model.block(x)
+        model(x, 2)
+
+
 def test_several_forward_passes_are_steps(mlp):
     xs = [torch.randn(2, 4) for _ in range(3)]
     with hs.record(mlp, ["2"]) as rec:

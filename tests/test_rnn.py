@@ -290,3 +290,97 @@ def test_a_packed_sequence_inside_a_dict_input_gives_the_lengths(tmp_path):
                            setup_id="test")
     expected = np.stack([out[i, :n].mean(0).numpy() for i, n in enumerate(lengths)])
     np.testing.assert_allclose(hs.open_dataset(ds).numpy(""), expected, rtol=1e-6, atol=1e-7)
+
+
+class _Encoder(nn.Module):
+    """The story's kind of wrapper: PackedSequence in, (padded output, (h, c)) out, the state
+    returned as the LSTM returned it, as an alias (``detach``) or as a copy (``clone``)."""
+
+    def __init__(self, state: str) -> None:
+        super().__init__()
+        self.lstm, self.state = nn.LSTM(4, 5, bidirectional=True), state
+
+    def forward(self, packed):
+        out, (h, c) = self.lstm(packed)
+        if self.state == "alias":
+            h, c = h.detach(), c.detach()
+        elif self.state == "copy":
+            h, c = h.clone(), c.clone()
+        return pad_packed_sequence(out, batch_first=True)[0], (h, c)
+
+
+@pytest.mark.parametrize("state", ["same", "alias"])
+def test_a_wrappers_rnn_state_is_unsorted_along_dim_1_as_hand_written_hooks_do(state):
+    """(h, c) returned by an RNN inside the hooked wrapper, the very tensors or aliases of
+    them, are (layers * directions, batch, hidden): put back in order along dim 1, the padded
+    output along dim 0; compared with hooks written by hand that index the same way."""
+    torch.manual_seed(0)
+    wrapper = _Encoder(state).eval()
+    x, lengths = _unsorted_batch(True)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    orig_idx = torch.argsort(order)
+    packed = pack_padded_sequence(x[order], lengths[order], batch_first=True)
+    by_hand = []
+    handle = wrapper.register_forward_hook(lambda m, a, o: by_hand.append(
+        (o[0][orig_idx], o[1][0][:, orig_idx], o[1][1][:, orig_idx])))
+    try:
+        with torch.no_grad(), hs.record(wrapper, [""], unsort={"": orig_idx}) as rec:
+            wrapper(packed)
+    finally:
+        handle.remove()
+    out, (h, c) = rec[""].output
+    assert torch.equal(out, by_hand[0][0])
+    assert torch.equal(h, by_hand[0][1]) and torch.equal(c, by_hand[0][2])
+    assert torch.equal(rec[""].lengths, lengths)
+
+
+def test_a_state_copied_by_the_wrapper_is_no_rnn_state_and_its_batch_must_be_named():
+    """A copy of the state is a tensor of its own: hookscope does not guess that its dim 1 is
+    the batch (dim 0 has the batch size only by chance, or not at all) and says how to name
+    it; with batch_dim= it is unsorted as asked."""
+    torch.manual_seed(0)
+    wrapper = _Encoder("copy").eval()
+    x, lengths = _unsorted_batch(True)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    orig_idx = torch.argsort(order)
+    packed = pack_padded_sequence(x[order], lengths[order], batch_first=True)
+    with pytest.raises(hs.UnsortError, match="batch_dim="), torch.no_grad(), \
+            hs.record(wrapper, [""], unsort={"": orig_idx}):
+        wrapper(packed)
+    dims = {"": {(0,): 0, (1,): 1}}
+    with torch.no_grad(), hs.record(wrapper, [""], unsort={"": orig_idx},
+                                    batch_dim=dims) as rec:
+        out, (h, c) = wrapper(packed)
+    got = rec[""].output
+    assert torch.equal(got[0], out[orig_idx])
+    assert torch.equal(got[1][0], h[:, orig_idx]) and torch.equal(got[1][1], c[:, orig_idx])
+
+
+def test_a_permutation_as_long_as_the_states_first_dim_is_not_applied_to_it():
+    """A permutation of 2 entries for a batch of 6: an LSTM state (2, 6, 3) has dim 0 of the
+    permutation's length, but it is a state, whose batch is dim 1 — an error, never a
+    reordering of its layers and directions."""
+    wrapper = _Encoder("same").eval()
+    x, lengths = _unsorted_batch(True)
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    with pytest.raises(hs.UnsortError, match="another batch"), torch.no_grad(), \
+            hs.record(wrapper, [""], unsort={"": torch.tensor([1, 0])}):
+        wrapper(packed)
+
+
+def test_rnn_states_know_the_tensors_their_aliases_and_views():
+    """RNNStates: the very tensors and aliases (same memory and layout) are states; a view
+    (h[-1]) shares their memory but is no state; other tensors are neither."""
+    from hookscope.convert import RNNStates
+
+    h, c, other = torch.randn(2, 4, 3), torch.randn(2, 4, 3), torch.randn(2, 4, 3)
+    states = RNNStates()
+    assert not states and other not in states
+    states.add_state((h, c))
+    assert h in states and c in states and h.detach() in states
+    assert h[-1] not in states and other not in states and h.transpose(0, 1) not in states
+    assert states.shares_memory(h[-1]) and not states.shares_memory(other)
+    states.clear()
+    assert h not in states and not states.shares_memory(h)
+    states.add_state(h)
+    assert h in states and c not in states
