@@ -320,8 +320,10 @@ def state_key(x: Tensor) -> tuple:
 
 
 class RNNStates:
-    """The final states ``(h, c)`` that RNNs inside a hooked wrapper returned in one call of
-    the wrapper, held (so that no address is reused) until the wrapper's capture.
+    """The final states ``(h, c)`` that RNNs inside hooked wrappers returned in one forward
+    pass, held (so that no address is reused) until it ends: every capture of the pass knows
+    them, the wrapper's own and those of wrappers around it, whatever else was recorded
+    inside (a state forgotten at an inner capture would be taken for a batch-first tensor).
 
     ``x in states`` is True for one of those very tensors or an alias of one (same memory and
     layout: ``h.detach()``); :meth:`shares_memory` also for a view or part of one.  Identity
@@ -359,6 +361,13 @@ class RNNStates:
     def clear(self) -> None:
         self.tensors.clear()
         self._ptrs = self._keys = self._storages = None
+
+    def holds(self, x: Any) -> bool:
+        """Whether ``x`` is one of the very tensors (identity only)."""
+        for t in self.tensors:  # noqa: SIM110 (a loop: cheaper than any() of a generator)
+            if x is t:
+                return True
+        return False
 
     def __contains__(self, x: Tensor) -> bool:
         for t in self.tensors:
@@ -456,7 +465,7 @@ def from_rnn_state(plan: Plan, t: Tensor | None, states: RNNStates) -> bool:
     """Whether ``t``, a capture's primary tensor, is an RNN's final state (or a view of one)
     rather than its sequence output: the hooked module is an RNN (its sequence output, packed, has
     lengths of its own), or the tensor shares memory with one of ``states``, the ``(h, c)``
-    an RNN inside the hooked wrapper returned in this call (held alive until the capture, so
+    RNNs inside hooked wrappers returned in this forward pass (held alive until it ends, so
     that no address is reused).  The input's lengths never describe it, whatever its shape."""
     if plan.rnn:
         return True

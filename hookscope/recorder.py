@@ -116,7 +116,7 @@ class _Session:
         self.handles: list[Any] = []
         self.stance: Any = None
         self.mask: Tensor | None = None  # the model call's attention mask, if any
-        # (h, c) returned by RNNs inside a hooked wrapper in this call of it: their batch is
+        # (h, c) returned by RNNs inside hooked wrappers in this forward pass: their batch is
         # dim 1, and no packed input's lengths describe them (see RNNStates).
         self.rnn_states = RNNStates()
         self.no_grad_warned = False
@@ -330,8 +330,8 @@ class Recorder:
                         p.edits is not None) for p in plans]
         # RNNs inside a wrapper: their (h, c) are recognised by identity (for unsort=, and so
         # that a final state returned by the wrapper is not given the input's lengths).
-        self._state_hooks = [(rnn, self._make_state_hook()) for p in plans
-                             if not p.rnn for rnn in p.inner_rnns]
+        inner_rnns = {id(rnn): rnn for p in plans if not p.rnn for rnn in p.inner_rnns}
+        self._state_hooks = [(rnn, self._make_state_hook()) for rnn in inner_rnns.values()]
         # Modules given a number of calls per forward pass (calls=, unsort= or edit= per
         # call): (name, expected calls, what was given), checked as each step ends.
         self._expected_calls = []
@@ -477,7 +477,8 @@ class Recorder:
             if s is not None and (s.thread is None or s.thread == _get_ident()):
                 if output is _NO_KWARGS:  # (registered an instant ago, seen without kwargs)
                     kwargs, output = {}, kwargs
-                if (type(output) is not Tensor or output.is_nested or s.rnn_states.tensors
+                if (type(output) is not Tensor or output.is_nested
+                        or (s.rnn_states.tensors and s.rnn_states.holds(output))
                         or not _atomic(map(type, args))
                         or (kwargs and not _atomic(map(type, kwargs.values())))):
                     self._record_call(s, plan, args, kwargs, output)
@@ -595,8 +596,6 @@ class Recorder:
             if plan.bidir_units is not None:
                 bidirectional = (t is not None and t.ndim > 1
                                  and t.shape[-1] == plan.bidir_units)
-        if s.rnn_states.tensors and not plan.rnn:
-            s.rnn_states.clear()  # (those of this wrapper call: known until its capture)
         inputs = kwargs_in = None
         if self.inputs:
             pending = s.pending_inputs.get(name)

@@ -384,3 +384,62 @@ def test_rnn_states_know_the_tensors_their_aliases_and_views():
     assert h not in states and not states.shares_memory(h)
     states.add_state(h)
     assert h in states and c not in states
+
+
+class _Projected(nn.Module):
+    """A wrapper with a module of its own after the LSTM: returns (proj(output), h_n)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 5, num_layers=2, bidirectional=True, batch_first=True)
+        self.proj = nn.Linear(10, 6)
+
+    def forward(self, packed):
+        out, (h, _c) = self.lstm(packed)
+        return self.proj(pad_packed_sequence(out, batch_first=True)[0]), h
+
+
+class _Outer(nn.Module):
+    """A wrapper around a wrapper around a GRU, passing the GRU's h_n through both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Module()
+        self.enc.rnn = nn.GRU(3, 5, batch_first=True)
+        self.enc.forward = lambda packed: self.enc.rnn(packed)
+
+    def forward(self, packed):
+        out, h = self.enc(packed)
+        return out, h
+
+
+def _packed_and_order(batch: int):
+    torch.manual_seed(0)
+    lengths = torch.tensor([2, 6, 3, 5, 4, 1][:batch])
+    x = torch.randn(batch, 6, 3)
+    order = lengths.argsort(descending=True)
+    return pack_padded_sequence(x[order], lengths[order], batch_first=True), order.argsort()
+
+
+@pytest.mark.parametrize(("make", "modules"), [
+    (_Projected, ["", "proj"]), (_Outer, ["", "enc"]), (_Outer, ["", "enc", "enc.rnn"])])
+def test_a_wrappers_state_is_known_whatever_else_inside_it_is_recorded(tmp_path, make, modules):
+    """Recording a module inside the wrapper too (a projection after the LSTM, an inner
+    wrapper) must not make the outer capture forget that its h_n is an RNN state: unsorted
+    along dim 1 as by hand, marked, and refused where rows are per example — with 4 sequences
+    and 4 layer-directions, a silent max over the batch otherwise."""
+    model = make().eval()
+    packed, inv = _packed_and_order(4)
+    with torch.no_grad():
+        _, h = model(packed)
+    with torch.no_grad(), hs.record(model, modules, unsort={"": inv}) as rec:
+        model(packed)
+    assert torch.equal(rec[""].output[1], h.index_select(1, inv))
+    with torch.no_grad(), hs.record(model, modules, pick={"": lambda o: o[1]}) as rec:
+        model(packed)
+    assert rec[""].rnn_state
+    with pytest.raises(hs.InputError, match="final state"):
+        rec[""].to_frame(reduce="max")
+    with pytest.raises(hs.InputError, match="final state"):
+        hs.record_dataset(model, [packed], modules, tmp_path / "ds", reduce="max",
+                          pick={"": lambda o: o[1]}, progress=False)
