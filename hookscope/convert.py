@@ -383,6 +383,24 @@ class RNNStates:
             self._keys = {state_key(t) for t in self.tensors}
         return state_key(x) in self._keys
 
+    def batch_at_dim_1(self, x: Tensor) -> bool:
+        """Whether 3-D ``x`` is one of the states or a view of one whose dim 1 is the state's
+        batch dimension (same size and stride): its rows are not examples."""
+        if x.ndim != 3:
+            return False
+        for t in self.tensors:
+            if x is t:
+                return True
+        if not self.tensors or x.is_nested or x.layout is not torch.strided \
+                or not self.shares_memory(x):
+            return False
+        size, stride, where = x.shape[1], x.stride(1), x.untyped_storage().data_ptr()
+        for t in self.tensors:
+            if t.ndim == 3 and t.shape[1] == size and t.stride(1) == stride \
+                    and t.untyped_storage().data_ptr() == where:
+                return True
+        return False
+
     def shares_memory(self, x: Tensor) -> bool:
         """Whether ``x`` lies in the memory of one of the states (a view or part of one)."""
         if self._storages is None:
@@ -446,19 +464,16 @@ def packed_layout(t: Tensor | None, n: int, longest: int) -> str | None:
 
 def is_rnn_state(plan: Plan, t: Tensor | None, states: RNNStates, output: Any = None) -> bool:
     """Whether ``t``, a capture's primary tensor (picked from the module's ``output``), is an
-    RNN's final state ``(layers * directions, batch, hidden)`` as the RNN returned it (the
-    very tensor, not a view or part of it): the state the hooked RNN returned beside its
-    output (``(out, h)`` or ``(out, (h, c))``, picked with ``pick=``), or one of ``states``,
-    those an RNN inside the hooked wrapper returned in this call."""
+    RNN's final state ``(layers * directions, batch, hidden)``: the very state the hooked RNN
+    returned beside its output (``(out, h)`` or ``(out, (h, c))``, picked with ``pick=``), or
+    one of ``states``, those RNNs inside hooked wrappers returned in this forward pass, or a
+    view of one that keeps its batch at dim 1 (``h[-2:]``, ``h[..., :3]``)."""
     if t is None or t.ndim != 3:
         return False
     if plan.rnn:
         return (plan.pick is not None and isinstance(output, tuple) and len(output) == 2
                 and any(t is state for _, state in iter_tensors(output[1])))
-    for state in states.tensors:  # noqa: SIM110 (a loop: cheaper than any() of a generator)
-        if t is state:
-            return True
-    return False
+    return states.batch_at_dim_1(t)
 
 
 def from_rnn_state(plan: Plan, t: Tensor | None, states: RNNStates) -> bool:

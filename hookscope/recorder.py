@@ -478,7 +478,7 @@ class Recorder:
                 if output is _NO_KWARGS:  # (registered an instant ago, seen without kwargs)
                     kwargs, output = {}, kwargs
                 if (type(output) is not Tensor or output.is_nested
-                        or (s.rnn_states.tensors and s.rnn_states.holds(output))
+                        or (s.rnn_states.tensors and s.rnn_states.shares_memory(output))
                         or not _atomic(map(type, args))
                         or (kwargs and not _atomic(map(type, kwargs.values())))):
                     self._record_call(s, plan, args, kwargs, output)
@@ -569,7 +569,9 @@ class Recorder:
                 plan, primary, s.rnn_states, output)
             if rnn_state and plan.rows is not None:  # record_dataset: rows along dim 0
                 raise rnn_state_error(f"the output of {where}", tuple(primary.shape))
-            if rnn_state and perm is not None and dims is None:  # its batch is dim 1
+            if rnn_state and plan.rnn and perm is not None and dims is None:
+                # An RNN's own state, picked: its batch is dim 1.  (In a wrapper's output each
+                # tensor is decided on its own in convert: an output beside h_n is batch-first.)
                 dims = {path: 1 for path, _ in iter_tensors(raw)}
             rows = (None if plan.rows is None else
                     self._rows_at_call(s, plan, args, kwargs, value, perm, call, label, where))

@@ -443,3 +443,60 @@ def test_a_wrappers_state_is_known_whatever_else_inside_it_is_recorded(tmp_path,
     with pytest.raises(hs.InputError, match="final state"):
         hs.record_dataset(model, [packed], modules, tmp_path / "ds", reduce="max",
                           pick={"": lambda o: o[1]}, progress=False)
+
+
+class _StateFirst(nn.Module):
+    """Returns (h_n, padded output): the state first, then the sequence."""
+
+    def __init__(self, view: str = "h") -> None:
+        super().__init__()
+        self.rnn, self.view = nn.GRU(3, 5, num_layers=2, bidirectional=True,
+                                     batch_first=True), view
+
+    def forward(self, packed):
+        out, h = self.rnn(packed)
+        picked = {"h": h, "last two": h[-2:], "last": h[-1], "features": h[..., :3]}[self.view]
+        return picked, pad_packed_sequence(out, batch_first=True)[0]
+
+
+def test_an_output_beside_a_wrappers_state_keeps_its_own_batch_dimension():
+    """A wrapper returning (h_n, output) with as many time steps as sequences: h_n is
+    unsorted along dim 1, but the output beside it is not (it used to be, along its time
+    steps, silently); its batch is ambiguous, an error says how to name it, and named it is
+    unsorted along dim 0 as by hand."""
+    model = _StateFirst().eval()
+    lengths = torch.tensor([4, 2, 3, 1])  # 4 sequences, the longest of 4 steps
+    torch.manual_seed(1)
+    x = torch.randn(4, 4, 3)
+    order = lengths.argsort(descending=True)
+    inv = order.argsort()
+    packed = pack_padded_sequence(x[order], lengths[order], batch_first=True)
+    with torch.no_grad():
+        h, out = model(packed)
+    assert out.shape[:2] == (4, 4)
+    with pytest.raises(hs.UnsortError, match="ambiguous"), torch.no_grad(), \
+            hs.record(model, [""], unsort={"": inv}):
+        model(packed)
+    with torch.no_grad(), hs.record(model, [""], unsort={"": inv},
+                                    batch_dim={"": {(1,): 0}}) as rec:
+        model(packed)
+    assert torch.equal(rec[""].output[0], h[:, inv])
+    assert torch.equal(rec[""].output[1], out[inv])
+
+
+@pytest.mark.parametrize(("view", "is_state"), [
+    ("last two", True), ("features", True), ("last", False)])
+def test_a_view_of_a_state_that_keeps_its_batch_at_dim_1_is_marked(view, is_state):
+    """h[-2:] and h[..., :3] keep the batch at dim 1: marked as RNN states and refused where
+    rows are per example (they used to give one row per layer-direction, silently); h[-1] is
+    (batch, hidden), one row per example, and is exported."""
+    model = _StateFirst(view).eval()
+    packed, _ = _packed_and_order(5)
+    with torch.no_grad(), hs.record(model, [""], pick=lambda o: o[0]) as rec:
+        picked, _ = model(packed)
+    assert rec[""].rnn_state is is_state
+    if is_state:
+        with pytest.raises(hs.InputError, match="final state"):
+            rec[""].to_frame(reduce="max")
+    else:
+        np.testing.assert_array_equal(rec[""].to_frame().to_numpy(), picked.numpy())
