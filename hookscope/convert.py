@@ -362,13 +362,6 @@ class RNNStates:
         self.tensors.clear()
         self._ptrs = self._keys = self._storages = None
 
-    def holds(self, x: Any) -> bool:
-        """Whether ``x`` is one of the very tensors (identity only)."""
-        for t in self.tensors:  # noqa: SIM110 (a loop: cheaper than any() of a generator)
-            if x is t:
-                return True
-        return False
-
     def __contains__(self, x: Tensor) -> bool:
         for t in self.tensors:
             if x is t:
