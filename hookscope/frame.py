@@ -206,6 +206,7 @@ def _grouped(captures: Sequence[Any]) -> tuple[dict[tuple[str, str], list[Any]],
     groups: dict[tuple[str, str], list[Any]] = {}
     sizes: dict[int, tuple[int, str]] = {}
     for cap in captures:
+        refuse_rnn_state(cap)  # (its dim 0 is no batch: say so, not that the sizes differ)
         groups.setdefault((cap.name, _call_key(cap)), []).append(cap)
         t = cap.tensor
         n = t.shape[0] if t.ndim else 0

@@ -47,9 +47,6 @@ class Plan:
     dtype: torch.dtype | None = None
     clone: Any = True
     rnn: bool = False
-    # RNNs inside this module (a wrapper such as the story's LSTMEncoder): their (h, c) are
-    # found by identity (unsort= dims; no input lengths for a final state).
-    inner_rnns: tuple[nn.RNNBase, ...] = ()
     # Feature size of a bidirectional RNN's output ([forward, backward] halves) in this module
     # (itself, or the one RNN inside a wrapper): captures of that width know they are.
     bidir_units: int | None = None
@@ -216,14 +213,10 @@ def with_perms(plans: dict[str, Plan], model: nn.Module, selected: dict[str, nn.
 
 def _derived_fields(f: dict[str, Any]) -> dict[str, Any]:
     """Set the fields that follow from the others: calls per forward pass that ``stop=True``
-    waits for, the RNNs inside the module, and whether the plan is plain."""
+    waits for, and whether the plan is plain."""
     labels, edits, perms = f.get("labels"), f.get("edits"), f.get("perms")
     f["expected"] = max([len(labels) if labels is not None else 1,
                          *(len(x) for x in (edits, perms) if isinstance(x, tuple))])
-    if "inner_rnns" not in f:  # (a plan rebuilt per batch keeps its module's: no walk)
-        m = f["module"]  # RNNs inside a wrapper: their (h, c) are found by identity
-        f["inner_rnns"] = tuple(x for x in m.modules()
-                                if isinstance(x, nn.RNNBase) and x is not m)
     f["plain"] = (f.get("pick") is None and perms is None and f.get("device") is None
                   and f.get("dtype") is None and edits is None and not f.get("grads")
                   and f.get("rows") is None)

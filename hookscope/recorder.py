@@ -290,6 +290,10 @@ class Recorder:
         self._model_type = type(inner).__name__
         self._prefix = prefix
         self._names = list(self._plans)
+        # Every RNN of the model: the (h, c) it returns are known as states by identity in
+        # every capture of the pass (a wrapper's output, a Dropout or Identity they pass
+        # through), whatever is selected; found once here, not per batch.
+        self._rnns = tuple(m for m in model.modules() if isinstance(m, nn.RNNBase))
         self._module_types = {n: p.module_type for n, p in self._plans.items()}
         self._make_hooks()
         # Hooks added after torch.compile are not seen by the compiled graph (dynamo skips
@@ -328,10 +332,10 @@ class Recorder:
         self._hooks = [(p.module, self._make_pre_hook(p) if self.inputs else None,
                         self._make_fast_hook(p) if self._fast(p) else self._make_hook(p),
                         p.edits is not None) for p in plans]
-        # RNNs inside a wrapper: their (h, c) are recognised by identity (for unsort=, and so
-        # that a final state returned by the wrapper is not given the input's lengths).
-        inner_rnns = {id(rnn): rnn for p in plans if not p.rnn for rnn in p.inner_rnns}
-        self._state_hooks = [(rnn, self._make_state_hook()) for rnn in inner_rnns.values()]
+        # The model's RNNs: their (h, c) are recognised by identity wherever they reappear
+        # (for unsort=, for exports one row per example, and so that a final state is not
+        # given the input's lengths).
+        self._state_hooks = [(rnn, self._make_state_hook()) for rnn in self._rnns]
         # Modules given a number of calls per forward pass (calls=, unsort= or edit= per
         # call): (name, expected calls, what was given), checked as each step ends.
         self._expected_calls = []

@@ -500,3 +500,38 @@ def test_a_view_of_a_state_that_keeps_its_batch_at_dim_1_is_marked(view, is_stat
             rec[""].to_frame(reduce="max")
     else:
         np.testing.assert_array_equal(rec[""].to_frame().to_numpy(), picked.numpy())
+
+
+class _Dropped(nn.Module):
+    """A GRU whose h_n passes through a Dropout (the very tensor in eval) and a Linear on the
+    last step beside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 6, num_layers=2, batch_first=True)
+        self.drop = nn.Dropout(0.1)
+        self.proj = nn.Linear(6, 4)
+
+    def forward(self, x):
+        out, h = self.rnn(x)
+        return self.drop(h), self.proj(out[:, -1])
+
+
+@pytest.mark.parametrize("modules", [["drop"], ["rnn", "drop"], ["", "drop"], ["", "proj"]])
+def test_a_state_is_known_in_any_module_it_passes_through_whatever_is_selected(tmp_path,
+                                                                                modules):
+    """h_n through a Dropout, recorded with or without its wrapper or the RNN: always marked
+    and refused one row per example (it gave a row per layer, silently, unless the wrapper
+    was selected too); a recording's frame says so rather than that batch sizes differ."""
+    model = _Dropped().eval()
+    x = torch.randn(5, 4, 3)
+    with torch.no_grad(), hs.record(model, modules) as rec:
+        model(x)
+    holder = modules[-1] if modules[-1] == "drop" else ""
+    assert rec[holder].rnn_state
+    with pytest.raises(hs.InputError, match="final state"):
+        rec[holder].to_frame(reduce="mean")
+    with pytest.raises(hs.InputError, match="final state"):
+        rec.to_frame(reduce="mean")
+    with pytest.raises(hs.InputError, match="final state"):
+        hs.record_dataset(model, [x], [holder], tmp_path / "ds", reduce="mean", progress=False)
