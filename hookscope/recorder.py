@@ -25,7 +25,6 @@ from torch.nn.utils.rnn import PackedSequence
 from .capture import Capture
 from .convert import (
     CloneMode,
-    RNNStates,
     convert,
     from_rnn_state,
     input_lengths,
@@ -50,6 +49,7 @@ from .grads import attach_grad_hooks, require_grads
 from .offload import HostStaging
 from .plan import BatchDim, Plan, build_plans, with_perms
 from .recording import Recording
+from .rnn_states import RNNStates
 from .select import ModuleSpec, resolve_modules, unwrap
 from .structure import first_tensor, iter_tensors, packed_mask, pad_packed
 

@@ -371,7 +371,7 @@ def test_a_permutation_as_long_as_the_states_first_dim_is_not_applied_to_it():
 def test_rnn_states_know_the_tensors_their_aliases_and_views():
     """RNNStates: the very tensors and aliases (same memory and layout) are states; a view
     (h[-1]) shares their memory but is no state; other tensors are neither."""
-    from hookscope.convert import RNNStates
+    from hookscope.rnn_states import RNNStates
 
     h, c, other = torch.randn(2, 4, 3), torch.randn(2, 4, 3), torch.randn(2, 4, 3)
     states = RNNStates()
