@@ -64,12 +64,20 @@ class Capture:
         Whether the primary tensor is an RNN's final state ``(layers * directions, batch,
         hidden)`` as the RNN returned it (``pick=lambda out: out[1]``): its batch is dim 1,
         so reductions and exports one row per example refuse it and say what to pick.
+    batch_dim : int
+        The dimension of :attr:`tensor` that holds the examples: 0, or 1 for a time-major
+        sequence, ``(time, batch, ...)``, as ``nn.LSTM``, ``nn.GRU``, ``nn.RNN``,
+        ``nn.MultiheadAttention`` and the ``nn.Transformer*`` modules return by default
+        (``batch_first=False``), for an RNN's final state, for an output that a packed
+        input's lengths describe as time-major, and wherever ``batch_dim=`` says so.  The
+        capture keeps the module's layout; reductions, exports, :meth:`Recording.cat` and
+        ``record_dataset`` read the examples along this dimension.
     """
 
     __slots__ = (
         "_grads", "_inputs", "_kwargs", "_lengths", "_mask", "_output", "_pending",
-        "_versions", "bidirectional", "call", "label", "live", "module_type", "name",
-        "rnn_state", "step",
+        "_versions", "batch_dim", "bidirectional", "call", "label", "live", "module_type",
+        "name", "rnn_state", "step",
     )  # fmt: skip
 
     def __init__(
@@ -88,6 +96,7 @@ class Capture:
         live: tuple[str, ...] = (),
         bidirectional: bool = False,
         rnn_state: bool = False,
+        batch_dim: int = 0,
     ) -> None:
         self.name = name
         self.step = step
@@ -103,6 +112,7 @@ class Capture:
         self.live = live
         self.bidirectional = bidirectional
         self.rnn_state = rnn_state
+        self.batch_dim = batch_dim
         self._grads: Any = None  # a grads.GradStore with grads=True
         self._pending: Any = None  # device="cpu": copies in flight (see hookscope.offload)
 
@@ -210,6 +220,8 @@ class Capture:
         n = len(self.lengths)
         if t is not None and t.is_nested:
             time = int(self.lengths.max()) if n else 0
+        elif self.batch_dim == 1:
+            time = t.shape[0]
         else:
             time = t.shape[1] if t.ndim > 1 and t.shape[0] == n else t.shape[0]
         return torch.arange(time).unsqueeze(0) < self.lengths.unsqueeze(1)
@@ -271,6 +283,7 @@ class Capture:
             "label": self.label,
             "type": self.module_type.__name__,
             "shape": None if t is None else describe_shape(t),
+            "batch_dim": self.batch_dim,
             "dtype": None if t is None else str(t.dtype).replace("torch.", ""),
             "device": None if t is None else str(t.device),
             "bytes": self.nbytes,
@@ -292,6 +305,8 @@ class Capture:
             values = t.detach().to_dense().float()
         else:
             values = t.detach().float()
+            if self.batch_dim and t.ndim > self.batch_dim:  # (the mask is (batch, time))
+                values = values.movedim(self.batch_dim, 0)
             mask = self.mask if t.ndim > 2 else None
             if mask is not None and tuple(mask.shape) == tuple(t.shape[:2]):
                 values = values[mask.to(t.device)]
@@ -307,6 +322,8 @@ class Capture:
     def __repr__(self) -> str:
         r = self._row()
         lengths = ", lengths known" if r["lengths"] else ""
+        if self.batch_dim:
+            lengths = f", batch at dim {self.batch_dim}{lengths}"
         live = f", live objects (not snapshots): {', '.join(self.live)}" if self.live else ""
         return (
             f"Capture({self._where()}, {r['type']}, shape={r['shape']}, dtype={r['dtype']}"

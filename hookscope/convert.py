@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .errors import InputError, UnsortError
+from .layout import resolve_batch_dim
 from .plan import Plan
 from .rnn_states import RNNStates
 from .structure import (
@@ -137,7 +138,7 @@ def convert(
         n, perm_device = perm.shape[0], perm.device
         # Dim 0 is decided here for a plain leaf whose dim 0 alone has the batch's size (most
         # leaves); batch_dim_of decides everything else, and raises.
-        auto = plan.batch_dim == "auto" and not plan.rnn
+        auto = plan.batch_dim == "auto" and not (plan.rnn or plan.time_major)
         states = rnn_states if rnn_states is not None and rnn_states.tensors else None
 
     def leaf(path: tuple, x: Any) -> Tensor:
@@ -249,21 +250,14 @@ def batch_dim_of(
     """The dimension of leaf ``x`` (at ``path`` in the output) that ``unsort=`` permutes.
 
     ``batch_dim=`` decides where given; otherwise: sequences padded from a ``PackedSequence``
-    dim 0; an RNN's own output by ``batch_first``, its ``(h, c)`` dim 1; the ``(h, c)`` that an
+    dim 0; an RNN's own output by ``batch_first``, its ``(h, c)`` dim 1; a transformer
+    module's own output (or attention's ``attn_output``) by ``batch_first`` (see
+    :mod:`hookscope.layout`); the ``(h, c)`` that an
     RNN inside a wrapper returned (those very tensors or aliases, ``rnn_states``) dim 1; else
     the one dimension of size ``n``.  Several candidates raise instead of guessing, and a chosen
     dimension that is not of size ``n`` raises too (never a silent partial permutation).
     """
-    spec = plan.batch_dim
-    if type(spec) is not str and isinstance(spec, Mapping):  # ("auto", the default: a str)
-        best = None
-        for prefix, dim in spec.items():
-            prefix = prefix if isinstance(prefix, tuple) else (prefix,)
-            if path[: len(prefix)] == prefix and (best is None or len(prefix) > len(best[0])):
-                best = (prefix, dim)
-        spec = "auto" if best is None else best[1]
-        if spec is None:
-            return None
+    spec = resolve_batch_dim(plan.batch_dim, path)
     if spec is None:
         return None
     if type(spec) is not str and isinstance(spec, int):
@@ -282,6 +276,8 @@ def batch_dim_of(
         # An RNN's output sequence follows batch_first; h / (h, c) are
         # (layers * directions, batch, hidden) whatever batch_first says.
         dim = (0 if plan.module.batch_first else 1) if path[0] == 0 else 1
+    elif plan.time_major and plan.pick is None and path in ((), (0,)) and x.ndim == 3:
+        dim = 1  # a transformer module's own (time, batch, features) output
     elif rnn_states is not None and x in rnn_states:
         dim = 1  # the wrapped RNN's own (h, c), returned as the RNN returned them
     else:
@@ -357,8 +353,7 @@ def packed_layout(t: Tensor | None, n: int, longest: int) -> str | None:
     features)`` output, an RNN's final state or its concatenated halves, is not a sequence
     merely because it has at least as many features as the longest sequence has steps.
     (An RNN's own state is excluded by identity before this: see :func:`from_rnn_state`.  A
-    time-major capture keeps its lengths, so that a reduction says it is time-major instead
-    of pooling over the batch.)"""
+    time-major capture keeps its lengths, and its batch is known to be dim 1.)"""
     if t is None or t.is_nested or t.ndim < 2:
         return None
     for layout, b, time in (("batch", 0, 1), ("time", 1, 0)):
@@ -423,23 +418,24 @@ _SCALARS = frozenset({int, float, bool, str})
 
 
 def input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str,
-                  t: Tensor | None = None) -> Callable[[], Tensor] | None:
+                  t: Tensor | None = None) -> tuple[Callable[[], Tensor] | None, str | None]:
     """What computes the lengths of the ``PackedSequence`` a call was given, in the output's
-    batch order (a :class:`~hookscope.Capture` calls it when its lengths are first read);
-    given ``t``, the capture's primary tensor, only where they describe it (see
-    :func:`packed_layout`).  It holds the input's ``batch_sizes`` and ``unsorted_indices``,
-    not its data."""
+    batch order (a :class:`~hookscope.Capture` calls it when its lengths are first read),
+    and ``t``'s layout (:func:`packed_layout`: ``"batch"``, ``"time"``, or ``None`` when not
+    given); given ``t``, the capture's primary tensor, only where they describe it.  It holds
+    the input's ``batch_sizes`` and ``unsorted_indices``, not its data."""
     # The story's LSTMEncoder takes a PackedSequence and returns a padded tensor: the
     # lengths live in the input's batch_sizes.
     packed = input_packed(args, kwargs)
     if packed is None:
-        return None
+        return None, None
     sizes, unsorted = packed.batch_sizes, packed.unsorted_indices
     # Sequences: batch_sizes[0]; the longest has a step at every time.
     longest = sizes.shape[0]
     n = int(sizes[0]) if longest else 0
-    if t is not None and packed_layout(t, n, longest) is None:
-        return None  # e.g. an RNN's h_n picked from a packed call
+    layout = None if t is None else packed_layout(t, n, longest)
+    if t is not None and layout is None:
+        return None, None  # e.g. an RNN's h_n picked from a packed call
     if perm is not None:  # (checked now, not on first read: the error belongs to this call)
         check_perm_length(n, perm, f"{name!r} lengths")
 
@@ -447,7 +443,7 @@ def input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str,
         out = lengths_from_batch_sizes(sizes, unsorted)
         return out if perm is None else permute_lengths(out, perm, f"{name!r} lengths")
 
-    return lengths
+    return lengths, layout
 
 
 def nested_lengths_or_mask(value: Any, mask: Tensor | None,

@@ -15,7 +15,7 @@ from torch import Tensor
 from .capture import Capture
 from .dataset_format import BOOKKEEPING, arrow
 from .errors import DatasetError, InputError
-from .frame import capture_mask, capture_rows, rnn_state_error
+from .frame import batch_first_capture, capture_mask, capture_rows, rnn_state_error
 from .offload import HostStaging
 from .pooling import REDUCTIONS, pool_sequences
 
@@ -187,6 +187,7 @@ def batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, man
     names = _column_names(rec)
     for cap in rec.captures():
         col = names[(cap.name, cap.call)]
+        cap = batch_first_capture(cap)  # (a time-major sequence: its examples along dim 0)
         t = cap.tensor
         # lengths= (integer lengths or a (batch, time) mask) for sequences that know neither.
         given = (lengths if lengths is not None and t.ndim == 3 and cap.mask is None

@@ -21,8 +21,8 @@ from .errors import InputError
 from .pooling import REDUCTIONS, _last_state, _masked_pool, as_mask
 from .structure import takes_two_args
 
-__all__ = ["REDUCE_NAMES", "Reduce", "capture_matrix", "capture_rows", "recording_vectors",
-           "to_frame"]
+__all__ = ["REDUCE_NAMES", "Reduce", "batch_first_capture", "capture_matrix", "capture_rows",
+           "recording_vectors", "to_frame"]
 
 #: ``reduce=``: a name, or ``f(tensor) -> (batch, units)``, or ``f(tensor, mask)`` where
 #: ``mask`` is the capture's ``(batch, time)`` boolean mask of real positions (or ``None``).
@@ -32,10 +32,28 @@ Reduce: TypeAlias = str | Callable[..., Any] | None
 REDUCE_NAMES = ("last", *REDUCTIONS, "flatten")
 
 
+def batch_first_capture(cap: Any) -> Any:
+    """``cap`` itself, or for a capture whose examples are along another dimension
+    (:attr:`~hookscope.Capture.batch_dim`, a time-major sequence) a capture of the same call
+    whose tensor is a batch-first view of it: exports and reductions read dim 0 as the
+    examples.  An RNN's final state is left as it is (exports refuse it, saying what to
+    pick)."""
+    dim = getattr(cap, "batch_dim", 0)
+    if not dim or getattr(cap, "rnn_state", False):
+        return cap
+    out = copy.copy(cap)  # the same call, only its tensor moved
+    out._output = cap.tensor.movedim(dim, 0)
+    out._inputs = out._kwargs = out._versions = None
+    out.batch_dim = 0
+    return out
+
+
 def dense_capture(cap: Any) -> Any:
-    """``cap`` itself, or for a nested (or sparse) primary tensor a capture of the same call
-    whose tensor is dense: nested sequences padded with zeros to ``(batch, max length, ...)``
-    with their ``mask``, so exports and reductions see only the real positions."""
+    """``cap`` itself, or a capture of the same call whose tensor is dense and batch-first
+    (:func:`batch_first_capture`): nested sequences padded with zeros to ``(batch, max
+    length, ...)`` with their ``mask``, so exports and reductions see only the real
+    positions."""
+    cap = batch_first_capture(cap)
     t = cap.tensor
     if not t.is_nested and t.layout is torch.strided:
         return cap

@@ -55,12 +55,15 @@ from .restore import (
     _restored_class,
     allow_class,
 )
+from .structure import first_tensor
 
 __all__ = ["FORMAT_VERSION", "RecordingFileError", "Restored", "RestoredDict", "Unsaved",
            "allow_class", "load", "save"]
 
 FORMAT = "hookscope-recording"
-FORMAT_VERSION = 2  # 2: nested and sparse tensors, capture masks and live notes
+FORMAT_VERSION = 3  # 2: nested and sparse tensors, capture masks and live notes; 3: a
+# capture's batch_dim (written only where one is not 0, so that files without time-major
+# captures stay readable by hookscope versions that read version 2)
 _MANIFEST = "manifest.json"
 #: Extra bytes, beyond the file's own size, that :func:`load` may decode by default.
 DEFAULT_SLACK_BYTES = 64 * 2**20
@@ -165,8 +168,11 @@ def save(recording: Recording, path: str | os.PathLike) -> Path:
             "bidirectional": bool(cap.bidirectional),
             "rnn_state": bool(cap.rnn_state),
         })
+        if cap.batch_dim:
+            captures[-1]["batch_dim"] = int(cap.batch_dim)
     manifest = {
-        "format": FORMAT, "version": FORMAT_VERSION,
+        "format": FORMAT,
+        "version": FORMAT_VERSION if any("batch_dim" in c for c in captures) else 2,
         "model_type": recording.model_type, "steps": recording.steps,
         "modules": [{"name": n, "type": _class_name(t)}
                     for n, t in recording._module_types.items() if n in recording],
@@ -560,6 +566,9 @@ def _load(f: Any, path: Path, budget: int) -> Recording:
             _expect(isinstance(c["mask"], dict) and c["mask"].get("t") == "tensor",
                     f"{where}.mask is not a tensor")
             reader.scan(c["mask"], f"{where}.mask")
+        batch_dim = c.get("batch_dim", 0)  # version 3
+        _expect(_is_int(batch_dim) and 0 <= batch_dim < 64, f"{where}.batch_dim is not a "
+                "dimension")
         _expect(isinstance(c.get("live", []), list) and all(
             isinstance(x, str) for x in c.get("live", [])), f"{where}.live is not a text list")
     types_ = {name: _module_type(m["type"]) for name, m in zip(names, modules, strict=True)}
@@ -573,12 +582,19 @@ def _load(f: Any, path: Path, budget: int) -> Recording:
         mask = None if c.get("mask") is None else reader.tensor(c["mask"])
         if mask is not None:
             _expect(mask.ndim == 2 and mask.dtype == torch.bool, "mask must be a 2-d bool tensor")
+        output = reader.tree(c["output"])
+        batch_dim = c.get("batch_dim", 0)
+        if batch_dim:
+            t = first_tensor(output)
+            _expect(t is not None and t.ndim > batch_dim, f"capture {c['name']!r} step "
+                    f"{c['step']} call {c['call']}: batch_dim {batch_dim} is not a dimension of "
+                    "its tensor")
         rec._add(Capture(
             c["name"], c["step"], c["call"], c["label"], types_[c["name"]],
-            reader.tree(c["output"]), None if c["inputs"] is None else reader.tree(c["inputs"]),
+            output, None if c["inputs"] is None else reader.tree(c["inputs"]),
             None if c["kwargs"] is None else reader.tree(c["kwargs"]), lengths, mask=mask,
             live=tuple(c.get("live", ())), bidirectional=c.get("bidirectional") is True,
-            rnn_state=c.get("rnn_state") is True))
+            rnn_state=c.get("rnn_state") is True, batch_dim=batch_dim))
     for caps in rec._captures.values():
         caps.sort(key=lambda cap: (cap.step, cap.call))
     return rec

@@ -21,6 +21,7 @@ from .errors import (
     ModuleSelectionError,
     UnsortError,
 )
+from .layout import time_major
 from .select import describe_spec, resolve_modules
 from .structure import as_permutation, takes_two_args
 
@@ -47,6 +48,9 @@ class Plan:
     dtype: torch.dtype | None = None
     clone: Any = True
     rnn: bool = False
+    # One of PyTorch's sequence modules built batch_first=False: its own output sequence is
+    # (time, batch, ...) (see layout.py); an RNN is also plan.rnn.
+    time_major: bool = False
     # Feature size of a bidirectional RNN's output ([forward, backward] halves) in this module
     # (itself, or the one RNN inside a wrapper): captures of that width know they are.
     bidir_units: int | None = None
@@ -161,7 +165,8 @@ def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any =
     fields: dict[str, dict[str, Any]] = {
         name: {"name": name, "module": m, "module_type": type(m), "device": device,
                "dtype": dtype, "clone": clone, "staging": staging,
-               "rnn": isinstance(m, nn.RNNBase), "bidir_units": _bidirectional_units(m),
+               "rnn": isinstance(m, nn.RNNBase), "time_major": time_major(m),
+               "bidir_units": _bidirectional_units(m),
                "grads": grads, "rows": rows}
         for name, m in selected.items()}
     if pick is not None:
@@ -219,7 +224,8 @@ def _derived_fields(f: dict[str, Any]) -> dict[str, Any]:
                          *(len(x) for x in (edits, perms) if isinstance(x, tuple))])
     f["plain"] = (f.get("pick") is None and perms is None and f.get("device") is None
                   and f.get("dtype") is None and edits is None and not f.get("grads")
-                  and f.get("rows") is None)
+                  and f.get("rows") is None and not f.get("time_major")
+                  and f.get("batch_dim", "auto") == "auto")  # (the capture's batch_dim)
     return f
 
 
@@ -277,6 +283,11 @@ def _unsort_fields(name: str, spec: Any, f: dict[str, Any]) -> None:
         f["perm_sources"] = _source(spec)
         return
     if isinstance(spec, Mapping):  # {label: perm}
+        missing = [lab for lab in labels or () if lab not in spec]
+        if labels is not None and missing:  # (a call left out would stay in model order)
+            raise CallCountError(
+                f"unsort= for {name!r} gives no permutation for labels {missing}: give one for "
+                "every call, or None to leave a call in the model's order.")
         spec = _by_label("unsort", name, spec, labels)
     perms = tuple(None if p is None else as_permutation(p, f"{name!r} call {i}")
                   for i, p in enumerate(spec))

@@ -44,8 +44,9 @@ from .errors import (
     UnsortError,
     UnsupportedModelError,
 )
-from .frame import rnn_state_error, time_major_hint
+from .frame import rnn_state_error
 from .grads import attach_grad_hooks, require_grads
+from .layout import capture_batch_dim
 from .offload import HostStaging
 from .plan import BatchDim, Plan, build_plans, with_perms
 from .recording import Recording
@@ -165,11 +166,15 @@ class Recorder:
         are ``lengths``.  Validated: 1-D, integer, a permutation of ``range(batch)``, of the
         batch size of every leaf it is applied to (else :class:`~hookscope.errors.UnsortError`).
     batch_dim : dict of {module: int or {path prefix: dim or None}}, optional
-        Where the batch dimension is, for ``unsort=``.  By default: dim 0 (sequences padded
-        from a ``PackedSequence`` too), an RNN's output by its ``batch_first`` and its hidden
-        states dim 1.  Another dimension of the permutation's length is never taken unasked
-        (it may be a feature or time dimension that happens to match a permutation of another
-        batch), nor are several: both raise ``UnsortError``, which says how to name it here.
+        Where the batch dimension is, for ``unsort=`` and, for the primary tensor, for
+        exports (:attr:`Capture.batch_dim`).  By default: dim 0 (sequences padded from a
+        ``PackedSequence`` too), an RNN's output by its ``batch_first`` and its hidden states
+        dim 1, the output of ``nn.MultiheadAttention`` and the ``nn.Transformer*`` modules by
+        their ``batch_first``.  Another dimension of the permutation's length is never taken
+        unasked (it may be a feature or time dimension that happens to match a permutation of
+        another batch), nor are several: both raise ``UnsortError``, which says how to name it
+        here.  A module of your own that returns ``(time, batch, ...)`` needs ``{name: 1}``
+        for its captures to export one row per example.
     stop : bool
         End the forward pass right after the last selected module ran its last expected call:
         once, or as many times as it has ``calls=`` labels (a module called in a loop: give a
@@ -591,14 +596,19 @@ class Recorder:
                     in_flight = plan.staging.in_flight()  # inputs') tensors may be in flight
                 live = tuple(converted.live)
         bidirectional = False
+        batch_dim = 0
         if rows is None:  # (rows know no lengths or mask: they were used)
             t = value if type(value) is Tensor else first_tensor(value)  # the primary, as stored
+            layout = None
             if lengths is None and (args or kwargs) and not from_rnn_state(
                     plan, primary, s.rnn_states):
-                lengths = input_lengths(args, kwargs, perm, name, t)
+                lengths, layout = input_lengths(args, kwargs, perm, name, t)
+            if not plan.plain or rnn_state or layout == "time":
+                batch_dim = capture_batch_dim(plan, output, raw, primary, rnn_state, layout)
             if lengths is None and (s.mask is not None or type(value) is not Tensor
-                                    or value.is_nested):
-                lengths, mask = nested_lengths_or_mask(t, s.mask, perm)
+                                    or value.is_nested):  # (the mask is (batch, time))
+                lengths, mask = nested_lengths_or_mask(
+                    t.movedim(batch_dim, 0) if batch_dim else t, s.mask, perm)
             if plan.bidir_units is not None:
                 bidirectional = (t is not None and t.ndim > 1
                                  and t.shape[-1] == plan.bidir_units)
@@ -611,7 +621,7 @@ class Recorder:
                     versions = [*(versions or []), *in_versions]
         capture = Capture(name, rec.steps - 1, call, label, plan.module_type, value, inputs,
                           kwargs_in, lengths, versions, mask, live, bidirectional,
-                          rnn_state)  # positional:
+                          rnn_state, batch_dim)  # positional:
         # keywords cost half a microsecond per capture here
         if grads is not None:
             capture._grads = grads
@@ -640,15 +650,14 @@ class Recorder:
         """``plan.rows`` applied to this call's primary tensor where the model left it, in the
         model's batch order, then the rows (not the whole output) unsorted: reduction commutes
         with reordering examples, and the output itself is never copied.  ``None`` where the
-        general path must decide (no dense tensor, ``batch_dim=``, a time-major RNN output)."""
-        if plan.batch_dim != "auto":
+        general path must decide (no dense tensor, ``batch_dim=``, a time-major output)."""
+        if plan.batch_dim != "auto" or plan.time_major:
             return None
         leaf = next((x for _, x in iter_tensors(value, packed=True)), None)
         lengths = None
         if isinstance(leaf, PackedSequence):
             leaf, lengths = pad_packed(leaf)
-        elif leaf is None or leaf.is_nested or leaf.layout is not torch.strided or (
-                plan.rnn and not plan.module.batch_first):
+        elif leaf is None or leaf.is_nested or leaf.layout is not torch.strided:
             return None
         t = leaf.detach()
         if perm is not None and (t.ndim == 0 or t.shape[0] != len(perm)):
@@ -674,11 +683,8 @@ class Recorder:
                 if t.shape[1] > keep.shape[1]:  # padded to a longer total_length
                     keep = torch.nn.functional.pad(keep, (0, t.shape[1] - keep.shape[1]))
                 mask = keep
-            elif layout == "time":
-                raise InputError(f"{where} returned shape {tuple(t.shape)} from a packed "
-                                 f"batch of {keep.shape[0]} sequences: one row per example "
-                                 "needs (batch, time, ...)."
-                                 + time_major_hint(t.shape, (t.shape[1], t.shape[0])))
+            elif layout == "time":  # (time, batch, ...): the general path knows it
+                return None
         elif lengths is None and s.mask is not None and t.ndim >= 2 \
                 and tuple(t.shape[:2]) == tuple(s.mask.shape):
             mask = s.mask

@@ -227,7 +227,12 @@ class Recording:
                     raise NotRecordedError(f"{name!r} has no call {call!r} in step {step}.")
                 picked.append(hits[0])
             caps = picked
-        tensors = [c.tensor for c in caps]
+        dims = {c.batch_dim for c in caps}
+        if len(dims) > 1:
+            raise InputError(f"cannot concatenate {name!r}: its captures hold their examples "
+                             f"along different dimensions ({sorted(dims)}).")
+        dim = dims.pop()  # (a time-major sequence: concatenated along its batch, dim 1)
+        tensors = [c.tensor.movedim(dim, 0) if dim else c.tensor for c in caps]
         first = tensors[0]
         if first.ndim == 0:
             raise InputError(f"{name!r} returned scalars, which have no batch to concatenate.")
@@ -253,8 +258,8 @@ class Recording:
                 lengths = torch.cat([c.lengths for c in caps])
         labels = {c.label for c in caps}
         return Capture(name, caps[0].step, caps[0].call, labels.pop() if len(labels) == 1
-                       else None, caps[0].module_type, torch.cat(tensors), lengths=lengths,
-                       mask=mask)
+                       else None, caps[0].module_type, torch.cat(tensors).movedim(0, dim),
+                       lengths=lengths, mask=mask, rnn_state=caps[0].rnn_state, batch_dim=dim)
 
     # -- export -----------------------------------------------------------------------------
     def to_frame(self, kind: str = "wide", *, reduce: Any = None, lengths: Any = None,

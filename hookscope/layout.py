@@ -1,0 +1,89 @@
+"""Where the batch is in a module's output: PyTorch's sequence modules built time-major.
+
+``nn.LSTM``, ``nn.GRU``, ``nn.RNN``, ``nn.MultiheadAttention`` and the ``nn.Transformer*``
+modules are time-major by default (``batch_first=False``): their output sequence is
+``(time, batch, ...)``.  A capture of such an output knows its batch is dim 1
+(:attr:`hookscope.Capture.batch_dim`), so that ``unsort=`` permutes the right dimension and
+exports give one row per example, not one per time step.  Any other module's layout cannot be
+told from shapes; ``batch_dim=`` says it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from .structure import iter_tensors
+
+__all__ = ["capture_batch_dim", "resolve_batch_dim", "sequence_output", "time_major"]
+
+_OWN_FLAG = (nn.RNNBase, nn.MultiheadAttention, nn.Transformer)
+_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_STACKS = (nn.TransformerEncoder, nn.TransformerDecoder)
+
+
+def time_major(module: nn.Module) -> bool:
+    """Whether ``module`` is one of PyTorch's sequence modules built with
+    ``batch_first=False``: its own output sequence (:func:`sequence_output`) is ``(time,
+    batch, ...)`` when its input is batched."""
+    if isinstance(module, _OWN_FLAG):
+        return getattr(module, "batch_first", True) is False
+    if isinstance(module, _STACKS):  # (they follow their layers, as their forward does)
+        layers = getattr(module, "layers", None)
+        module = layers[0] if layers is not None and len(layers) else None
+    if isinstance(module, _LAYERS):
+        return getattr(getattr(module, "self_attn", None), "batch_first", True) is False
+    return False
+
+
+def sequence_output(output: Any) -> Tensor | None:
+    """The sequence a time-major module returned: its output, or the first item of the tuple
+    it returned (``nn.LSTM``'s ``(output, (h, c))``, ``nn.MultiheadAttention``'s
+    ``(attn_output, attn_weights)``, whose weights are batch-first)."""
+    if type(output) is Tensor:
+        return output
+    if type(output) is tuple and output and type(output[0]) is Tensor:
+        return output[0]
+    return None
+
+
+def resolve_batch_dim(spec: Any, path: tuple) -> Any:
+    """``batch_dim=``'s answer for the leaf at ``path`` of an output: an int, ``None`` (leave
+    it alone), or ``"auto"`` (not said: the default, or a mapping whose prefixes miss it).  A
+    mapping's longest matching path prefix wins."""
+    if type(spec) is not str and isinstance(spec, Mapping):  # ("auto", the default: a str)
+        best = None
+        for prefix, dim in spec.items():
+            prefix = prefix if isinstance(prefix, tuple) else (prefix,)
+            if path[: len(prefix)] == prefix and (best is None or len(prefix) > len(best[0])):
+                best = (prefix, dim)
+        return "auto" if best is None else best[1]
+    return spec
+
+
+def capture_batch_dim(plan: Any, output: Any, raw: Any, primary: Tensor | None,
+                      rnn_state: bool, packed_layout: str | None) -> int:
+    """The dimension of a capture's primary tensor that holds the examples
+    (:attr:`hookscope.Capture.batch_dim`), as recorded (after ``pick=``, ``raw``).
+
+    ``batch_dim=`` decides where it says so for the primary's path; else 1 for an RNN's
+    final state, for a time-major module's own sequence (``primary`` is
+    :func:`sequence_output` of the module's ``output``, by identity: a new tensor made from
+    it by ``pick=`` is not known), and for an output a packed input's lengths describe as
+    ``(time, batch, ...)`` (``packed_layout``); else 0."""
+    if primary is None or primary.ndim < 2:
+        return 0
+    if plan.batch_dim != "auto":
+        path = next((p for p, _ in iter_tensors(raw, packed=True)), ())
+        spec = resolve_batch_dim(plan.batch_dim, path)
+        if spec is None:
+            return 0
+        if spec != "auto":
+            return spec
+    if rnn_state or packed_layout == "time":
+        return 1
+    if plan.time_major and primary.ndim == 3 and primary is sequence_output(output):
+        return 1
+    return 0

@@ -1,0 +1,357 @@
+"""Time-major outputs: PyTorch's sequence modules built ``batch_first=False`` (their default)
+return ``(time, batch, ...)``.  A capture knows its batch is dim 1 (``Capture.batch_dim``), and
+every export, reduction, ``cat`` and dataset reads one row per *example*, not per time step.
+
+References are computed by hand from the module's own output (a hook that clones, or the
+model's return value), transposed explicitly.  Means are compared with a float32 tolerance
+(the library's masked mean sums in another order than ``Tensor.mean``)."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import hookscope as hs
+from hookscope.errors import CallCountError, RecordingFileError
+
+TOL = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def _encoder(batch_first: bool = False) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=batch_first)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+
+
+def _cloned(model: nn.Module, name: str, *args):
+    """The module's output as a hand-written hook that clones sees it."""
+    seen = []
+    handle = model.get_submodule(name).register_forward_hook(
+        lambda m, a, out: seen.append(out[0].detach().clone() if isinstance(out, tuple)
+                                      else out.detach().clone()))
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU, nn.RNN])
+@pytest.mark.parametrize("time", [6, 3])  # 3: as many steps as examples (shapes cannot tell)
+def test_a_time_major_rnn_exports_one_row_per_example(rnn, time):
+    torch.manual_seed(0)
+    model = rnn(4, 5).eval()
+    x = torch.randn(time, 3, 4)
+    with torch.no_grad(), hs.record(model, [""]) as rec:
+        out = model(x)[0]
+    cap = rec[""]
+    assert cap.batch_dim == 1 and torch.equal(cap.tensor, out)  # the module's layout kept
+    frame = rec.to_frame(reduce="mean")
+    assert frame.shape == (3, 5)
+    torch.testing.assert_close(torch.tensor(frame.to_numpy()), out.mean(0), **TOL)
+    last = hs.recording_vectors(rec, reduce="last")[""]
+    torch.testing.assert_close(torch.tensor(last), out[-1], **TOL)
+    other = hs.recording_vectors(rec, reduce="mean")[""]  # what the analysis functions take
+    assert hs.cosine_matrix(other).shape == (3, 3)
+
+
+def test_a_batch_first_rnn_is_unchanged():
+    model = nn.LSTM(4, 5, batch_first=True).eval()
+    with torch.no_grad(), hs.record(model, [""]) as rec:
+        out = model(torch.randn(3, 6, 4))[0]
+    assert rec[""].batch_dim == 0
+    torch.testing.assert_close(torch.tensor(rec.to_frame(reduce="mean").to_numpy()),
+                               out.mean(1), **TOL)
+
+
+@pytest.mark.parametrize("name", ["", "layers.0", "layers.1"])
+def test_transformer_modules_built_time_major_know_their_batch(name):
+    torch.manual_seed(0)
+    model = _encoder()
+    x = torch.randn(7, 3, 16)
+    (want,) = _cloned(model, name, x)
+    with torch.no_grad(), hs.record(model, [name]) as rec:
+        model(x)
+    cap = rec[name]
+    assert cap.batch_dim == 1 and torch.equal(cap.tensor, want)
+    assert "batch at dim 1" in repr(cap)
+    frame = rec.to_frame(reduce="mean")
+    assert frame.shape == (3, 16)
+    torch.testing.assert_close(torch.tensor(frame.to_numpy()), want.mean(0), **TOL)
+    long = rec.to_frame("long")
+    assert sorted(long["example"].unique()) == [0, 1, 2]
+    assert long["position"].max() == 6
+    row = long[(long.example == 2) & (long.position == 4)].sort_values("unit")["value"]
+    np.testing.assert_array_equal(row.to_numpy(), want[4, 2].numpy())
+
+
+def test_a_batch_first_transformer_and_its_submodules_are_batch_first():
+    model = _encoder(batch_first=True)
+    with torch.no_grad(), hs.record(model, ["layers.0", "layers.0.linear1"]) as rec:
+        model(torch.randn(3, 7, 16))
+    assert rec["layers.0"].batch_dim == 0 and rec["layers.0.linear1"].batch_dim == 0
+
+
+def test_attention_output_is_time_major_and_its_weights_batch_first():
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(8, 2).eval()
+    q = torch.randn(5, 3, 8)
+    with torch.no_grad(), hs.record(attn, [""]) as rec:
+        out, _ = attn(q, q, q)
+    assert rec[""].batch_dim == 1 and torch.equal(rec[""].tensor, out)
+    with torch.no_grad(), hs.record(attn, [""], pick=lambda o: o[1]) as rec:
+        attn(q, q, q)
+    assert rec[""].batch_dim == 0 and rec[""].tensor.shape == (3, 5, 5)
+    with torch.no_grad(), hs.record(attn, [""], pick=lambda o: o[0]) as rec:
+        attn(q, q, q)
+    assert rec[""].batch_dim == 1  # the very tensor, picked
+
+
+def test_full_transformer_is_time_major():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="enable_nested_tensor"):
+        model = nn.Transformer(8, 2, 1, 1, 16, dropout=0.0).eval()
+    src, tgt = torch.randn(6, 2, 8), torch.randn(4, 2, 8)
+    with torch.no_grad(), hs.record(model, ["", "encoder"]) as rec:
+        out = model(src, tgt)
+    assert rec[""].batch_dim == 1 and rec["encoder"].batch_dim == 1
+    assert rec[""].to_frame(reduce="max").shape == (2, 8)
+    torch.testing.assert_close(torch.tensor(rec[""].to_frame(reduce="max").to_numpy()),
+                               out.amax(0), **TOL)
+
+
+def test_unsort_permutes_a_time_major_output_along_its_batch():
+    torch.manual_seed(0)
+    model = _encoder()
+    x = torch.randn(7, 4, 16)
+    perm = torch.tensor([2, 0, 3, 1])
+    (want,) = _cloned(model, "layers.0", x)
+    with torch.no_grad(), hs.record(model, ["layers.0"], unsort={"layers.0": perm}) as rec:
+        model(x)
+    assert torch.equal(rec["layers.0"].tensor, want[:, perm])
+    assert rec["layers.0"].batch_dim == 1
+
+
+def test_unsort_of_a_time_major_rnn_with_as_many_steps_as_examples():
+    torch.manual_seed(0)
+    model = nn.GRU(4, 5).eval()
+    x = torch.randn(3, 3, 4)
+    perm = torch.tensor([1, 2, 0])
+    with torch.no_grad(), hs.record(model, [""], unsort={"": perm}) as rec:
+        out, _ = model(x)
+    assert torch.equal(rec[""].tensor, out[:, perm])
+    torch.testing.assert_close(torch.tensor(rec.to_frame(reduce="mean").to_numpy()),
+                               out[:, perm].mean(0), **TOL)
+
+
+class _TimeMajorHead(nn.Module):
+    """A module of the user's own whose output is time-major: nothing can tell."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(4, 5)
+        self.proj = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.proj(self.rnn(x)[0])
+
+
+def test_batch_dim_tells_exports_where_the_batch_is_without_unsort():
+    torch.manual_seed(0)
+    model = _TimeMajorHead().eval()
+    x = torch.randn(6, 3, 4)
+    (want,) = _cloned(model, "proj", x)
+    with torch.no_grad(), hs.record(model, ["proj"], batch_dim={"proj": 1}) as rec:
+        model(x)
+    assert rec["proj"].batch_dim == 1 and torch.equal(rec["proj"].tensor, want)
+    torch.testing.assert_close(torch.tensor(rec.to_frame(reduce="mean").to_numpy()),
+                               want.mean(0), **TOL)
+    with torch.no_grad(), hs.record(model, ["proj"]) as rec:  # not told: read batch-first
+        model(x)
+    assert rec["proj"].batch_dim == 0
+
+
+def test_record_dataset_writes_one_row_per_example_of_a_time_major_model(tmp_path):
+    torch.manual_seed(0)
+    model = _TimeMajorHead().eval()
+    batches = [torch.randn(6, 3, 4) for _ in range(3)]
+    out = hs.record_dataset(model, batches, ["rnn"], tmp_path / "ds", reduce="mean",
+                            progress=False)
+    got = torch.tensor(hs.open_dataset(out).numpy("rnn"))
+    assert got.shape == (9, 5)
+    with torch.no_grad():
+        want = torch.cat([model.rnn(b)[0].mean(0) for b in batches])
+    torch.testing.assert_close(got, want, **TOL)
+
+
+class _PackedTimeMajor(nn.Module):
+    """Fed a PackedSequence, returns the time-major padding (pad_packed_sequence's
+    default)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(4, 5)
+
+    def forward(self, packed):
+        return pad_packed_sequence(self.rnn(packed)[0])[0]
+
+
+def test_a_time_major_padding_of_a_packed_input_is_known_from_its_lengths(tmp_path):
+    torch.manual_seed(0)
+    model = _PackedTimeMajor().eval()
+    lengths = torch.tensor([5, 2, 4])
+    x = torch.randn(5, 3, 4)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    with torch.no_grad(), hs.record(model, [""]) as rec:
+        padded = model(packed)
+    cap = rec[""]
+    assert cap.batch_dim == 1 and cap.lengths.tolist() == [5, 2, 4]
+    assert cap.mask.shape == (3, 5)
+    want = torch.stack([padded[:n, i].mean(0) for i, n in enumerate(lengths.tolist())])
+    torch.testing.assert_close(torch.tensor(rec.to_frame(reduce="mean").to_numpy()),
+                               want, **TOL)
+    out = hs.record_dataset(model, [packed], [""], tmp_path / "ds", reduce="mean",
+                            progress=False)
+    got = hs.open_dataset(out).numpy("")
+    torch.testing.assert_close(torch.tensor(got), want, **TOL)
+
+
+class _Masked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = _encoder()
+
+    def forward(self, x, attention_mask):
+        return self.encoder(x.transpose(0, 1),
+                            src_key_padding_mask=attention_mask == 0).transpose(0, 1)
+
+
+def test_the_model_calls_mask_fits_a_time_major_capture():
+    torch.manual_seed(0)
+    model = _Masked().eval()
+    x = torch.randn(3, 7, 16)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[2, 2:] = 0
+    (want,) = _cloned(model, "encoder.layers.1", x, mask)
+    with torch.no_grad(), hs.record(model, ["encoder.layers.1"]) as rec:
+        model(x, attention_mask=mask)
+    cap = rec["encoder.layers.1"]
+    assert cap.batch_dim == 1 and torch.equal(cap.mask, mask.bool())
+    real = [want[: int(n), i].mean(0) for i, n in enumerate(mask.sum(1))]
+    torch.testing.assert_close(torch.tensor(rec.to_frame(reduce="mean").to_numpy()),
+                               torch.stack(real), **TOL)
+
+
+def test_cat_concatenates_time_major_captures_along_their_batch():
+    torch.manual_seed(0)
+    model = nn.LSTM(4, 5).eval()
+    xs = [torch.randn(6, 2, 4), torch.randn(6, 3, 4)]
+    with torch.no_grad(), hs.record(model, [""]) as rec:
+        outs = [model(x)[0] for x in xs]
+    cat = rec.cat("")
+    assert cat.batch_dim == 1 and torch.equal(cat.tensor, torch.cat(outs, dim=1))
+    assert cat.to_frame(reduce="mean").shape == (5, 5)
+
+
+def test_cat_refuses_captures_with_their_batch_on_different_dimensions():
+    model = _TimeMajorHead().eval()
+    rec = hs.record(model, ["proj"], batch_dim={"proj": 1}).run(torch.randn(6, 3, 4))
+    other = hs.record(model, ["proj"]).run(torch.randn(6, 3, 4))
+    rec._add(other["proj"])
+    other["proj"].step = 1
+    with pytest.raises(hs.errors.InputError, match="different dimensions"):
+        rec.cat("proj")
+
+
+def test_gradients_of_a_time_major_capture_export_per_example():
+    torch.manual_seed(0)
+    model = nn.LSTM(4, 5)
+    x = torch.randn(6, 3, 4)
+    with hs.record(model, [""], grads=True) as rec:
+        out = model(x)[0]
+        out.pow(2).sum().backward()
+    grad = rec[""].grad
+    assert grad.shape == (6, 3, 5)
+    frame = rec.to_frame(reduce="mean", values="grad")
+    torch.testing.assert_close(torch.tensor(frame.to_numpy()), (2 * out).detach().mean(0),
+                               **TOL)
+
+
+def test_batch_dim_is_saved_and_loaded(tmp_path):
+    model = nn.GRU(4, 5).eval()
+    with torch.no_grad(), hs.record(model, [""]) as rec:
+        model(torch.randn(6, 3, 4))
+    path = hs.save(rec, tmp_path / "rec")
+    loaded = hs.load(path)
+    assert loaded[""].batch_dim == 1
+    np.testing.assert_array_equal(loaded.to_frame(reduce="mean").to_numpy(),
+                                  rec.to_frame(reduce="mean").to_numpy())
+
+
+def _archive(path):
+    with zipfile.ZipFile(path) as z:
+        return {i.filename: z.read(i) for i in z.infolist()}
+
+
+def _rewritten(path, edit, out):
+    files = _archive(path)
+    manifest = json.loads(files["manifest.json"])
+    edit(manifest)
+    files["manifest.json"] = json.dumps(manifest).encode()
+    with zipfile.ZipFile(out, "w") as z:
+        for name, body in files.items():
+            z.writestr(name, body)
+    return out
+
+
+def test_a_file_without_time_major_captures_keeps_format_version_2(tmp_path):
+    rec = hs.record(nn.Linear(3, 2), [""]).run(torch.randn(4, 3))
+    path = hs.save(rec, tmp_path / "rec")
+    assert hs.load(path)[""].batch_dim == 0
+    assert json.loads(_archive(path)["manifest.json"])["version"] == 2
+    rec = hs.record(nn.GRU(4, 5), [""]).run(torch.randn(6, 3, 4))
+    assert json.loads(_archive(hs.save(rec, tmp_path / "tm"))["manifest.json"])["version"] == 3
+
+
+@pytest.mark.parametrize("bad", [7, -1, "1", True, 1.0, 2**70])
+def test_a_crafted_batch_dim_is_refused(tmp_path, bad):
+    rec = hs.record(nn.GRU(4, 5), [""]).run(torch.randn(6, 3, 4))
+    path = hs.save(rec, tmp_path / "rec")
+
+    def edit(manifest):
+        manifest["captures"][0]["batch_dim"] = bad
+
+    crafted = _rewritten(path, edit, tmp_path / "crafted.hsrec")
+    with pytest.raises(RecordingFileError, match="batch_dim"):
+        hs.load(crafted)
+
+
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 5)
+
+    def forward(self, x):
+        return self.lin(x) + self.lin(x)
+
+
+def test_unsort_by_label_must_name_every_call():
+    model = _Twice()
+    perm = torch.tensor([1, 0])
+    with pytest.raises(CallCountError, match="'b'"):
+        hs.record(model, ["lin"], calls={"lin": ["a", "b"]}, unsort={"lin": {"a": perm}})
+    rec = hs.record(model, ["lin"], calls={"lin": ["a", "b"]},
+                    unsort={"lin": {"a": perm, "b": None}})
+    x = torch.randn(2, 3)
+    with torch.no_grad(), rec as got:
+        model(x)
+    want = model.lin(x).detach()
+    assert torch.equal(got.calls("lin")[0].tensor, want[perm])
+    assert torch.equal(got.calls("lin")[1].tensor, want)
