@@ -72,12 +72,19 @@ class Capture:
         input's lengths describe as time-major, and wherever ``batch_dim=`` says so.  The
         capture keeps the module's layout; reductions, exports, :meth:`Recording.cat` and
         ``record_dataset`` read the examples along this dimension.
+    feature_map : bool
+        Whether a 3-D primary tensor is a 1-D feature map ``(batch, channels, length)``, the
+        module's own output of ``nn.Conv1d`` or another 1-D convolution, pooling or
+        normalisation layer (``hookscope.layout.CHANNELS_FIRST_1D``), rather than a sequence
+        ``(batch, time, features)``: reductions pool it over its positions, one unit per
+        channel, as they pool 2-D and 3-D feature maps (4-D tensors and more are feature maps
+        whatever this says).
     """
 
     __slots__ = (
         "_grads", "_inputs", "_kwargs", "_lengths", "_mask", "_output", "_pending",
-        "_versions", "batch_dim", "bidirectional", "call", "label", "live", "module_type",
-        "name", "rnn_state", "step",
+        "_versions", "batch_dim", "bidirectional", "call", "feature_map", "label", "live",
+        "module_type", "name", "rnn_state", "step",
     )  # fmt: skip
 
     def __init__(
@@ -97,6 +104,7 @@ class Capture:
         bidirectional: bool = False,
         rnn_state: bool = False,
         batch_dim: int = 0,
+        feature_map: bool = False,
     ) -> None:
         self.name = name
         self.step = step
@@ -113,6 +121,7 @@ class Capture:
         self.bidirectional = bidirectional
         self.rnn_state = rnn_state
         self.batch_dim = batch_dim
+        self.feature_map = feature_map
         self._grads: Any = None  # a grads.GradStore with grads=True
         self._pending: Any = None  # device="cpu": copies in flight (see hookscope.offload)
 
@@ -324,6 +333,8 @@ class Capture:
         lengths = ", lengths known" if r["lengths"] else ""
         if self.batch_dim:
             lengths = f", batch at dim {self.batch_dim}{lengths}"
+        if self.feature_map:
+            lengths = f", a feature map (batch, channels, length){lengths}"
         live = f", live objects (not snapshots): {', '.join(self.live)}" if self.live else ""
         return (
             f"Capture({self._where()}, {r['type']}, shape={r['shape']}, dtype={r['dtype']}"

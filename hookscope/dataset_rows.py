@@ -52,7 +52,7 @@ class ReduceAtCall:
                 given = given.index_select(0, perm.argsort())
         t = cap.tensor
         if (given is None and t.ndim == 3 and t.is_floating_point()
-                and self.reduce in REDUCTIONS):
+                and self.reduce in REDUCTIONS and not cap.feature_map):
             # The common case, without reading anything back from the device: the mask stays
             # where the model call's mask is, and on a GPU finiteness is checked on the host
             # with the batch's one copy (see host_columns).
@@ -71,7 +71,7 @@ def takes_lengths(cap: Capture) -> bool:
     over the lengths or mask it knows from the model call (as ``to_frame(lengths=)`` does):
     what a caller asks for explicitly is never dropped silently."""
     t = cap.tensor
-    return t.ndim == 3 and not t.is_nested
+    return t.ndim == 3 and not t.is_nested and not cap.feature_map
 
 
 def given_lengths(given: Any, index: int) -> Tensor:
@@ -190,11 +190,12 @@ def batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, man
         cap = batch_first_capture(cap)  # (a time-major sequence: its examples along dim 0)
         t = cap.tensor
         # lengths= (integer lengths or a (batch, time) mask) for sequences that know neither.
-        given = (lengths if lengths is not None and t.ndim == 3 and cap.mask is None
+        sequence = t.ndim == 3 and not cap.feature_map  # (not (batch, channels, length))
+        given = (lengths if lengths is not None and sequence and cap.mask is None
                  and len(t) == len(lengths) else None)
         if cap.rnn_state and t.ndim == 3:  # (rows reduced in the hook are refused there)
             raise rnn_state_error(f"batch {index}: {col!r}", tuple(t.shape))
-        if reduce is None and t.ndim == 3:
+        if reduce is None and sequence:
             with np.errstate(over="ignore"):  # (an overflow is refused below, clearly)
                 if t.is_nested:  # (nn.TransformerEncoder's fast path): real positions only
                     value: Any = [c.detach().cpu().float().numpy().astype(np_dtype, copy=False)
@@ -213,7 +214,7 @@ def batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, man
                                        f"{position} (unit {unit})")
             kind, rows = "sequence", len(value)
         else:  # reduced where the capture is (the GPU); moved below, with the others
-            if reduce is None and t.ndim >= 4:  # (to_frame's advice, kind="long", is not ours)
+            if reduce is None and t.ndim >= 3:  # (to_frame's advice, kind="long", is not ours)
                 raise InputError(
                     f"batch {index}: {col!r} is a feature map of shape {tuple(t.shape)} "
                     "(batch, channels, *spatial); record_dataset stores one vector per example, "

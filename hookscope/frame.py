@@ -154,9 +154,10 @@ def capture_rows(cap: Any, reduce: Reduce = None, *, bidirectional: bool | None 
       ``"flatten"`` (every position, padding included).  Real positions come from ``lengths``
       (integer lengths or a ``(batch, time)`` mask) if given, else from the capture's own
       ``mask``; without either, every position counts.
-    - A feature map ``(batch, channels, *spatial)`` (4-D or more): ``"mean"``, ``"max"``,
-      ``"sum"`` pool over all spatial positions (global pooling, one value per channel);
-      ``"flatten"`` keeps everything, ``(batch, channels * positions)``.
+    - A feature map ``(batch, channels, *spatial)`` (4-D or more, or the 3-D output of a 1-D
+      convolution, pooling or normalisation layer, :attr:`Capture.feature_map`): ``"mean"``,
+      ``"max"``, ``"sum"`` pool over all spatial positions (global pooling, one value per
+      channel); ``"flatten"`` keeps everything, ``(batch, channels * positions)``.
     - A callable is ``f(tensor) -> (batch, units)``, or ``f(tensor, mask)`` if it takes two
       positional arguments (``mask`` as above, or ``None``), e.g. ``lambda t: t.amax((2, 3))``.
 
@@ -177,7 +178,7 @@ def capture_rows(cap: Any, reduce: Reduce = None, *, bidirectional: bool | None 
         return t.unsqueeze(1), True
     if t.ndim == 2:
         return t, True  # already one vector per example: nothing to reduce
-    feature_map = t.ndim >= 4
+    feature_map = t.ndim >= 4 or (t.ndim == 3 and getattr(cap, "feature_map", False))
     if reduce is None:
         if feature_map:
             raise InputError(
@@ -205,7 +206,7 @@ def capture_rows(cap: Any, reduce: Reduce = None, *, bidirectional: bool | None 
             raise InputError(f"reduce='last' needs a sequence (batch, time, features); "
                              f"{_where(cap)} is a feature map of shape {tuple(t.shape)}: use "
                              "'mean', 'max', 'sum' or 'flatten'.")
-        return _masked_pool(t, None, reduce, True, _named(cap)), False
+        return _masked_pool(t, None, reduce, True, _named(cap), feature_map=True), False
     mask = capture_mask(cap, lengths)
     if reduce == "last":
         if mask is None:
@@ -262,7 +263,13 @@ def _lengths_by_step(captures: Sequence[Any], lengths: Any) -> dict[int, Any]:
 
 def _sequence_lengths(cap: Any, by_step: dict[int, Any]) -> Any:
     """The ``lengths=`` entry that applies to ``cap``: sequences only (3-D)."""
-    return by_step.get(cap.step) if cap.tensor.ndim == 3 else None
+    return by_step.get(cap.step) if is_sequence(cap) else None
+
+
+def is_sequence(cap: Any) -> bool:
+    """Whether a capture's primary tensor is a sequence ``(batch, time, features)``: 3-D, and
+    not a 1-D feature map ``(batch, channels, length)`` (:attr:`Capture.feature_map`)."""
+    return cap.tensor.ndim == 3 and not getattr(cap, "feature_map", False)
 
 
 def recording_vectors(rec: Any, reduce: Reduce = None, *, lengths: Any = None,
@@ -394,7 +401,7 @@ def _long_rows(cap: Any, by_step: dict[int, Any]) -> tuple[np.ndarray, np.ndarra
         arr = arr[:, None]
     if arr.ndim == 2:
         return np.arange(b), np.full(b, -1), arr
-    if arr.ndim == 3:
+    if arr.ndim == 3 and is_sequence(cap):
         mask = capture_mask(cap, _sequence_lengths(cap, by_step))
         if mask is not None:
             ex, pos = np.nonzero(mask.numpy())

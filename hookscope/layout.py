@@ -1,4 +1,5 @@
-"""Where the batch is in a module's output: PyTorch's sequence modules built time-major.
+"""What a module's output layout is, where its type says so: PyTorch's sequence modules built
+time-major, and its 1-D convolution, pooling and normalisation layers (channels first).
 
 ``nn.LSTM``, ``nn.GRU``, ``nn.RNN``, ``nn.MultiheadAttention`` and the ``nn.Transformer*``
 modules are time-major by default (``batch_first=False``): their output sequence is
@@ -6,6 +7,11 @@ modules are time-major by default (``batch_first=False``): their output sequence
 (:attr:`hookscope.Capture.batch_dim`), so that ``unsort=`` permutes the right dimension and
 exports give one row per example, not one per time step.  Any other module's layout cannot be
 told from shapes; ``batch_dim=`` says it.
+
+A 3-D tensor is otherwise read as a sequence ``(batch, time, features)``; the output of
+``nn.Conv1d`` and the other 1-D layers of :data:`CHANNELS_FIRST_1D` is ``(batch, channels,
+length)``, a 1-D feature map (:attr:`hookscope.Capture.feature_map`), pooled over its
+positions with one unit per channel, as 2-D and 3-D feature maps are.
 """
 
 from __future__ import annotations
@@ -17,11 +23,28 @@ from torch import Tensor, nn
 
 from .structure import iter_tensors
 
-__all__ = ["capture_batch_dim", "resolve_batch_dim", "sequence_output", "time_major"]
+__all__ = ["CHANNELS_FIRST_1D", "capture_batch_dim", "channels_first_1d", "resolve_batch_dim",
+           "sequence_output", "time_major"]
 
 _OWN_FLAG = (nn.RNNBase, nn.MultiheadAttention, nn.Transformer)
 _LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 _STACKS = (nn.TransformerEncoder, nn.TransformerDecoder)
+
+
+#: Layers whose 3-D output is ``(batch, channels, length)`` (their lazy variants included).
+CHANNELS_FIRST_1D: tuple[type, ...] = (
+    nn.Conv1d, nn.ConvTranspose1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveMaxPool1d, nn.LPPool1d, nn.MaxUnpool1d, nn.BatchNorm1d, nn.LazyBatchNorm1d,
+    nn.SyncBatchNorm, nn.InstanceNorm1d, nn.LazyInstanceNorm1d, nn.GroupNorm,
+    nn.ReflectionPad1d, nn.ReplicationPad1d, nn.ConstantPad1d, nn.CircularPad1d,
+    nn.Upsample, nn.Dropout1d,
+)
+
+
+def channels_first_1d(module: nn.Module) -> bool:
+    """Whether a 3-D output of ``module`` is a 1-D feature map ``(batch, channels, length)``
+    (:data:`CHANNELS_FIRST_1D`)."""
+    return isinstance(module, CHANNELS_FIRST_1D)
 
 
 def time_major(module: nn.Module) -> bool:

@@ -21,7 +21,7 @@ from .errors import (
     ModuleSelectionError,
     UnsortError,
 )
-from .layout import time_major
+from .layout import channels_first_1d, time_major
 from .select import describe_spec, resolve_modules
 from .structure import as_permutation, takes_two_args
 
@@ -51,6 +51,9 @@ class Plan:
     # One of PyTorch's sequence modules built batch_first=False: its own output sequence is
     # (time, batch, ...) (see layout.py); an RNN is also plan.rnn.
     time_major: bool = False
+    # A 1-D convolution, pooling or normalisation layer: its own 3-D output is a feature map
+    # (batch, channels, length), not a sequence (see layout.py).
+    map_1d: bool = False
     # Feature size of a bidirectional RNN's output ([forward, backward] halves) in this module
     # (itself, or the one RNN inside a wrapper): captures of that width know they are.
     bidir_units: int | None = None
@@ -166,6 +169,7 @@ def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any =
         name: {"name": name, "module": m, "module_type": type(m), "device": device,
                "dtype": dtype, "clone": clone, "staging": staging,
                "rnn": isinstance(m, nn.RNNBase), "time_major": time_major(m),
+               "map_1d": channels_first_1d(m),
                "bidir_units": _bidirectional_units(m),
                "grads": grads, "rows": rows}
         for name, m in selected.items()}

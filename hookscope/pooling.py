@@ -223,13 +223,14 @@ def masked_pool(padded: ArrayLike, lengths: ArrayLike | None = None, reduce: str
 
 
 def _masked_pool(padded: ArrayLike, lengths: ArrayLike | None, reduce: str, batch_first: bool,
-                 name: str) -> Tensor | np.ndarray:
-    """:func:`masked_pool`, its errors naming ``name``."""
+                 name: str, feature_map: bool = False) -> Tensor | np.ndarray:
+    """:func:`masked_pool`, its errors naming ``name``; ``feature_map`` pools a 3-D
+    ``(batch, channels, length)`` as a feature map (a 1-D layer's output), not a sequence."""
     reduce = check_choice(reduce, "reduce", REDUCTIONS)
     t, was_tensor = _as_input(padded)
     if not t.dtype.is_floating_point:
         t = t.double()
-    if t.ndim >= 4:
+    if t.ndim >= 4 or (feature_map and t.ndim == 3):
         if lengths is not None:
             raise InputError(f"padded has shape {tuple(t.shape)}, a feature map (batch, "
                              "channels, *spatial): lengths apply to sequences only.")

@@ -46,7 +46,7 @@ from .errors import (
 )
 from .frame import rnn_state_error
 from .grads import attach_grad_hooks, require_grads
-from .layout import capture_batch_dim
+from .layout import capture_batch_dim, sequence_output
 from .offload import HostStaging
 from .plan import BatchDim, Plan, build_plans, with_perms
 from .recording import Recording
@@ -479,7 +479,7 @@ class Recorder:
         (whose state tensors must be recognised) take the general path.  Each check here is
         an exact type test: this runs once per module call, on the GPU's critical path where
         a forward is bound by the host."""
-        name, labels, module_type = plan.name, plan.labels, plan.module_type
+        name, labels, module_type, map_1d = plan.name, plan.labels, plan.module_type, plan.map_1d
 
         def hook(module: nn.Module, args: tuple, kwargs: Any, output: Any = _NO_KWARGS) -> None:
             s = self._session
@@ -501,13 +501,16 @@ class Recorder:
                     label = labels[call] if labels is not None and call < len(labels) else None
                     mask = s.mask  # the model call's (batch, time) mask, where it fits a
                     # (batch, time, features...) sequence (a (batch, d) output is none)
-                    if mask is not None and (output.ndim < 3 or output.shape[:2] != mask.shape):
+                    if mask is not None and (output.ndim < 3 or output.shape[:2] != mask.shape
+                                             or map_1d):
                         mask = None
                     # (detach only what autograd tracks: it costs a tensor of its own)
                     value = (output.detach() if output.requires_grad else output).clone()
-                    rec._captures[name].append(Capture(
-                        name, rec.steps - 1, call, label, module_type, value, None, None, None,
-                        None, mask))
+                    capture = Capture(name, rec.steps - 1, call, label, module_type, value,
+                                      None, None, None, None, mask)
+                    if map_1d and value.ndim == 3:  # (batch, channels, length)
+                        capture.feature_map = True
+                    rec._captures[name].append(capture)
             if _PENDING_STOPS:
                 _raise_pending_stop(module, hook)
 
@@ -595,7 +598,7 @@ class Recorder:
                 if plan.staging is not None:  # device="cpu": copies of this call's (and its
                     in_flight = plan.staging.in_flight()  # inputs') tensors may be in flight
                 live = tuple(converted.live)
-        bidirectional = False
+        bidirectional = feature_map = False
         batch_dim = 0
         if rows is None:  # (rows know no lengths or mask: they were used)
             t = value if type(value) is Tensor else first_tensor(value)  # the primary, as stored
@@ -605,9 +608,12 @@ class Recorder:
                 lengths, layout = input_lengths(args, kwargs, perm, name, t)
             if not plan.plain or rnn_state or layout == "time":
                 batch_dim = capture_batch_dim(plan, output, raw, primary, rnn_state, layout)
-            if lengths is None and (s.mask is not None or type(value) is not Tensor
-                                    or value.is_nested):  # (the mask is (batch, time))
-                lengths, mask = nested_lengths_or_mask(
+            # The module's own (batch, channels, length) (not a new tensor that pick= made):
+            feature_map = (plan.map_1d and t is not None and t.ndim == 3
+                           and primary is sequence_output(output))
+            if lengths is None and not feature_map and (
+                    s.mask is not None or type(value) is not Tensor or value.is_nested):
+                lengths, mask = nested_lengths_or_mask(  # (the mask is (batch, time))
                     t.movedim(batch_dim, 0) if batch_dim else t, s.mask, perm)
             if plan.bidir_units is not None:
                 bidirectional = (t is not None and t.ndim > 1
@@ -621,7 +627,7 @@ class Recorder:
                     versions = [*(versions or []), *in_versions]
         capture = Capture(name, rec.steps - 1, call, label, plan.module_type, value, inputs,
                           kwargs_in, lengths, versions, mask, live, bidirectional,
-                          rnn_state, batch_dim)  # positional:
+                          rnn_state, batch_dim, feature_map)  # positional:
         # keywords cost half a microsecond per capture here
         if grads is not None:
             capture._grads = grads
@@ -651,8 +657,8 @@ class Recorder:
         model's batch order, then the rows (not the whole output) unsorted: reduction commutes
         with reordering examples, and the output itself is never copied.  ``None`` where the
         general path must decide (no dense tensor, ``batch_dim=``, a time-major output)."""
-        if plan.batch_dim != "auto" or plan.time_major:
-            return None
+        if plan.batch_dim != "auto" or plan.time_major or (plan.map_1d and plan.pick):
+            return None  # (pick= may have made a sequence of a 1-D feature map)
         leaf = next((x for _, x in iter_tensors(value, packed=True)), None)
         lengths = None
         if isinstance(leaf, PackedSequence):
@@ -685,7 +691,7 @@ class Recorder:
                 mask = keep
             elif layout == "time":  # (time, batch, ...): the general path knows it
                 return None
-        elif lengths is None and s.mask is not None and t.ndim >= 2 \
+        elif lengths is None and s.mask is not None and t.ndim >= 2 and not plan.map_1d \
                 and tuple(t.shape[:2]) == tuple(s.mask.shape):
             mask = s.mask
         if plan.dtype is not None and t.is_floating_point():
@@ -693,7 +699,8 @@ class Recorder:
         bidirectional = (plan.bidir_units is not None and t.ndim > 1
                          and t.shape[-1] == plan.bidir_units)
         cap = Capture(plan.name, s.rec.steps - 1, call, label, plan.module_type, t,
-                      lengths=lengths, mask=mask, bidirectional=bidirectional)
+                      lengths=lengths, mask=mask, bidirectional=bidirectional,
+                      feature_map=plan.map_1d and t.ndim == 3)
         rows, shared = plan.rows(cap, perm)
         if perm is not None:
             return rows.index_select(0, plan.perm_on(perm, rows.device))

@@ -236,7 +236,7 @@ class Recording:
         first = tensors[0]
         if first.ndim == 0:
             raise InputError(f"{name!r} returned scalars, which have no batch to concatenate.")
-        sequence = first.ndim == 3
+        sequence = first.ndim == 3 and not caps[0].feature_map  # (not (batch, channels, length))
         for c, t in zip(caps, tensors, strict=True):
             tail, want = tuple(t.shape[2 if sequence else 1:]), first.shape[2 if sequence else 1:]
             if t.ndim != first.ndim or tail != tuple(want):
@@ -259,7 +259,8 @@ class Recording:
         labels = {c.label for c in caps}
         return Capture(name, caps[0].step, caps[0].call, labels.pop() if len(labels) == 1
                        else None, caps[0].module_type, torch.cat(tensors).movedim(0, dim),
-                       lengths=lengths, mask=mask, rnn_state=caps[0].rnn_state, batch_dim=dim)
+                       lengths=lengths, mask=mask, rnn_state=caps[0].rnn_state, batch_dim=dim,
+                       feature_map=caps[0].feature_map)
 
     # -- export -----------------------------------------------------------------------------
     def to_frame(self, kind: str = "wide", *, reduce: Any = None, lengths: Any = None,
@@ -277,7 +278,8 @@ class Recording:
             ``"long"``: tidy, one row per example x position x unit with columns
             ``example, module, call, position, unit, value``; padded positions are left out
             (using each capture's mask, or ``lengths=``); per-example vectors have
-            ``position`` <NA>; a feature map ``(batch, channels, *spatial)`` has one row per
+            ``position`` <NA>; a feature map ``(batch, channels, *spatial)`` (also 1-D, see
+            :attr:`Capture.feature_map`) has one row per
             spatial position (``position`` is the flat row-major index, e.g. ``h * width +
             w``) and channel (``unit``); ``module`` and ``call`` are categorical.
         reduce : callable or {"last", "mean", "max", "sum", "flatten"}, optional
@@ -287,8 +289,10 @@ class Recording:
             - sequences ``(batch, time, features)``: ``"last"`` real position (see
               :func:`hookscope.last_state`), ``"mean"``/``"max"``/``"sum"`` over real
               positions (see :func:`hookscope.masked_pool`), ``"flatten"`` (all positions);
-            - feature maps ``(batch, channels, *spatial)``: ``"mean"``/``"max"``/``"sum"``
-              over all positions (global pooling), ``"flatten"`` (everything);
+            - feature maps ``(batch, channels, *spatial)`` (and the 3-D output of a 1-D
+              convolution, pooling or normalisation layer, :attr:`Capture.feature_map`):
+              ``"mean"``/``"max"``/``"sum"`` over all positions (global pooling),
+              ``"flatten"`` (everything);
             - a callable ``f(tensor) -> (batch, units)``, e.g. ``lambda t: t.amax((2, 3))``,
               or ``f(tensor, mask)`` if it takes two positional arguments (``mask``: the
               ``(batch, time)`` boolean mask of real positions, or ``None``).

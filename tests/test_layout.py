@@ -355,3 +355,122 @@ def test_unsort_by_label_must_name_every_call():
     want = model.lin(x).detach()
     assert torch.equal(got.calls("lin")[0].tensor, want[perm])
     assert torch.equal(got.calls("lin")[1].tensor, want)
+
+
+# -- 1-D feature maps: (batch, channels, length) from Conv1d and the other 1-D layers ------
+
+
+class _TextCNN(nn.Module):
+    """Embeddings (batch, time, dim) turned channels-first for 1-D convolutions, as text and
+    audio CNNs do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(8, 6, 3, padding=1)
+        self.norm = nn.BatchNorm1d(6)
+        self.act = nn.ReLU()
+        self.pool = nn.MaxPool1d(2, return_indices=True)
+        self.gap = nn.AdaptiveAvgPool1d(1)
+
+    def forward(self, x, attention_mask=None):
+        h = self.act(self.norm(self.conv(x.transpose(1, 2))))
+        return self.gap(self.pool(h)[0]).flatten(1)
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max", "sum"])
+def test_a_1d_feature_map_is_pooled_over_its_positions(reduce):
+    torch.manual_seed(0)
+    model = _TextCNN().eval()
+    x = torch.randn(3, 10, 8)
+    outs = {name: _cloned(model, name, x)[0] for name in ("conv", "norm", "pool", "gap")}
+    with torch.no_grad(), hs.record(model, ["conv", "norm", "pool", "gap", "act"]) as rec:
+        model(x)
+    for name, want in outs.items():
+        cap = rec[name]
+        assert cap.feature_map and torch.equal(cap.tensor, want)
+        got = torch.tensor(cap.to_frame(reduce=reduce).to_numpy())
+        pooled = {"mean": want.mean(2), "max": want.amax(2), "sum": want.sum(2)}[reduce]
+        torch.testing.assert_close(got, pooled, **TOL)
+    assert not rec["act"].feature_map  # (any other module's 3-D output is a sequence)
+
+
+def test_a_1d_feature_maps_long_frame_and_flatten_are_per_position_and_channel():
+    torch.manual_seed(0)
+    model = _TextCNN().eval()
+    x = torch.randn(2, 5, 8)
+    (want,) = _cloned(model, "conv", x)
+    with torch.no_grad(), hs.record(model, ["conv"]) as rec:
+        model(x)
+    long = rec.to_frame("long")
+    assert long["unit"].max() == 5 and long["position"].max() == 4  # 6 channels, 5 positions
+    row = long[(long.example == 1) & (long.position == 3)].sort_values("unit")["value"]
+    np.testing.assert_array_equal(row.to_numpy(), want[1, :, 3].numpy())
+    flat = rec.to_frame(reduce="flatten").to_numpy()
+    np.testing.assert_array_equal(flat, want.reshape(2, -1).numpy())  # channel-major, as 2-D
+    with pytest.raises(hs.errors.InputError, match="feature map"):
+        rec.to_frame(reduce="last")
+    with pytest.raises(hs.errors.InputError, match="feature map"):
+        rec.to_frame()
+
+
+def test_a_1d_feature_map_gets_no_padding_mask_even_where_its_shape_fits():
+    torch.manual_seed(0)
+    model = _TextCNN().eval()
+    x = torch.randn(3, 6, 8)  # conv: (3, 6 channels, 6 positions); the mask: (3, 6)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, 3:] = 0
+    with torch.no_grad(), hs.record(model, ["conv", "norm"]) as rec:
+        model(x, attention_mask=mask)
+    for name in ("conv", "norm"):
+        assert rec[name].mask is None
+        torch.testing.assert_close(torch.tensor(rec[name].to_frame(reduce="mean").to_numpy()),
+                                   rec[name].tensor.mean(2), **TOL)
+
+
+def test_pick_can_make_a_1d_feature_map_a_sequence_of_positions():
+    model = _TextCNN().eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad(), hs.record(model, ["conv"], pick=lambda o: o.transpose(1, 2)) as rec:
+        model(x)
+    assert not rec["conv"].feature_map
+    assert rec.to_frame(reduce="last").shape == (2, 6)
+
+
+def test_record_dataset_pools_a_1d_feature_map_per_channel(tmp_path):
+    torch.manual_seed(0)
+    model = _TextCNN().eval()
+    batches = [torch.randn(3, 10, 8) for _ in range(2)]
+    out = hs.record_dataset(model, batches, ["conv", "gap"], tmp_path / "ds", reduce="mean",
+                            progress=False)
+    view = hs.open_dataset(out)
+    with torch.no_grad():
+        want = torch.cat([model.conv(b.transpose(1, 2)).mean(2) for b in batches])
+    torch.testing.assert_close(torch.tensor(view.numpy("conv")), want, **TOL)
+    assert view.numpy("gap").shape == (6, 6)  # (the pooled (batch, 6, 1): 6 channels)
+    with pytest.raises(hs.errors.InputError, match="feature map"):
+        hs.record_dataset(model, batches, ["conv"], tmp_path / "none", progress=False)
+
+
+def test_a_1d_feature_map_is_kept_by_cat_save_and_load(tmp_path):
+    model = _TextCNN().eval()
+    with torch.no_grad(), hs.record(model, ["conv"]) as rec:
+        model(torch.randn(2, 5, 8))
+        model(torch.randn(3, 5, 8))
+    cat = rec.cat("conv")
+    assert cat.feature_map and cat.tensor.shape == (5, 6, 5)
+    loaded = hs.load(hs.save(rec, tmp_path / "rec"))
+    assert loaded.calls("conv")[0].feature_map
+    np.testing.assert_array_equal(loaded.to_frame(reduce="max").to_numpy(),
+                                  rec.to_frame(reduce="max").to_numpy())
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_a_crafted_feature_map_flag_is_refused(tmp_path, bad):
+    rec = hs.record(nn.Conv1d(2, 3, 1), [""]).run(torch.randn(4, 2, 5))
+    path = hs.save(rec, tmp_path / "rec")
+
+    def edit(manifest):
+        manifest["captures"][0]["feature_map"] = bad
+
+    with pytest.raises(RecordingFileError, match="feature_map"):
+        hs.load(_rewritten(path, edit, tmp_path / "crafted.hsrec"))
