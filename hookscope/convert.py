@@ -58,6 +58,7 @@ __all__ = [
     "input_packed",
     "is_rnn_state",
     "nested_lengths_or_mask",
+    "packed_input_layout",
     "packed_layout",
     "padding_mask",
     "snapshot_tensor",
@@ -276,8 +277,10 @@ def batch_dim_of(
         # An RNN's output sequence follows batch_first; h / (h, c) are
         # (layers * directions, batch, hidden) whatever batch_first says.
         dim = (0 if plan.module.batch_first else 1) if path[0] == 0 else 1
-    elif plan.time_major and plan.pick is None and path in ((), (0,)) and x.ndim == 3:
-        dim = 1  # a transformer module's own (time, batch, features) output
+    elif plan.seq_dim is not None and plan.pick is None and path in ((), (0,)) and x.ndim == 3:
+        dim = plan.seq_dim  # a transformer module's own sequence, by its batch_first
+    elif plan.seq_dim is not None and plan.pick is None and path == (1,) and x.ndim >= 3:
+        dim = 0  # nn.MultiheadAttention's weights: (batch, [heads,] target, source)
     elif rnn_states is not None and x in rnn_states:
         dim = 1  # the wrapped RNN's own (h, c), returned as the RNN returned them
     else:
@@ -415,6 +418,17 @@ def input_packed(args: tuple, kwargs: dict) -> PackedSequence | None:
 
 
 _SCALARS = frozenset({int, float, bool, str})
+
+
+def packed_input_layout(args: tuple, kwargs: dict, t: Tensor | None) -> str | None:
+    """:func:`packed_layout` of ``t`` (a call's primary output) for the ``PackedSequence``
+    the call was given (see :func:`input_packed`), or ``None``."""
+    packed = input_packed(args, kwargs) if t is not None and type(t) is Tensor else None
+    if packed is None:
+        return None
+    sizes = packed.batch_sizes  # (on the CPU, whatever the data's device)
+    longest = sizes.shape[0]
+    return packed_layout(t, int(sizes[0]) if longest else 0, longest)
 
 
 def input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str,

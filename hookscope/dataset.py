@@ -306,7 +306,7 @@ def _forward(job: _Job, index: int, batch: Any) -> tuple[int, dict, int, Callabl
             job.run(job.model, batch)
     except (InputError, UnsortError) as exc:  # raised by the hooks: say which batch
         raise type(exc)(f"batch {index}: {exc}") from None
-    if given is not None and job.reducer is None:
+    if given is not None:  # (to the captures the hooks did not reduce: time-major ones)
         apply_lengths(rec, given, index)
     columns, n, vectors = batch_columns(rec, job.reduce, job.bidirectional, job.np_dtype,
                                         job.manifest, index, staging=job.staging,

@@ -4,7 +4,9 @@ A dataset folder holds ``manifest.json`` and ``shards/part-rRRR-NNNNNN.parquet``
 (format ``hookscope-dataset``, :data:`FORMAT_VERSION`) lists
 
 - ``columns``: recorded vector/sequence columns, ``{name: {module, call, kind, units, dtype}}``,
-  plus ``encoding: "binary"`` for a vector column stored as fixed-size binary (version 3);
+  plus ``encoding: "binary"`` for a vector column stored as fixed-size binary (version 3),
+  and ``batch_dim`` for one recorded from a time-major output (its examples read along that
+  dimension of the module's output, the same in every batch; the rows are examples);
 - ``meta``: the ``meta=`` columns and their Arrow types, ``{name: type}``;
 - ``shards``: ``{file, rank, rows, batches: [[batch, rows], ...], bytes, sha256}`` in the order
   written; a shard's rows are its batches' rows in that order, rows ``0..n-1`` of each batch;
@@ -126,7 +128,8 @@ def validate_manifest(manifest: dict, path: Path) -> None:
                 and spec.get("dtype") in ("float32", "float16")
                 and spec.get("encoding", "list") in ENCODINGS
                 and (spec.get("encoding", "list") == "list" or (
-                    spec["kind"] == "vector" and manifest.get("version", 0) >= 3)), path,
+                    spec["kind"] == "vector" and manifest.get("version", 0) >= 3))
+                and _is_int(spec.get("batch_dim", 1), 1), path,
                 f"column {name!r} has an invalid description")
     for name, kind in meta.items():
         _expect(isinstance(kind, str) and name not in columns and name not in BOOKKEEPING,

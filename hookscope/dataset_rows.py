@@ -71,7 +71,7 @@ def takes_lengths(cap: Capture) -> bool:
     over the lengths or mask it knows from the model call (as ``to_frame(lengths=)`` does):
     what a caller asks for explicitly is never dropped silently."""
     t = cap.tensor
-    return t.ndim == 3 and not t.is_nested and not cap.feature_map
+    return t.ndim == 3 and not t.is_nested and not cap.feature_map and not cap.rnn_state
 
 
 def given_lengths(given: Any, index: int) -> Tensor:
@@ -89,6 +89,8 @@ def given_lengths(given: Any, index: int) -> Tensor:
 def _lengths_for(cap: Capture, known: Tensor, index: int) -> Tensor:
     """``known`` (from :func:`given_lengths`) after checking it fits ``cap``'s sequence."""
     batch, time_steps = cap.tensor.shape[:2]
+    if cap.batch_dim == 1:  # (time, batch, ...)
+        batch, time_steps = time_steps, batch
     is_mask = known.ndim == 2
     if len(known) != batch:
         given_what = "mask rows" if is_mask else "lengths"
@@ -187,6 +189,7 @@ def batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, man
     names = _column_names(rec)
     for cap in rec.captures():
         col = names[(cap.name, cap.call)]
+        layout_dim = cap.batch_dim  # (a layout that changes between batches is an error)
         cap = batch_first_capture(cap)  # (a time-major sequence: its examples along dim 0)
         t = cap.tensor
         # lengths= (integer lengths or a (batch, time) mask) for sequences that know neither.
@@ -231,7 +234,18 @@ def batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, man
                 "kind": kind, "units": int(units), "dtype": np.dtype(np_dtype).name}
         if encoding == "binary" and kind == "vector":
             spec["encoding"] = "binary"
+        if layout_dim:  # (only then: the manifests of batch-first columns are unchanged)
+            spec["batch_dim"] = layout_dim
         known = manifest["columns"].setdefault(col, spec)
+        if known.get("batch_dim", 0) != spec.get("batch_dim", 0):
+            raise DatasetError(
+                f"batch {index}: {col!r} holds its examples along dim "
+                f"{spec.get('batch_dim', 0)}, earlier batches along dim "
+                f"{known.get('batch_dim', 0)}. A time-major (time, batch, ...) output whose "
+                "time steps equal its batch size looks batch-first: say where the batch is "
+                f"with batch_dim={{{cap.name!r}: 1}} (or 0). A dataset written before "
+                "hookscope knew time-major layouts holds one row per time step there: "
+                "record it again into a new folder.")
         if known != spec:
             raise DatasetError(
                 f"batch {index}: {col!r} now gives {spec['kind']} of {spec['units']} units, "

@@ -19,12 +19,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .structure import iter_tensors
 
-__all__ = ["CHANNELS_FIRST_1D", "capture_batch_dim", "channels_first_1d", "resolve_batch_dim",
-           "sequence_output", "time_major"]
+__all__ = ["CHANNELS_FIRST_1D", "capture_batch_dim", "channels_first_1d", "is_known",
+           "known_dims", "resolve_batch_dim", "sequence_batch_dim", "sequence_output",
+           "time_major"]
 
 _OWN_FLAG = (nn.RNNBase, nn.MultiheadAttention, nn.Transformer)
 _LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -47,18 +49,38 @@ def channels_first_1d(module: nn.Module) -> bool:
     return isinstance(module, CHANNELS_FIRST_1D)
 
 
-def time_major(module: nn.Module) -> bool:
-    """Whether ``module`` is one of PyTorch's sequence modules built with
-    ``batch_first=False``: its own output sequence (:func:`sequence_output`) is ``(time,
-    batch, ...)`` when its input is batched."""
-    if isinstance(module, _OWN_FLAG):
-        return getattr(module, "batch_first", True) is False
+def sequence_batch_dim(module: nn.Module) -> int | None:
+    """The batch dimension of the sequence that one of PyTorch's RNN, attention or
+    transformer modules returns (:func:`sequence_output`), by its ``batch_first``: 0, or 1 for
+    ``(time, batch, ...)``; ``None`` for any other module."""
     if isinstance(module, _STACKS):  # (they follow their layers, as their forward does)
         layers = getattr(module, "layers", None)
         module = layers[0] if layers is not None and len(layers) else None
     if isinstance(module, _LAYERS):
-        return getattr(getattr(module, "self_attn", None), "batch_first", True) is False
-    return False
+        module = getattr(module, "self_attn", None)
+    if isinstance(module, _OWN_FLAG):
+        return 0 if getattr(module, "batch_first", True) else 1
+    return None
+
+
+def time_major(module: nn.Module) -> bool:
+    """Whether ``module`` is one of PyTorch's sequence modules built with
+    ``batch_first=False``: its own output sequence (:func:`sequence_output`) is ``(time,
+    batch, ...)`` when its input is batched."""
+    return sequence_batch_dim(module) == 1
+
+
+def is_known(t: Tensor, tensors: list[Tensor]) -> bool:
+    """Whether ``t`` is one of ``tensors`` or an alias of one (same memory and layout, as
+    ``x.detach()`` is): identity first, addresses only on a miss."""
+    for x in tensors:
+        if t is x:
+            return True
+    if t.is_nested or t.layout is not torch.strided:
+        return False
+    key = (t.data_ptr(), t.shape, t.stride())
+    return any(not x.is_nested and x.layout is torch.strided
+               and (x.data_ptr(), x.shape, x.stride()) == key for x in tensors)
 
 
 def sequence_output(output: Any) -> Tensor | None:
@@ -87,15 +109,18 @@ def resolve_batch_dim(spec: Any, path: tuple) -> Any:
 
 
 def capture_batch_dim(plan: Any, output: Any, raw: Any, primary: Tensor | None,
-                      rnn_state: bool, packed_layout: str | None) -> int:
+                      rnn_state: bool, packed_layout: str | None,
+                      time_major_outputs: list[Tensor]) -> int:
     """The dimension of a capture's primary tensor that holds the examples
     (:attr:`hookscope.Capture.batch_dim`), as recorded (after ``pick=``, ``raw``).
 
     ``batch_dim=`` decides where it says so for the primary's path; else 1 for an RNN's
     final state, for a time-major module's own sequence (``primary`` is
     :func:`sequence_output` of the module's ``output``, by identity: a new tensor made from
-    it by ``pick=`` is not known), and for an output a packed input's lengths describe as
-    ``(time, batch, ...)`` (``packed_layout``); else 0."""
+    it by ``pick=`` is not known), for such a sequence passed on unchanged by a module around
+    it (``time_major_outputs``: what the model's time-major modules returned in this forward
+    pass; a ``Dropout`` in eval mode returns its input), and for an output a packed input's
+    lengths describe as ``(time, batch, ...)`` (``packed_layout``); else 0."""
     if primary is None or primary.ndim < 2:
         return 0
     if plan.batch_dim != "auto":
@@ -107,6 +132,26 @@ def capture_batch_dim(plan: Any, output: Any, raw: Any, primary: Tensor | None,
             return spec
     if rnn_state or packed_layout == "time":
         return 1
-    if plan.time_major and primary.ndim == 3 and primary is sequence_output(output):
+    if primary.ndim == 3 and (
+            (plan.seq_dim == 1 and primary is sequence_output(output))
+            or (time_major_outputs and is_known(primary, time_major_outputs))):
         return 1
     return 0
+
+
+def known_dims(plan: Any, output: Any, raw: Any, time_major_outputs: list[Tensor],
+               packed_layout: str | None) -> dict[tuple, int] | None:
+    """For ``unsort=``: the batch dimension (1) of the leaves of ``raw`` that are known to be
+    time-major though their paths do not say so: the module's own sequence picked with
+    ``pick=``, a time-major sequence passed on from a module inside
+    (``time_major_outputs``), and the primary tensor where a packed input's lengths describe
+    it as ``(time, batch, ...)``; ``None`` if none is."""
+    own = sequence_output(output) if plan.seq_dim == 1 and plan.pick is not None else None
+    dims = {}
+    for i, (path, x) in enumerate(iter_tensors(raw, packed=True)):
+        if type(x) is not Tensor and not isinstance(x, Tensor):  # (a PackedSequence)
+            continue
+        if x.ndim == 3 and (x is own or (i == 0 and packed_layout == "time") or (
+                time_major_outputs and is_known(x, time_major_outputs))):
+            dims[path] = 1
+    return dims or None

@@ -21,7 +21,7 @@ from .errors import (
     ModuleSelectionError,
     UnsortError,
 )
-from .layout import channels_first_1d, time_major
+from .layout import channels_first_1d, sequence_batch_dim
 from .select import describe_spec, resolve_modules
 from .structure import as_permutation, takes_two_args
 
@@ -48,9 +48,9 @@ class Plan:
     dtype: torch.dtype | None = None
     clone: Any = True
     rnn: bool = False
-    # One of PyTorch's sequence modules built batch_first=False: its own output sequence is
-    # (time, batch, ...) (see layout.py); an RNN is also plan.rnn.
-    time_major: bool = False
+    # One of PyTorch's RNN, attention or transformer modules: the batch dim of its own output
+    # sequence by its batch_first, 0 or 1 (time-major); None for other modules (layout.py).
+    seq_dim: int | None = None
     # A 1-D convolution, pooling or normalisation layer: its own 3-D output is a feature map
     # (batch, channels, length), not a sequence (see layout.py).
     map_1d: bool = False
@@ -73,6 +73,11 @@ class Plan:
     # The caller's unsort= tensors and their versions when they were read (like perms: one,
     # or one per call): a tensor refilled in place afterwards is an error, not ignored.
     perm_sources: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def time_major(self) -> bool:
+        """The module's own output sequence is ``(time, batch, ...)``."""
+        return self.seq_dim == 1
 
     def perm(self, call: int) -> Tensor | None:
         if isinstance(self.perms, tuple):
@@ -168,7 +173,7 @@ def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any =
     fields: dict[str, dict[str, Any]] = {
         name: {"name": name, "module": m, "module_type": type(m), "device": device,
                "dtype": dtype, "clone": clone, "staging": staging,
-               "rnn": isinstance(m, nn.RNNBase), "time_major": time_major(m),
+               "rnn": isinstance(m, nn.RNNBase), "seq_dim": sequence_batch_dim(m),
                "map_1d": channels_first_1d(m),
                "bidir_units": _bidirectional_units(m),
                "grads": grads, "rows": rows}
@@ -228,7 +233,7 @@ def _derived_fields(f: dict[str, Any]) -> dict[str, Any]:
                          *(len(x) for x in (edits, perms) if isinstance(x, tuple))])
     f["plain"] = (f.get("pick") is None and perms is None and f.get("device") is None
                   and f.get("dtype") is None and edits is None and not f.get("grads")
-                  and f.get("rows") is None and not f.get("time_major")
+                  and f.get("rows") is None and f.get("seq_dim") != 1
                   and f.get("batch_dim", "auto") == "auto")  # (the capture's batch_dim)
     return f
 

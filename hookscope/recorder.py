@@ -31,6 +31,7 @@ from .convert import (
     input_packed,
     is_rnn_state,
     nested_lengths_or_mask,
+    packed_input_layout,
     packed_layout,
     padding_mask,
     snapshot_tensor,
@@ -46,7 +47,7 @@ from .errors import (
 )
 from .frame import rnn_state_error
 from .grads import attach_grad_hooks, require_grads
-from .layout import capture_batch_dim, sequence_output
+from .layout import capture_batch_dim, is_known, known_dims, sequence_output, time_major
 from .offload import HostStaging
 from .plan import BatchDim, Plan, build_plans, with_perms
 from .recording import Recording
@@ -105,7 +106,8 @@ class _Session:
     """The state of one entered block: the recording, call counters, handles."""
 
     __slots__ = ("count_problems", "counts", "handles", "mask", "no_grad_warned",
-                 "pending_inputs", "rec", "remaining", "rnn_states", "stance", "thread")
+                 "pending_inputs", "rec", "remaining", "rnn_states", "stance", "thread",
+                 "time_major")
 
     def __init__(self, rec: Recording, n_plans: int, thread: int | None) -> None:
         self.rec = rec
@@ -120,6 +122,9 @@ class _Session:
         # (h, c) returned by RNNs inside hooked wrappers in this forward pass: their batch is
         # dim 1, and no packed input's lengths describe them (see RNNStates).
         self.rnn_states = RNNStates()
+        # The (time, batch, ...) sequences the model's time-major modules returned in this
+        # forward pass: a module around one that passes it on has its batch at dim 1 too.
+        self.time_major: list[Tensor] = []
         self.no_grad_warned = False
 
 
@@ -299,6 +304,10 @@ class Recorder:
         # every capture of the pass (a wrapper's output, a Dropout or Identity they pass
         # through), whatever is selected; found once here, not per batch.
         self._rnns = tuple(m for m in model.modules() if isinstance(m, nn.RNNBase))
+        # And every module built time-major (an RNN, attention or transformer module with
+        # batch_first=False): its output sequence is known wherever it is passed on.
+        self._sequence_modules = tuple(m for m in model.modules()
+                                       if time_major(m) and not isinstance(m, nn.RNNBase))
         self._module_types = {n: p.module_type for n, p in self._plans.items()}
         self._make_hooks()
         # Hooks added after torch.compile are not seen by the compiled graph (dynamo skips
@@ -340,7 +349,8 @@ class Recorder:
         # The model's RNNs: their (h, c) are recognised by identity wherever they reappear
         # (for unsort=, for exports one row per example, and so that a final state is not
         # given the input's lengths).
-        self._state_hooks = [(rnn, self._make_state_hook()) for rnn in self._rnns]
+        self._state_hooks = [(rnn, self._make_state_hook(time_major(rnn))) for rnn in self._rnns]
+        self._state_hooks += [(m, self._make_sequence_hook()) for m in self._sequence_modules]
         # Modules given a number of calls per forward pass (calls=, unsort= or edit= per
         # call): (name, expected calls, what was given), checked as each step ends.
         self._expected_calls = []
@@ -437,6 +447,7 @@ class Recorder:
         s.remaining = len(self._plans)
         s.pending_inputs.clear()
         s.rnn_states.clear()
+        s.time_major = []
         s.mask = None
         mask_from = self.mask_from
         if mask_from is not None:
@@ -488,6 +499,7 @@ class Recorder:
                     kwargs, output = {}, kwargs
                 if (type(output) is not Tensor or output.is_nested
                         or (s.rnn_states.tensors and s.rnn_states.shares_memory(output))
+                        or (s.time_major and is_known(output, s.time_major))
                         or not _atomic(map(type, args))
                         or (kwargs and not _atomic(map(type, kwargs.values())))):
                     self._record_call(s, plan, args, kwargs, output)
@@ -530,13 +542,25 @@ class Recorder:
 
         return pre_hook
 
-    def _make_state_hook(self) -> Callable[..., None]:
+    def _make_state_hook(self, time_major: bool) -> Callable[..., None]:
         def state_hook(module: nn.Module, args: tuple, output: Any) -> None:
             s = self._own()
             if s is not None and type(output) is tuple and len(output) == 2:
                 s.rnn_states.add_state(output[1])  # h, or (h, c)
+                if time_major and type(output[0]) is Tensor and output[0].ndim == 3:
+                    s.time_major.append(output[0])  # (not a PackedSequence: batch-first)
 
         return state_hook
+
+    def _make_sequence_hook(self) -> Callable[..., None]:
+        def sequence_hook(module: nn.Module, args: tuple, output: Any) -> None:
+            s = self._own()
+            if s is not None:
+                seq = sequence_output(output)
+                if seq is not None and seq.ndim == 3:
+                    s.time_major.append(seq)
+
+        return sequence_hook
 
     def _record_call(self, s: _Session, plan: Plan, args: tuple, kwargs: dict,
                      output: Any) -> Any:
@@ -585,6 +609,14 @@ class Recorder:
                 # An RNN's own state, picked: its batch is dim 1.  (In a wrapper's output each
                 # tensor is decided on its own in convert: an output beside h_n is batch-first.)
                 dims = {path: 1 for path, _ in iter_tensors(raw)}
+            elif perm is not None and dims is None and plan.batch_dim == "auto" and (
+                    s.time_major or (plan.seq_dim == 1 and plan.pick is not None)
+                    or (primary is not None and primary.ndim == 3
+                        and primary.shape[0] != perm.shape[0])):
+                # Time-major leaves that their paths do not tell (see known_dims; a packed
+                # input's lengths can tell only a primary whose dim 0 is not the batch).
+                dims = known_dims(plan, output, raw, s.time_major,
+                                  packed_input_layout(args, kwargs, primary))
             rows = (None if plan.rows is None else
                     self._rows_at_call(s, plan, args, kwargs, value, perm, call, label, where))
             if rows is not None:  # record_dataset: one row per example, nothing else kept
@@ -606,8 +638,9 @@ class Recorder:
             if lengths is None and (args or kwargs) and not from_rnn_state(
                     plan, primary, s.rnn_states):
                 lengths, layout = input_lengths(args, kwargs, perm, name, t)
-            if not plan.plain or rnn_state or layout == "time":
-                batch_dim = capture_batch_dim(plan, output, raw, primary, rnn_state, layout)
+            if not plan.plain or rnn_state or layout == "time" or s.time_major:
+                batch_dim = capture_batch_dim(plan, output, raw, primary, rnn_state, layout,
+                                              s.time_major)
             # The module's own (batch, channels, length) (not a new tensor that pick= made):
             feature_map = (plan.map_1d and t is not None and t.ndim == 3
                            and primary is sequence_output(output))
@@ -663,7 +696,8 @@ class Recorder:
         lengths = None
         if isinstance(leaf, PackedSequence):
             leaf, lengths = pad_packed(leaf)
-        elif leaf is None or leaf.is_nested or leaf.layout is not torch.strided:
+        elif leaf is None or leaf.is_nested or leaf.layout is not torch.strided or (
+                s.time_major and is_known(leaf, s.time_major)):  # (time-major: see convert)
             return None
         t = leaf.detach()
         if perm is not None and (t.ndim == 0 or t.shape[0] != len(perm)):

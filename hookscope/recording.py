@@ -15,6 +15,7 @@ import torch
 
 from .capture import Capture
 from .errors import AmbiguousCallError, InputTypeError, NotRecordedError
+from .grads import GradStore
 from .select import _strip_wrapper_prefix
 
 __all__ = ["Capture", "Recording"]
@@ -198,7 +199,11 @@ class Recording:
         positions (each capture's own mask kept, whichever side it was padded);
         ``lengths`` are concatenated where every capture knows them.  Other dimensions must
         agree.  The result's output is the concatenated primary tensor; its ``step`` and
-        ``call`` are those of the first capture gathered.
+        ``call`` are those of the first capture gathered; it keeps their layout
+        (:attr:`Capture.batch_dim`: a time-major sequence is concatenated along dim 1,
+        :attr:`Capture.feature_map`, :attr:`Capture.bidirectional` where all are), and with
+        ``grads=True`` its :attr:`Capture.grad` gathers theirs, as they are when ``cat`` is
+        called, where every capture has one.
 
         Examples
         --------
@@ -242,6 +247,12 @@ class Recording:
             if t.ndim != first.ndim or tail != tuple(want):
                 raise InputError(f"cannot concatenate {name!r}: {c._where()} has shape "
                                  f"{tuple(t.shape)}, the first capture {tuple(first.shape)}.")
+        # Gradients (grads=True) are gathered the same way, where every capture has one.
+        grads = [c.grad for c in caps] if all(c._grads is not None for c in caps) else None
+        if grads is not None and all(g is not None for g in grads):
+            grads = [g.movedim(dim, 0) if dim else g for g in grads]
+        else:
+            grads = None
         lengths = mask = None
         if sequence:
             time = max(t.shape[1] for t in tensors)
@@ -254,13 +265,22 @@ class Recording:
                     for m, t in zip(masks, tensors, strict=True)])
                 tensors = [torch.nn.functional.pad(t, (0, 0, 0, time - t.shape[1]))
                            for t in tensors]
+                if grads is not None:  # (no gradient reaches padding)
+                    grads = [torch.nn.functional.pad(g, (0, 0, 0, time - g.shape[1]))
+                             for g in grads]
             if all(c.lengths is not None for c in caps):
                 lengths = torch.cat([c.lengths for c in caps])
         labels = {c.label for c in caps}
-        return Capture(name, caps[0].step, caps[0].call, labels.pop() if len(labels) == 1
-                       else None, caps[0].module_type, torch.cat(tensors).movedim(0, dim),
-                       lengths=lengths, mask=mask, rnn_state=caps[0].rnn_state, batch_dim=dim,
-                       feature_map=caps[0].feature_map)
+        out = Capture(name, caps[0].step, caps[0].call, labels.pop() if len(labels) == 1
+                      else None, caps[0].module_type, torch.cat(tensors).movedim(0, dim),
+                      lengths=lengths, mask=mask,
+                      bidirectional=all(c.bidirectional for c in caps),
+                      rnn_state=caps[0].rnn_state, batch_dim=dim,
+                      feature_map=caps[0].feature_map)
+        if grads is not None:
+            out._grads = GradStore()
+            out._grads.add((), torch.cat(grads).movedim(0, dim))
+        return out
 
     # -- export -----------------------------------------------------------------------------
     def to_frame(self, kind: str = "wide", *, reduce: Any = None, lengths: Any = None,

@@ -474,3 +474,162 @@ def test_a_crafted_feature_map_flag_is_refused(tmp_path, bad):
 
     with pytest.raises(RecordingFileError, match="feature_map"):
         hs.load(_rewritten(path, edit, tmp_path / "crafted.hsrec"))
+
+
+# -- time-major sequences passed on, picked, unsorted; datasets with lengths= ------------
+
+
+class _Passes(nn.Module):
+    """Returns what a time-major module inside returned: as it is, its tuple, or through an
+    eval-mode Dropout (which returns its input)."""
+
+    def __init__(self, how: str, inner: nn.Module | None = None) -> None:
+        super().__init__()
+        self.inner = inner if inner is not None else nn.LSTM(4, 3, bidirectional=True)
+        self.drop = nn.Dropout(0.5)
+        self.how = how
+
+    def forward(self, x):
+        got = self.inner(x)
+        out = got[0] if isinstance(got, tuple) else got
+        return {"tuple": got, "out": out, "dropout": self.drop(out)}[self.how]
+
+
+@pytest.mark.parametrize("how", ["tuple", "out", "dropout"])
+@pytest.mark.parametrize("time", [5, 2])
+def test_a_module_that_passes_a_time_major_sequence_on_knows_its_batch(tmp_path, how, time):
+    torch.manual_seed(0)
+    model = _Passes(how).eval()
+    x = torch.randn(time, 2, 4)
+    with torch.no_grad(), hs.record(model, ["", "drop"]) as rec:
+        got = model(x)
+    out = got[0] if isinstance(got, tuple) else got
+    assert rec[""].batch_dim == 1
+    if how == "dropout":
+        assert rec["drop"].batch_dim == 1
+    torch.testing.assert_close(torch.tensor(rec[""].to_frame(reduce="mean").to_numpy()),
+                               out.mean(0), **TOL)
+    last = torch.cat([out[-1, :, :3], out[0, :, 3:]], dim=1)  # forward / backward halves
+    torch.testing.assert_close(torch.tensor(rec[""].to_frame(reduce="last").to_numpy()),
+                               last, **TOL)
+    perm = torch.tensor([1, 0])
+    with torch.no_grad(), hs.record(model, [""], unsort={"": perm}) as rec:
+        model(x)
+    assert torch.equal(rec[""].tensor, out[:, perm])
+    path = hs.record_dataset(model, [x, x], [""], tmp_path / "ds", reduce="mean",
+                             progress=False)
+    assert hs.open_dataset(path).numpy("").shape == (4, 6)
+
+
+def test_a_module_around_a_time_major_transformer_knows_its_batch():
+    torch.manual_seed(0)
+    model = _Passes("out", _encoder()).eval()
+    x = torch.randn(7, 3, 16)
+    with torch.no_grad(), hs.record(model, [""]) as rec:
+        out = model(x)
+    assert rec[""].batch_dim == 1
+    torch.testing.assert_close(torch.tensor(rec.to_frame(reduce="mean").to_numpy()),
+                               out.mean(0), **TOL)
+
+
+@pytest.mark.parametrize("time", [5, 3])
+def test_unsort_of_a_time_major_sequence_picked_from_an_rnns_output(time):
+    torch.manual_seed(0)
+    model = nn.GRU(4, 5).eval()
+    x = torch.randn(time, 3, 4)
+    perm = torch.tensor([2, 0, 1])
+    with torch.no_grad(), hs.record(model, [""], pick=lambda o: o[0], unsort={"": perm}) as rec:
+        out, _ = model(x)
+    assert rec[""].batch_dim == 1 and torch.equal(rec[""].tensor, out[:, perm])
+
+
+def test_unsort_of_a_time_major_padding_of_a_packed_input():
+    torch.manual_seed(0)
+    model = _PackedTimeMajor().eval()
+    lengths = torch.tensor([5, 2, 4])
+    packed = pack_padded_sequence(torch.randn(5, 3, 4), lengths, enforce_sorted=False)
+    perm = torch.tensor([1, 2, 0])
+    with torch.no_grad(), hs.record(model, [""], unsort={"": perm}) as rec:
+        padded = model(packed)
+    cap = rec[""]
+    assert cap.batch_dim == 1 and torch.equal(cap.tensor, padded[:, perm])
+    assert cap.lengths.tolist() == lengths[perm].tolist()
+
+
+@pytest.mark.parametrize("module", [
+    lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True),
+    lambda: nn.MultiheadAttention(8, 2, batch_first=True),
+    lambda: nn.MultiheadAttention(8, 2),
+])
+def test_unsort_of_attention_modules_where_time_equals_batch(module):
+    """Their layout is known from batch_first: no 'ambiguous' error when time == batch, and
+    attention weights are batch-first (batch, target, source)."""
+    torch.manual_seed(0)
+    m = module().eval()
+    x = torch.randn(3, 3, 8)
+    perm = torch.tensor([2, 0, 1])
+    call = (lambda: m(x, x, x)) if isinstance(m, nn.MultiheadAttention) else (lambda: m(x))
+    with torch.no_grad(), hs.record(m, [""], unsort={"": perm}) as rec:
+        got = call()
+    dim = 1 if isinstance(m, nn.MultiheadAttention) and not m.batch_first else 0
+    out = got[0] if isinstance(got, tuple) else got
+    assert torch.equal(rec[""].tensor, out.index_select(dim, perm))
+    if isinstance(got, tuple):
+        assert torch.equal(rec[""].output[1], got[1][perm])
+
+
+@pytest.mark.parametrize("reduce", ["mean", "last", None])
+@pytest.mark.parametrize("time", [5, 3])
+def test_record_dataset_applies_lengths_to_time_major_captures(tmp_path, reduce, time):
+    torch.manual_seed(0)
+    model = nn.GRU(4, 5).eval()
+    x = torch.randn(time, 3, 4)
+    lengths = torch.tensor([time, 2, 1])
+    path = hs.record_dataset(model, [x], [""], tmp_path / "ds", reduce=reduce,
+                             lengths=lambda batch: lengths, progress=False)
+    with torch.no_grad():
+        out, _ = model(x)
+    real = [out[:n, i] for i, n in enumerate(lengths.tolist())]
+    if reduce is None:  # sequences, each example's real positions: as pandas reads them
+        import pandas as pd
+
+        frame = pd.read_parquet(path / "shards").sort_values(["batch", "row"])
+        got = [np.stack(seq) for seq in frame[""]]
+        assert [len(g) for g in got] == lengths.tolist()
+        for g, want in zip(got, real, strict=True):
+            np.testing.assert_allclose(g, want.numpy(), rtol=1e-6, atol=1e-6)
+        return
+    want = torch.stack([r.mean(0) if reduce == "mean" else r[-1] for r in real])
+    torch.testing.assert_close(torch.tensor(hs.open_dataset(path).numpy("")), want, **TOL)
+    with pytest.raises(hs.errors.DatasetError, match="gave 4 lengths"):
+        hs.record_dataset(model, [x], [""], tmp_path / "bad", reduce=reduce,
+                          lengths=lambda batch: torch.tensor([1, 1, 1, 1]), progress=False)
+
+
+def test_record_dataset_refuses_a_layout_that_changes_between_batches(tmp_path):
+    model = _PackedTimeMajor().eval()
+    batches = [pack_padded_sequence(torch.randn(5, 3, 4), torch.tensor([5, 2, 4]),
+                                    enforce_sorted=False),  # 5 steps, 3 sequences: time-major
+               pack_padded_sequence(torch.randn(3, 3, 4), torch.tensor([3, 2, 1]),
+                                    enforce_sorted=False)]  # 3 and 3: looks batch-first
+    with pytest.raises(hs.errors.DatasetError, match=r"along dim 0, earlier batches along dim 1"):
+        hs.record_dataset(model, batches, [""], tmp_path / "ds", reduce="mean", progress=False)
+    path = hs.record_dataset(model, batches, [""], tmp_path / "told", reduce="mean",
+                             batch_dim={"": 1}, progress=False)
+    assert hs.open_dataset(path).numpy("").shape == (6, 5)
+
+
+def test_cat_keeps_bidirectional_halves_and_gathers_gradients():
+    torch.manual_seed(0)
+    model = nn.LSTM(4, 3, bidirectional=True)
+    xs = [torch.randn(5, 2, 4), torch.randn(5, 3, 4)]
+    with hs.record(model, [""], grads=True) as rec:
+        outs = [model(x)[0] for x in xs]
+        sum(o.pow(2).sum() for o in outs).backward()
+    cat = rec.cat("")
+    assert cat.bidirectional
+    out = torch.cat(outs, dim=1).detach()
+    last = torch.cat([out[-1, :, :3], out[0, :, 3:]], dim=1)
+    torch.testing.assert_close(torch.tensor(cat.to_frame(reduce="last").to_numpy()), last,
+                               **TOL)
+    torch.testing.assert_close(cat.grad, 2 * out, **TOL)
