@@ -79,12 +79,17 @@ class Capture:
         ``(batch, time, features)``: reductions pool it over its positions, one unit per
         channel, as they pool 2-D and 3-D feature maps (4-D tensors and more are feature maps
         whatever this says).
+    channels_last : bool
+        Whether a 4-D or larger primary tensor is ``(batch, *spatial, channels)``, the
+        module's own output of a layer that acts on the last dimension (``nn.Linear``,
+        ``nn.LayerNorm``, ...: ``hookscope.layout.CHANNELS_LAST``), as inside a ConvNeXt
+        block, rather than ``(batch, channels, *spatial)``: exports read its channels last.
     """
 
     __slots__ = (
         "_grads", "_inputs", "_kwargs", "_lengths", "_mask", "_output", "_pending",
-        "_versions", "batch_dim", "bidirectional", "call", "feature_map", "label", "live",
-        "module_type", "name", "rnn_state", "step",
+        "_versions", "batch_dim", "bidirectional", "call", "channels_last", "feature_map",
+        "label", "live", "module_type", "name", "rnn_state", "step",
     )  # fmt: skip
 
     def __init__(
@@ -105,6 +110,7 @@ class Capture:
         rnn_state: bool = False,
         batch_dim: int = 0,
         feature_map: bool = False,
+        channels_last: bool = False,
     ) -> None:
         self.name = name
         self.step = step
@@ -122,6 +128,7 @@ class Capture:
         self.rnn_state = rnn_state
         self.batch_dim = batch_dim
         self.feature_map = feature_map
+        self.channels_last = channels_last
         self._grads: Any = None  # a grads.GradStore with grads=True
         self._pending: Any = None  # device="cpu": copies in flight (see hookscope.offload)
 
@@ -335,6 +342,8 @@ class Capture:
             lengths = f", batch at dim {self.batch_dim}{lengths}"
         if self.feature_map:
             lengths = f", a feature map (batch, channels, length){lengths}"
+        if self.channels_last:
+            lengths = f", channels last{lengths}"
         live = f", live objects (not snapshots): {', '.join(self.live)}" if self.live else ""
         return (
             f"Capture({self._where()}, {r['type']}, shape={r['shape']}, dtype={r['dtype']}"

@@ -139,7 +139,7 @@ def convert(
         n, perm_device = perm.shape[0], perm.device
         # Dim 0 is decided here for a plain leaf whose dim 0 alone has the batch's size (most
         # leaves); batch_dim_of decides everything else, and raises.
-        auto = plan.batch_dim == "auto" and not (plan.rnn or plan.time_major)
+        auto = plan.batch_dim == "auto" and not plan.rnn and plan.seq_dim != 1
         states = rnn_states if rnn_states is not None and rnn_states.tensors else None
 
     def leaf(path: tuple, x: Any) -> Tensor:
@@ -258,7 +258,9 @@ def batch_dim_of(
     the one dimension of size ``n``.  Several candidates raise instead of guessing, and a chosen
     dimension that is not of size ``n`` raises too (never a silent partial permutation).
     """
-    spec = resolve_batch_dim(plan.batch_dim, path)
+    spec = plan.batch_dim
+    if type(spec) is not str:  # ("auto", the default, without a call)
+        spec = resolve_batch_dim(spec, path)
     if spec is None:
         return None
     if type(spec) is not str and isinstance(spec, int):
@@ -463,8 +465,10 @@ def input_lengths(args: tuple, kwargs: dict, perm: Tensor | None, name: str,
 def nested_lengths_or_mask(value: Any, mask: Tensor | None,
                             perm: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     """Lengths of a nested tensor's sequences, or the model call's attention mask where the
-    primary tensor is ``(batch, time, features...)`` of the mask's shape (a 2-D ``(batch, d)``
-    output whose ``d`` happens to equal the time steps is no sequence)."""
+    primary tensor is ``(batch, time, features)`` of the mask's shape (a 2-D ``(batch, d)``
+    output whose ``d`` happens to equal the time steps is no sequence, and a 4-D one is read
+    as a feature map: attention weights ``(batch, heads, time, time)`` may have as many heads
+    as time steps)."""
     t = first_tensor(value)
     if t is None:
         return None, None
@@ -473,6 +477,6 @@ def nested_lengths_or_mask(value: Any, mask: Tensor | None,
             return torch.tensor([c.shape[0] for c in t.unbind()], dtype=torch.int64), None
         except Exception:
             return None, None
-    if mask is None or t.ndim < 3 or t.shape[:2] != mask.shape:  # (batch, d): no sequence
+    if mask is None or t.ndim != 3 or t.shape[:2] != mask.shape:  # (batch, d): no sequence
         return None, None
     return None, mask if perm is None else mask[perm]

@@ -304,6 +304,10 @@ def _forward(job: _Job, index: int, batch: Any) -> tuple[int, dict, int, Callabl
     try:
         with recorder as rec:
             job.run(job.model, batch)
+        if recorder._rows_redo:  # the first batch of a model that hands its padding mask
+            recorder._rows_redo = False  # to a part of itself (mask_scope.py): now known
+            with recorder as rec:
+                job.run(job.model, batch)
     except (InputError, UnsortError) as exc:  # raised by the hooks: say which batch
         raise type(exc)(f"batch {index}: {exc}") from None
     if given is not None:  # (to the captures the hooks did not reduce: time-major ones)

@@ -247,10 +247,15 @@ def batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, man
                 "hookscope knew time-major layouts holds one row per time step there: "
                 "record it again into a new folder.")
         if known != spec:
+            hint = ("" if cap.feature_map or t.ndim > 3 else
+                    " (A 3-D output is read as (batch, time, features): if this one is a "
+                    "(batch, channels, length) map whose length varies, pool it with "
+                    "reduce=lambda t: t.mean(2), or record it with "
+                    "pick=lambda out: out.transpose(1, 2).)")
             raise DatasetError(
                 f"batch {index}: {col!r} now gives {spec['kind']} of {spec['units']} units, "
                 f"earlier batches gave {known['kind']} of {known['units']}; a module's output "
-                "must keep its shape (only sequence lengths may vary).")
+                f"must keep its shape (only sequence lengths may vary).{hint}")
         if n is None:
             n = rows
         elif rows != n:

@@ -34,17 +34,20 @@ REDUCE_NAMES = ("last", *REDUCTIONS, "flatten")
 
 def batch_first_capture(cap: Any) -> Any:
     """``cap`` itself, or for a capture whose examples are along another dimension
-    (:attr:`~hookscope.Capture.batch_dim`, a time-major sequence) a capture of the same call
-    whose tensor is a batch-first view of it: exports and reductions read dim 0 as the
-    examples.  An RNN's final state is left as it is (exports refuse it, saying what to
-    pick)."""
+    (:attr:`~hookscope.Capture.batch_dim`, a time-major sequence) or whose channels are last
+    (:attr:`~hookscope.Capture.channels_last`) a capture of the same call whose tensor is a
+    view of it in the layout exports and reductions read: examples at dim 0, and a feature
+    map's channels at dim 1.  An RNN's final state is left as it is (exports refuse it,
+    saying what to pick)."""
     dim = getattr(cap, "batch_dim", 0)
-    if not dim or getattr(cap, "rnn_state", False):
+    last = getattr(cap, "channels_last", False)
+    if not (dim or last) or getattr(cap, "rnn_state", False):
         return cap
     out = copy.copy(cap)  # the same call, only its tensor moved
-    out._output = cap.tensor.movedim(dim, 0)
+    t = cap.tensor.movedim(dim, 0) if dim else cap.tensor
+    out._output = t.movedim(-1, 1) if last and t.ndim >= 4 else t
     out._inputs = out._kwargs = out._versions = None
-    out.batch_dim = 0
+    out.batch_dim, out.channels_last = 0, False
     return out
 
 
@@ -249,9 +252,18 @@ def _grouped(captures: Sequence[Any]) -> tuple[dict[tuple[str, str], list[Any]],
 
 def _lengths_by_step(captures: Sequence[Any], lengths: Any) -> dict[int, Any]:
     """``lengths=`` of an export, per step: one value for a one-step recording, else a list
-    with one entry per step."""
+    with one entry per step.  Given where no capture is a sequence, it is an error, not
+    ignored."""
     if lengths is None:
         return {}
+    if not any(is_sequence(c) for c in captures):
+        kinds = sorted({f"{c.name!r} {tuple(c.tensor.shape)}" for c in captures})
+        raise InputError(
+            f"lengths= applies to sequences (batch, time, features), and no capture is one: "
+            f"{', '.join(kinds)}. A feature map (batch, channels, *spatial) is pooled over "
+            "all its positions; a (batch, channels, length) map that should leave padded "
+            "positions out can be recorded as a sequence with "
+            "pick=lambda out: out.transpose(1, 2).")
     steps = sorted({c.step for c in captures})
     if len(steps) == 1:
         return {steps[0]: lengths}

@@ -62,8 +62,8 @@ __all__ = ["FORMAT_VERSION", "RecordingFileError", "Restored", "RestoredDict", "
 
 FORMAT = "hookscope-recording"
 FORMAT_VERSION = 3  # 2: nested and sparse tensors, capture masks and live notes; 3: a
-# capture's batch_dim and feature_map (written only where set, and version 3 only then, so
-# that other files stay readable by hookscope versions that read version 2)
+# capture's batch_dim, feature_map and channels_last (written only where set, and version 3
+# only then, so that other files stay readable by hookscope versions that read version 2)
 _MANIFEST = "manifest.json"
 #: Extra bytes, beyond the file's own size, that :func:`load` may decode by default.
 DEFAULT_SLACK_BYTES = 64 * 2**20
@@ -172,10 +172,13 @@ def save(recording: Recording, path: str | os.PathLike) -> Path:
             captures[-1]["batch_dim"] = int(cap.batch_dim)
         if cap.feature_map:
             captures[-1]["feature_map"] = True
+        if cap.channels_last:
+            captures[-1]["channels_last"] = True
     manifest = {
         "format": FORMAT,
-        "version": FORMAT_VERSION if any("batch_dim" in c or "feature_map" in c
-                                         for c in captures) else 2,
+        "version": FORMAT_VERSION if any(
+            key in c for c in captures for key in ("batch_dim", "feature_map", "channels_last"))
+        else 2,
         "model_type": recording.model_type, "steps": recording.steps,
         "modules": [{"name": n, "type": _class_name(t)}
                     for n, t in recording._module_types.items() if n in recording],
@@ -572,7 +575,8 @@ def _load(f: Any, path: Path, budget: int) -> Recording:
         batch_dim = c.get("batch_dim", 0)  # version 3
         _expect(_is_int(batch_dim) and 0 <= batch_dim < 64, f"{where}.batch_dim is not a "
                 "dimension")
-        _expect(type(c.get("feature_map", False)) is bool, f"{where}.feature_map is not a bool")
+        for flag in ("feature_map", "channels_last"):
+            _expect(type(c.get(flag, False)) is bool, f"{where}.{flag} is not a bool")
         _expect(isinstance(c.get("live", []), list) and all(
             isinstance(x, str) for x in c.get("live", [])), f"{where}.live is not a text list")
     types_ = {name: _module_type(m["type"]) for name, m in zip(names, modules, strict=True)}
@@ -599,7 +603,8 @@ def _load(f: Any, path: Path, budget: int) -> Recording:
             None if c["kwargs"] is None else reader.tree(c["kwargs"]), lengths, mask=mask,
             live=tuple(c.get("live", ())), bidirectional=c.get("bidirectional") is True,
             rnn_state=c.get("rnn_state") is True, batch_dim=batch_dim,
-            feature_map=c.get("feature_map") is True))
+            feature_map=c.get("feature_map") is True,
+            channels_last=c.get("channels_last") is True))
     for caps in rec._captures.values():
         caps.sort(key=lambda cap: (cap.step, cap.call))
     return rec

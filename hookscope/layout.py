@@ -11,7 +11,10 @@ told from shapes; ``batch_dim=`` says it.
 A 3-D tensor is otherwise read as a sequence ``(batch, time, features)``; the output of
 ``nn.Conv1d`` and the other 1-D layers of :data:`CHANNELS_FIRST_1D` is ``(batch, channels,
 length)``, a 1-D feature map (:attr:`hookscope.Capture.feature_map`), pooled over its
-positions with one unit per channel, as 2-D and 3-D feature maps are.
+positions with one unit per channel, as 2-D and 3-D feature maps are.  A 4-D or larger
+tensor is otherwise read as ``(batch, channels, *spatial)``; the output of the layers of
+:data:`CHANNELS_LAST` (``nn.Linear``, ``nn.LayerNorm``, ...), which act on the last dimension,
+is ``(batch, *spatial, channels)`` (:attr:`hookscope.Capture.channels_last`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from torch import Tensor, nn
 
 from .structure import iter_tensors
 
-__all__ = ["CHANNELS_FIRST_1D", "capture_batch_dim", "channels_first_1d", "is_known",
+__all__ = ["CHANNELS_FIRST_1D", "CHANNELS_LAST", "capture_batch_dim", "channels_first_1d",
+           "channels_last", "is_known",
            "known_dims", "resolve_batch_dim", "sequence_batch_dim", "sequence_output",
            "time_major"]
 
@@ -41,6 +45,20 @@ CHANNELS_FIRST_1D: tuple[type, ...] = (
     nn.ReflectionPad1d, nn.ReplicationPad1d, nn.ConstantPad1d, nn.CircularPad1d,
     nn.Upsample, nn.Dropout1d,
 )
+
+
+#: Layers whose output has its features last: a 4-D or larger output is channels-last,
+#: ``(batch, *spatial, channels)`` (a ``Linear`` or ``LayerNorm`` inside a ConvNeXt block).
+CHANNELS_LAST: tuple[type, ...] = (
+    nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def channels_last(module: nn.Module) -> bool:
+    """Whether a 4-D or larger output of ``module`` is ``(batch, *spatial, channels)``
+    (:data:`CHANNELS_LAST`)."""
+    return isinstance(module, CHANNELS_LAST)
 
 
 def channels_first_1d(module: nn.Module) -> bool:

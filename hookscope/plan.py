@@ -21,7 +21,7 @@ from .errors import (
     ModuleSelectionError,
     UnsortError,
 )
-from .layout import channels_first_1d, sequence_batch_dim
+from .layout import channels_first_1d, channels_last, sequence_batch_dim
 from .select import describe_spec, resolve_modules
 from .structure import as_permutation, takes_two_args
 
@@ -54,6 +54,9 @@ class Plan:
     # A 1-D convolution, pooling or normalisation layer: its own 3-D output is a feature map
     # (batch, channels, length), not a sequence (see layout.py).
     map_1d: bool = False
+    # A layer that acts on the last dimension (nn.Linear, nn.LayerNorm): its own 4-D or larger
+    # output is channels-last, (batch, *spatial, channels) (see layout.py).
+    map_last: bool = False
     # Feature size of a bidirectional RNN's output ([forward, backward] halves) in this module
     # (itself, or the one RNN inside a wrapper): captures of that width know they are.
     bidir_units: int | None = None
@@ -73,11 +76,6 @@ class Plan:
     # The caller's unsort= tensors and their versions when they were read (like perms: one,
     # or one per call): a tensor refilled in place afterwards is an error, not ignored.
     perm_sources: Any = field(default=None, compare=False, repr=False)
-
-    @property
-    def time_major(self) -> bool:
-        """The module's own output sequence is ``(time, batch, ...)``."""
-        return self.seq_dim == 1
 
     def perm(self, call: int) -> Tensor | None:
         if isinstance(self.perms, tuple):
@@ -174,7 +172,7 @@ def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any =
         name: {"name": name, "module": m, "module_type": type(m), "device": device,
                "dtype": dtype, "clone": clone, "staging": staging,
                "rnn": isinstance(m, nn.RNNBase), "seq_dim": sequence_batch_dim(m),
-               "map_1d": channels_first_1d(m),
+               "map_1d": channels_first_1d(m), "map_last": channels_last(m),
                "bidir_units": _bidirectional_units(m),
                "grads": grads, "rows": rows}
         for name, m in selected.items()}

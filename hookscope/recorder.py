@@ -48,6 +48,7 @@ from .errors import (
 from .frame import rnn_state_error
 from .grads import attach_grad_hooks, require_grads
 from .layout import capture_batch_dim, is_known, known_dims, sequence_output, time_major
+from .mask_scope import NO_SCOPE, scope_mask, scope_modules
 from .offload import HostStaging
 from .plan import BatchDim, Plan, build_plans, with_perms
 from .recording import Recording
@@ -105,9 +106,10 @@ class _Stop(BaseException):
 class _Session:
     """The state of one entered block: the recording, call counters, handles."""
 
-    __slots__ = ("count_problems", "counts", "handles", "mask", "no_grad_warned",
-                 "pending_inputs", "rec", "remaining", "rnn_states", "stance", "thread",
-                 "time_major")
+    __slots__ = ("count_problems", "counts", "handles", "mask", "mask_handed", "mask_outside",
+                 "mask_raw", "mask_stack", "no_grad_warned", "pending_inputs", "rec",
+                 "remaining", "rnn_states", "rows_guessed", "scope_opened", "scopes_on",
+                 "stance", "thread", "time_major")
 
     def __init__(self, rec: Recording, n_plans: int, thread: int | None) -> None:
         self.rec = rec
@@ -119,6 +121,13 @@ class _Session:
         self.handles: list[Any] = []
         self.stance: Any = None
         self.mask: Tensor | None = None  # the model call's attention mask, if any
+        self.mask_raw: Any = None  # ... as the model was given it (see mask_scope.py)
+        self.mask_stack: list[tuple[int, Tensor | None]] = []  # open scopes: (module, mask)
+        self.mask_handed = False  # the model's mask went into a scope in this forward pass
+        self.mask_outside: list[Capture] = []  # given the model's mask outside every scope
+        self.rows_guessed = False  # record_dataset rows reduced so, before it was known
+        self.scopes_on = False  # the scope hooks are registered (at the first masked call)
+        self.scope_opened: set[nn.Module] = set()  # the modules that opened a scope
         # (h, c) returned by RNNs inside hooked wrappers in this forward pass: their batch is
         # dim 1, and no packed input's lengths describe them (see RNNStates).
         self.rnn_states = RNNStates()
@@ -308,6 +317,16 @@ class Recorder:
         # batch_first=False): its output sequence is known wherever it is passed on.
         self._sequence_modules = tuple(m for m in model.modules()
                                        if time_major(m) and not isinstance(m, nn.RNNBase))
+        # Where the model call's padding mask goes (see mask_scope.py): whether this model
+        # handed it to a part of itself in an earlier forward pass (shared with with_unsort's
+        # copies), and the modules that may open a scope.
+        self._scopes = (scope_modules(model, selected.values())
+                        if isinstance(mask_from, str) else ())
+        self._mask_learned = [False]
+        # The modules that opened a scope in this recorder's first block that had a mask
+        # (None: not known yet): later blocks hook only those (BERT: none).
+        self._scopes_known: list[tuple[nn.Module, ...] | None] = [None]
+        self._rows_redo = False
         self._module_types = {n: p.module_type for n, p in self._plans.items()}
         self._make_hooks()
         # Hooks added after torch.compile are not seen by the compiled graph (dynamo skips
@@ -351,6 +370,8 @@ class Recorder:
         # given the input's lengths).
         self._state_hooks = [(rnn, self._make_state_hook(time_major(rnn))) for rnn in self._rnns]
         self._state_hooks += [(m, self._make_sequence_hook()) for m in self._sequence_modules]
+        self._scope_pre_hook = self._make_scope_pre_hook()
+        self._scope_hook = self._make_scope_hook()
         # Modules given a number of calls per forward pass (calls=, unsort= or edit= per
         # call): (name, expected calls, what was given), checked as each step ends.
         self._expected_calls = []
@@ -393,6 +414,9 @@ class Recorder:
         s, self._session = self._session, None  # the hooks are inert from here on
         if s is not None:
             _close(s)
+            self._end_mask_scopes(s)
+            if s.scopes_on and self._scopes_known[0] is None and exc is None:
+                self._scopes_known[0] = tuple(m for m in self._scopes if m in s.scope_opened)
         if self._staging is not None:
             self._staging.synchronize()  # the one wait for copies in flight: captures complete
         _PENDING_STOPS.pop(_get_ident(), None) if exc is not None else None
@@ -442,13 +466,15 @@ class Recorder:
             return
         if s.counts and self._expected_calls:
             self._tally_calls(s)
+        if s.mask_outside or s.mask_handed or s.mask_stack:
+            self._end_mask_scopes(s)
         s.rec.steps += 1
         s.counts.clear()
         s.remaining = len(self._plans)
         s.pending_inputs.clear()
         s.rnn_states.clear()
         s.time_major = []
-        s.mask = None
+        s.mask = s.mask_raw = None
         mask_from = self.mask_from
         if mask_from is not None:
             kwargs = rest[0] if rest else None
@@ -459,6 +485,61 @@ class Recorder:
                 else:
                     return  # the common case: no mask in this call
             s.mask = padding_mask(mask_from, args, kwargs or {})
+            if type(mask_from) is str:  # (the very object, to know it where it is passed on)
+                s.mask_raw = (kwargs[mask_from] if kwargs and mask_from in kwargs else next(
+                    (a[mask_from] for a in args if type(a) is not Tensor
+                     and isinstance(a, Mapping) and mask_from in a), None))
+                if s.mask_raw is not None and not s.scopes_on:
+                    self._open_scopes(s)
+
+    def _open_scopes(self, s: _Session) -> None:
+        """Hook the modules that may open a scope (mask_scope.py), at the block's first model
+        call with a mask (before its children run): a model called without one pays
+        nothing, and a recorder that learned where its model's mask goes hooks only there."""
+        s.scopes_on = True
+        known = self._scopes_known[0]
+        for module in self._scopes if known is None else known:
+            s.handles.append(module.register_forward_pre_hook(self._scope_pre_hook,
+                                                              with_kwargs=True))
+            s.handles.append(module.register_forward_hook(self._scope_hook))
+
+    def _end_mask_scopes(self, s: _Session) -> None:
+        """The end of a forward pass: where the model handed its mask to a part of itself,
+        captures made outside every scope belong to another stream and have none."""
+        if s.mask_handed:
+            self._mask_learned[0] = True
+            for cap in s.mask_outside:
+                cap._mask = None
+            # record_dataset: rows reduced outside every scope with the model's mask, before
+            # this model was known to hand it on, are redone (the recorder knows it now).
+            self._rows_redo = self._rows_redo or s.rows_guessed
+        s.rows_guessed = False
+        s.mask_outside = []
+        s.mask_stack.clear()
+        s.mask_handed = False
+
+    def _make_scope_pre_hook(self) -> Callable[..., None]:
+        mask_from = self.mask_from
+
+        def scope_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            s = self._own()
+            if s is not None and (kwargs or args):
+                scope = scope_mask(mask_from, args, kwargs, s.mask_raw, s.mask)
+                if scope is not NO_SCOPE:
+                    mask, handed = scope
+                    s.mask_handed = s.mask_handed or handed
+                    s.mask_stack.append((id(module), mask))
+                    s.scope_opened.add(module)
+
+        return scope_pre_hook
+
+    def _make_scope_hook(self) -> Callable[..., None]:
+        def scope_hook(module: nn.Module, args: tuple, output: Any) -> None:
+            s = self._own()
+            if s is not None and s.mask_stack and s.mask_stack[-1][0] == id(module):
+                s.mask_stack.pop()
+
+        return scope_hook
 
     def _make_hook(self, plan: Plan) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple, *rest: Any) -> Any:
@@ -491,6 +572,7 @@ class Recorder:
         an exact type test: this runs once per module call, on the GPU's critical path where
         a forward is bound by the host."""
         name, labels, module_type, map_1d = plan.name, plan.labels, plan.module_type, plan.map_1d
+        map_last = plan.map_last  # (layouts its type tells: see layout.py)
 
         def hook(module: nn.Module, args: tuple, kwargs: Any, output: Any = _NO_KWARGS) -> None:
             s = self._session
@@ -511,9 +593,12 @@ class Recorder:
                     call = counts.get(name, 0)
                     counts[name] = call + 1
                     label = labels[call] if labels is not None and call < len(labels) else None
-                    mask = s.mask  # the model call's (batch, time) mask, where it fits a
-                    # (batch, time, features...) sequence (a (batch, d) output is none)
-                    if mask is not None and (output.ndim < 3 or output.shape[:2] != mask.shape
+                    # The (batch, time) mask of the scope this call is in (mask_scope.py), where
+                    # it fits a (batch, time, features) sequence (a (batch, d) output has none,
+                    # nor a 4-D one: (batch, heads, time, time) weights may have as many heads)
+                    stack = s.mask_stack
+                    mask = stack[-1][1] if stack else None if s.mask_handed else s.mask
+                    if mask is not None and (output.ndim != 3 or output.shape[:2] != mask.shape
                                              or map_1d):
                         mask = None
                     # (detach only what autograd tracks: it costs a tensor of its own)
@@ -522,6 +607,10 @@ class Recorder:
                                       None, None, None, None, mask)
                     if map_1d and value.ndim == 3:  # (batch, channels, length)
                         capture.feature_map = True
+                    elif map_last and value.ndim >= 4:  # (batch, *spatial, channels)
+                        capture.channels_last = True
+                    elif mask is not None and not stack:  # (decided as the pass ends)
+                        s.mask_outside.append(capture)
                     rec._captures[name].append(capture)
             if _PENDING_STOPS:
                 _raise_pending_stop(module, hook)
@@ -618,7 +707,8 @@ class Recorder:
                 dims = known_dims(plan, output, raw, s.time_major,
                                   packed_input_layout(args, kwargs, primary))
             rows = (None if plan.rows is None else
-                    self._rows_at_call(s, plan, args, kwargs, value, perm, call, label, where))
+                    self._rows_at_call(s, plan, args, kwargs, value, perm, call, label, where,
+                                       self._mask_learned))
             if rows is not None:  # record_dataset: one row per example, nothing else kept
                 value = rows
             else:
@@ -630,7 +720,7 @@ class Recorder:
                 if plan.staging is not None:  # device="cpu": copies of this call's (and its
                     in_flight = plan.staging.in_flight()  # inputs') tensors may be in flight
                 live = tuple(converted.live)
-        bidirectional = feature_map = False
+        bidirectional = feature_map = last = False
         batch_dim = 0
         if rows is None:  # (rows know no lengths or mask: they were used)
             t = value if type(value) is Tensor else first_tensor(value)  # the primary, as stored
@@ -638,16 +728,21 @@ class Recorder:
             if lengths is None and (args or kwargs) and not from_rnn_state(
                     plan, primary, s.rnn_states):
                 lengths, layout = input_lengths(args, kwargs, perm, name, t)
-            if not plan.plain or rnn_state or layout == "time" or s.time_major:
+            if (rnn_state or layout == "time" or s.time_major or plan.seq_dim == 1
+                    or plan.batch_dim != "auto"):  # (else dim 0, without a call)
                 batch_dim = capture_batch_dim(plan, output, raw, primary, rnn_state, layout,
                                               s.time_major)
             # The module's own (batch, channels, length) (not a new tensor that pick= made):
             feature_map = (plan.map_1d and t is not None and t.ndim == 3
                            and primary is sequence_output(output))
+            last = (plan.map_last and t is not None and t.ndim >= 4
+                    and primary is sequence_output(output))
+            stack = s.mask_stack  # (the mask of the scope this call is in: mask_scope.py)
+            model_mask = stack[-1][1] if stack else None if s.mask_handed else s.mask
             if lengths is None and not feature_map and (
-                    s.mask is not None or type(value) is not Tensor or value.is_nested):
+                    model_mask is not None or type(value) is not Tensor or value.is_nested):
                 lengths, mask = nested_lengths_or_mask(  # (the mask is (batch, time))
-                    t.movedim(batch_dim, 0) if batch_dim else t, s.mask, perm)
+                    t.movedim(batch_dim, 0) if batch_dim else t, model_mask, perm)
             if plan.bidir_units is not None:
                 bidirectional = (t is not None and t.ndim > 1
                                  and t.shape[-1] == plan.bidir_units)
@@ -660,8 +755,10 @@ class Recorder:
                     versions = [*(versions or []), *in_versions]
         capture = Capture(name, rec.steps - 1, call, label, plan.module_type, value, inputs,
                           kwargs_in, lengths, versions, mask, live, bidirectional,
-                          rnn_state, batch_dim, feature_map)  # positional:
+                          rnn_state, batch_dim, feature_map, last)  # positional:
         # keywords cost half a microsecond per capture here
+        if mask is not None and not s.mask_stack:
+            s.mask_outside.append(capture)  # (decided as the pass ends)
         if grads is not None:
             capture._grads = grads
         if in_flight is not None:
@@ -685,12 +782,13 @@ class Recorder:
     @staticmethod
     def _rows_at_call(s: _Session, plan: Plan, args: tuple, kwargs: dict, value: Any,
                       perm: Tensor | None, call: int, label: str | None,
-                      where: str) -> Tensor | None:
+                      where: str, learned: list[bool]) -> Tensor | None:
         """``plan.rows`` applied to this call's primary tensor where the model left it, in the
         model's batch order, then the rows (not the whole output) unsorted: reduction commutes
         with reordering examples, and the output itself is never copied.  ``None`` where the
         general path must decide (no dense tensor, ``batch_dim=``, a time-major output)."""
-        if plan.batch_dim != "auto" or plan.time_major or (plan.map_1d and plan.pick):
+        if plan.batch_dim != "auto" or plan.seq_dim == 1 or (
+                (plan.map_1d or plan.map_last) and plan.pick):
             return None  # (pick= may have made a sequence of a 1-D feature map)
         leaf = next((x for _, x in iter_tensors(value, packed=True)), None)
         lengths = None
@@ -700,6 +798,8 @@ class Recorder:
                 s.time_major and is_known(leaf, s.time_major)):  # (time-major: see convert)
             return None
         t = leaf.detach()
+        if plan.map_last and t.ndim >= 4:  # (batch, *spatial, channels): channels at dim 1
+            t = t.movedim(-1, 1)
         if perm is not None and (t.ndim == 0 or t.shape[0] != len(perm)):
             raise UnsortError(
                 f"unsort for {where}: the output has {t.shape[0] if t.ndim else 0} examples "
@@ -725,9 +825,14 @@ class Recorder:
                 mask = keep
             elif layout == "time":  # (time, batch, ...): the general path knows it
                 return None
-        elif lengths is None and s.mask is not None and t.ndim >= 2 and not plan.map_1d \
-                and tuple(t.shape[:2]) == tuple(s.mask.shape):
-            mask = s.mask
+        elif lengths is None and t.ndim == 3 and not plan.map_1d:
+            stack = s.mask_stack  # (the mask of the scope this call is in: mask_scope.py)
+            mask = (stack[-1][1] if stack else
+                    None if s.mask_handed or learned[0] else s.mask)
+            if mask is not None and tuple(t.shape[:2]) != tuple(mask.shape):
+                mask = None
+            elif mask is not None and not stack:
+                s.rows_guessed = True  # (see Recorder._end_mask_scopes)
         if plan.dtype is not None and t.is_floating_point():
             t = t.to(plan.dtype)  # reduced in the captured precision, as a capture would be
         bidirectional = (plan.bidir_units is not None and t.ndim > 1

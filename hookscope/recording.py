@@ -276,7 +276,7 @@ class Recording:
                       lengths=lengths, mask=mask,
                       bidirectional=all(c.bidirectional for c in caps),
                       rnn_state=caps[0].rnn_state, batch_dim=dim,
-                      feature_map=caps[0].feature_map)
+                      feature_map=caps[0].feature_map, channels_last=caps[0].channels_last)
         if grads is not None:
             out._grads = GradStore()
             out._grads.add((), torch.cat(grads).movedim(0, dim))

@@ -633,3 +633,74 @@ def test_cat_keeps_bidirectional_halves_and_gathers_gradients():
     torch.testing.assert_close(torch.tensor(cat.to_frame(reduce="last").to_numpy()), last,
                                **TOL)
     torch.testing.assert_close(cat.grad, 2 * out, **TOL)
+
+
+# -- channels-last feature maps: Linear and LayerNorm inside a ConvNeXt block ----------------
+
+
+class _ConvNextBlock(nn.Module):
+    """ConvNeXt's block: a depthwise convolution, then channels-last LayerNorm and MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.norm = nn.LayerNorm(8)
+        self.pwconv1 = nn.Linear(8, 16)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.dwconv(x).permute(0, 2, 3, 1)
+        return x + self.pwconv2(self.act(self.pwconv1(self.norm(h)))).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_channels_last_maps_of_linear_and_layernorm_are_pooled_per_channel(tmp_path, reduce):
+    torch.manual_seed(0)
+    model = _ConvNextBlock().eval()
+    x = torch.randn(2, 8, 5, 6)
+    names = ["norm", "pwconv1", "pwconv2"]
+    outs = {name: _cloned(model, name, x)[0] for name in names}
+    with torch.no_grad(), hs.record(model, [*names, "dwconv"]) as rec:
+        model(x)
+    for name, want in outs.items():
+        cap = rec[name]
+        assert cap.channels_last and torch.equal(cap.tensor, want)  # (the module's layout)
+        pooled = want.mean((1, 2)) if reduce == "mean" else want.amax((1, 2))
+        torch.testing.assert_close(torch.tensor(cap.to_frame(reduce=reduce).to_numpy()),
+                                   pooled, **TOL)
+    assert not rec["dwconv"].channels_last
+    long = rec["pwconv1"].to_frame("long")
+    assert long["unit"].max() == 15 and long["position"].max() == 29  # 16 channels, 5 x 6
+    row = long[(long.example == 1) & (long.position == 7)].sort_values("unit")["value"]
+    np.testing.assert_array_equal(row.to_numpy(), outs["pwconv1"][1, 1, 1].numpy())
+    path = hs.record_dataset(model, [x, x], names, tmp_path / "ds", reduce=reduce,
+                             progress=False)
+    view = hs.open_dataset(path)
+    assert view.numpy("pwconv1").shape == (4, 16)
+    loaded = hs.load(hs.save(rec, tmp_path / "rec"))
+    assert loaded["pwconv1"].channels_last
+    with torch.no_grad(), hs.record(model, ["pwconv1"],
+                                    pick=lambda o: o.permute(0, 3, 1, 2)) as picked:
+        model(x)
+    assert not picked["pwconv1"].channels_last
+    torch.testing.assert_close(torch.tensor(picked.to_frame(reduce=reduce).to_numpy()),
+                               torch.tensor(rec["pwconv1"].to_frame(reduce=reduce).to_numpy()))
+
+
+def test_lengths_for_an_export_without_sequences_is_an_error_not_ignored():
+    model = _TextCNN().eval()
+    with torch.no_grad(), hs.record(model, ["conv", "gap"]) as rec:
+        model(torch.randn(3, 10, 8))
+    with pytest.raises(hs.errors.InputError, match="no capture is one"):
+        rec.to_frame(reduce="mean", lengths=torch.tensor([10, 4, 2]))
+    with pytest.raises(hs.errors.InputError, match="no capture is one"):
+        hs.recording_vectors(rec, reduce="mean", lengths=torch.tensor([10, 4, 2]))
+
+
+def test_record_dataset_says_a_3d_output_whose_channels_vary_may_be_a_feature_map(tmp_path):
+    model = _TextCNN().eval()
+    batches = [torch.randn(3, 10, 8), torch.randn(3, 7, 8)]
+    with pytest.raises(hs.errors.DatasetError, match=r"\(batch, channels, length\) map"):
+        hs.record_dataset(model, batches, ["act"], tmp_path / "ds", reduce="mean",
+                          progress=False)
