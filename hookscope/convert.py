@@ -327,7 +327,13 @@ def padding_mask(mask_from: Any, args: tuple, kwargs: dict) -> Tensor | None:
     A callable gets ``(args, kwargs)`` and returns the mask itself (or ``None``).
     """
     if callable(mask_from):
-        mask = mask_from(args, kwargs)
+        try:
+            mask = mask_from(args, kwargs)
+        except Exception as exc:  # (a bare KeyError from inside the model call says nothing)
+            raise InputError(
+                f"mask_from= raised {type(exc).__name__}: {exc}. It is called with (args, "
+                "kwargs) of every call of the model in the block; return None for a call "
+                "that has no mask, e.g. lambda args, kwargs: kwargs.get('mask').") from exc
         if mask is None:
             return None
         mask = torch.as_tensor(mask)

@@ -24,12 +24,12 @@ sentence encoder), takes the model call's mask, as before.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["scope_mask", "scope_modules"]
+__all__ = ["end_pass", "scope_hooks", "scope_mask", "scope_modules"]
 
 #: What :func:`scope_mask` returns where a call opens no scope.
 NO_SCOPE = object()
@@ -76,3 +76,41 @@ def scope_mask(mask_from: str, args: tuple, kwargs: dict | None, model_raw: Any,
     if not isinstance(value, Tensor) or value.ndim != 2 or value.is_floating_point():
         return NO_SCOPE  # (a float mask may be additive: only integer and boolean masks)
     return value.detach() != 0, False
+
+
+def scope_hooks(own: Callable[[], Any], mask_from: str) -> tuple[Callable, Callable]:
+    """The forward pre-hook that opens a module's scope (:func:`scope_mask`) and the forward
+    hook that closes it, on the session ``own()`` returns (``None``: not this thread's, or no
+    block).  A scope is ``(id(module), mask)`` on ``s.mask_stack``; ``s.mask_handed`` says
+    the model's own mask went into one in this forward pass."""
+
+    def scope_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        s = own()
+        if s is not None and (kwargs or args):
+            scope = scope_mask(mask_from, args, kwargs, s.mask_raw, s.mask)
+            if scope is not NO_SCOPE:
+                mask, handed = scope
+                s.mask_handed = s.mask_handed or handed
+                s.mask_stack.append((id(module), mask))
+                s.scope_opened.add(module)
+
+    def scope_hook(module: nn.Module, args: tuple, output: Any) -> None:
+        s = own()
+        if s is not None and s.mask_stack and s.mask_stack[-1][0] == id(module):
+            s.mask_stack.pop()
+
+    return scope_pre_hook, scope_hook
+
+
+def end_pass(s: Any) -> bool:
+    """The end of a forward pass: where the model handed its mask to a part of itself, the
+    captures made outside every scope (``s.mask_outside``) belong to another stream and have
+    none.  Returns whether it was handed on."""
+    handed = s.mask_handed
+    if handed:
+        for cap in s.mask_outside:
+            cap._mask = None
+    s.mask_outside = []
+    s.mask_stack.clear()
+    s.mask_handed = False
+    return handed

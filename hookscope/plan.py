@@ -68,7 +68,7 @@ class Plan:
     # device="cpu": the recorder's pinned buffers and asynchronous copies (see offload.py).
     staging: Any = None
     # record_dataset: rows(capture, perm) -> (rows, shares memory) reduces each call to one row
-    # per example in the hook, in the model's batch order (see Recorder._rows_at_call).
+    # per example in the hook, in the model's batch order (see rows_at_call.py).
     rows: Callable[[Any, Tensor | None], tuple[Tensor, bool]] | None = None
     # The permutations copied to the devices they were used on, made once (a host-to-device
     # copy from pageable memory waits for the GPU: it must not run in every call).

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
 
 from .capture import Capture
 from .convert import (
@@ -28,11 +27,9 @@ from .convert import (
     convert,
     from_rnn_state,
     input_lengths,
-    input_packed,
     is_rnn_state,
     nested_lengths_or_mask,
     packed_input_layout,
-    packed_layout,
     padding_mask,
     snapshot_tensor,
 )
@@ -42,19 +39,19 @@ from .errors import (
     HookscopeError,
     InputError,
     InputTypeError,
-    UnsortError,
     UnsupportedModelError,
 )
 from .frame import rnn_state_error
 from .grads import attach_grad_hooks, require_grads
 from .layout import capture_batch_dim, is_known, known_dims, sequence_output, time_major
-from .mask_scope import NO_SCOPE, scope_mask, scope_modules
+from .mask_scope import end_pass, scope_hooks, scope_modules
 from .offload import HostStaging
 from .plan import BatchDim, Plan, build_plans, with_perms
 from .recording import Recording
 from .rnn_states import RNNStates
+from .rows_at_call import rows_at_call
 from .select import ModuleSpec, resolve_modules, unwrap
-from .structure import first_tensor, iter_tensors, packed_mask, pad_packed
+from .structure import first_tensor, iter_tensors
 
 __all__ = ["Recorder", "record"]
 
@@ -370,8 +367,7 @@ class Recorder:
         # given the input's lengths).
         self._state_hooks = [(rnn, self._make_state_hook(time_major(rnn))) for rnn in self._rnns]
         self._state_hooks += [(m, self._make_sequence_hook()) for m in self._sequence_modules]
-        self._scope_pre_hook = self._make_scope_pre_hook()
-        self._scope_hook = self._make_scope_hook()
+        self._scope_pre_hook, self._scope_hook = scope_hooks(self._own, self.mask_from)
         # Modules given a number of calls per forward pass (calls=, unsort= or edit= per
         # call): (name, expected calls, what was given), checked as each step ends.
         self._expected_calls = []
@@ -504,42 +500,13 @@ class Recorder:
             s.handles.append(module.register_forward_hook(self._scope_hook))
 
     def _end_mask_scopes(self, s: _Session) -> None:
-        """The end of a forward pass: where the model handed its mask to a part of itself,
-        captures made outside every scope belong to another stream and have none."""
-        if s.mask_handed:
+        """The end of a forward pass (see :func:`~hookscope.mask_scope.end_pass`)."""
+        if end_pass(s):
             self._mask_learned[0] = True
-            for cap in s.mask_outside:
-                cap._mask = None
             # record_dataset: rows reduced outside every scope with the model's mask, before
             # this model was known to hand it on, are redone (the recorder knows it now).
             self._rows_redo = self._rows_redo or s.rows_guessed
         s.rows_guessed = False
-        s.mask_outside = []
-        s.mask_stack.clear()
-        s.mask_handed = False
-
-    def _make_scope_pre_hook(self) -> Callable[..., None]:
-        mask_from = self.mask_from
-
-        def scope_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            s = self._own()
-            if s is not None and (kwargs or args):
-                scope = scope_mask(mask_from, args, kwargs, s.mask_raw, s.mask)
-                if scope is not NO_SCOPE:
-                    mask, handed = scope
-                    s.mask_handed = s.mask_handed or handed
-                    s.mask_stack.append((id(module), mask))
-                    s.scope_opened.add(module)
-
-        return scope_pre_hook
-
-    def _make_scope_hook(self) -> Callable[..., None]:
-        def scope_hook(module: nn.Module, args: tuple, output: Any) -> None:
-            s = self._own()
-            if s is not None and s.mask_stack and s.mask_stack[-1][0] == id(module):
-                s.mask_stack.pop()
-
-        return scope_hook
 
     def _make_hook(self, plan: Plan) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple, *rest: Any) -> Any:
@@ -707,8 +674,8 @@ class Recorder:
                 dims = known_dims(plan, output, raw, s.time_major,
                                   packed_input_layout(args, kwargs, primary))
             rows = (None if plan.rows is None else
-                    self._rows_at_call(s, plan, args, kwargs, value, perm, call, label, where,
-                                       self._mask_learned))
+                    rows_at_call(s, plan, args, kwargs, value, perm, call, label, where,
+                                 self._mask_learned))
             if rows is not None:  # record_dataset: one row per example, nothing else kept
                 value = rows
             else:
@@ -773,77 +740,11 @@ class Recorder:
     def _reduce_at_call(self, rows: Callable[[Capture, Tensor | None], tuple[Tensor, bool]]
                         ) -> None:
         """Reduce every call to one row per example in its hook (``record_dataset``): nothing
-        of the output is copied but the rows (see :meth:`_rows_at_call`)."""
+        of the output is copied but the rows (see :func:`~hookscope.rows_at_call.rows_at_call`)."""
         self._options["rows"] = rows
         self._plans = {n: dataclasses.replace(p, rows=rows, plain=False)
                        for n, p in self._plans.items()}
         self._make_hooks()
-
-    @staticmethod
-    def _rows_at_call(s: _Session, plan: Plan, args: tuple, kwargs: dict, value: Any,
-                      perm: Tensor | None, call: int, label: str | None,
-                      where: str, learned: list[bool]) -> Tensor | None:
-        """``plan.rows`` applied to this call's primary tensor where the model left it, in the
-        model's batch order, then the rows (not the whole output) unsorted: reduction commutes
-        with reordering examples, and the output itself is never copied.  ``None`` where the
-        general path must decide (no dense tensor, ``batch_dim=``, a time-major output)."""
-        if plan.batch_dim != "auto" or plan.seq_dim == 1 or (
-                (plan.map_1d or plan.map_last) and plan.pick):
-            return None  # (pick= may have made a sequence of a 1-D feature map)
-        leaf = next((x for _, x in iter_tensors(value, packed=True)), None)
-        lengths = None
-        if isinstance(leaf, PackedSequence):
-            leaf, lengths = pad_packed(leaf)
-        elif leaf is None or leaf.is_nested or leaf.layout is not torch.strided or (
-                s.time_major and is_known(leaf, s.time_major)):  # (time-major: see convert)
-            return None
-        t = leaf.detach()
-        if plan.map_last and t.ndim >= 4:  # (batch, *spatial, channels): channels at dim 1
-            t = t.movedim(-1, 1)
-        if perm is not None and (t.ndim == 0 or t.shape[0] != len(perm)):
-            raise UnsortError(
-                f"unsort for {where}: the output has {t.shape[0] if t.ndim else 0} examples "
-                f"(shape {tuple(t.shape)}) but the permutation has {len(perm)} entries: the "
-                "permutation is for another batch.")
-        if t.ndim in (1, 2) and lengths is None:  # already one row per example: kept as is
-            if plan.dtype is not None and t.is_floating_point():
-                t = t.to(plan.dtype)
-            rows = t.unsqueeze(1) if t.ndim == 1 else t
-            if perm is None:
-                return rows.clone()  # (the model's own memory: a later in-place op)
-            return rows.index_select(0, plan.perm_on(perm, rows.device))
-        mask = None
-        packed_in = input_packed(args, kwargs) if lengths is None else None
-        if packed_in is not None and t.ndim >= 2 and not from_rnn_state(plan, t, s.rnn_states):
-            # Real positions straight from the input's batch_sizes, where they describe this
-            # output as (batch, time, ...) (not an RNN's h_n computed from the same input).
-            keep = packed_mask(packed_in)
-            layout = packed_layout(t, *keep.shape)
-            if layout == "batch":
-                if t.shape[1] > keep.shape[1]:  # padded to a longer total_length
-                    keep = torch.nn.functional.pad(keep, (0, t.shape[1] - keep.shape[1]))
-                mask = keep
-            elif layout == "time":  # (time, batch, ...): the general path knows it
-                return None
-        elif lengths is None and t.ndim == 3 and not plan.map_1d:
-            stack = s.mask_stack  # (the mask of the scope this call is in: mask_scope.py)
-            mask = (stack[-1][1] if stack else
-                    None if s.mask_handed or learned[0] else s.mask)
-            if mask is not None and tuple(t.shape[:2]) != tuple(mask.shape):
-                mask = None
-            elif mask is not None and not stack:
-                s.rows_guessed = True  # (see Recorder._end_mask_scopes)
-        if plan.dtype is not None and t.is_floating_point():
-            t = t.to(plan.dtype)  # reduced in the captured precision, as a capture would be
-        bidirectional = (plan.bidir_units is not None and t.ndim > 1
-                         and t.shape[-1] == plan.bidir_units)
-        cap = Capture(plan.name, s.rec.steps - 1, call, label, plan.module_type, t,
-                      lengths=lengths, mask=mask, bidirectional=bidirectional,
-                      feature_map=plan.map_1d and t.ndim == 3)
-        rows, shared = plan.rows(cap, perm)
-        if perm is not None:
-            return rows.index_select(0, plan.perm_on(perm, rows.device))
-        return rows.clone() if shared else rows  # rows that are the model's own memory
 
     @staticmethod
     def _require_grads(s: _Session, output: Any, returned: Any, where: str) -> Any:

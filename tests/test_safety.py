@@ -325,3 +325,11 @@ def test_mask_from_reads_masks_of_any_convention():
     assert torch.equal(rec["proj"].mask, real.bool())
     with pytest.raises(TypeError, match="mask_from"):
         hs.record(model, ["proj"], mask_from=3)
+
+
+def test_a_mask_from_callable_that_raises_says_so_and_leaves_no_hooks():
+    model = nn.Sequential(nn.Linear(3, 3))
+    with pytest.raises(hs.InputError, match=r"mask_from= raised KeyError.*return None"):
+        with hs.record(model, ["0"], mask_from=lambda args, kwargs: kwargs["mask"]):
+            model(torch.randn(2, 3))
+    assert not model._forward_pre_hooks and not model[0]._forward_hooks
