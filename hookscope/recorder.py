@@ -44,7 +44,7 @@ from .errors import (
 from .frame import rnn_state_error
 from .grads import attach_grad_hooks, require_grads
 from .layout import capture_batch_dim, is_known, known_dims, sequence_output, time_major
-from .mask_scope import end_pass, scope_hooks, scope_modules
+from .mask_scope import end_pass, scope_hooks, scope_modules, scoped_mask
 from .offload import HostStaging
 from .plan import BatchDim, Plan, build_plans, with_perms
 from .recording import Recording
@@ -103,10 +103,11 @@ class _Stop(BaseException):
 class _Session:
     """The state of one entered block: the recording, call counters, handles."""
 
-    __slots__ = ("count_problems", "counts", "handles", "mask", "mask_handed", "mask_outside",
-                 "mask_raw", "mask_stack", "no_grad_warned", "pending_inputs", "rec",
-                 "remaining", "rnn_states", "rows_guessed", "scope_opened", "scopes_on",
-                 "stance", "thread", "time_major")
+    __slots__ = ("count_problems", "counts", "entries", "handles", "joined", "mask",
+                 "mask_handed", "mask_outside", "mask_raw", "mask_stack", "model_inputs",
+                 "no_grad_warned", "pending_inputs", "rec", "remaining", "rnn_states",
+                 "rows_guessed", "scope_outputs", "scopes_on", "stance", "thread",
+                 "time_major")
 
     def __init__(self, rec: Recording, n_plans: int, thread: int | None) -> None:
         self.rec = rec
@@ -119,12 +120,18 @@ class _Session:
         self.stance: Any = None
         self.mask: Tensor | None = None  # the model call's attention mask, if any
         self.mask_raw: Any = None  # ... as the model was given it (see mask_scope.py)
-        self.mask_stack: list[tuple[int, Tensor | None]] = []  # open scopes: (module, mask)
+        # Open scopes: (module, mask, pending: a stream entry, decided as the pass ends).
+        self.mask_stack: list[tuple[int, Tensor | None, bool]] = []
         self.mask_handed = False  # the model's mask went into a scope in this forward pass
-        self.mask_outside: list[Capture] = []  # given the model's mask outside every scope
-        self.rows_guessed = False  # record_dataset rows reduced so, before it was known
+        self.mask_outside: list[tuple[int, Capture]] = []  # (entry, capture): given the
+        # model's mask in a pending scope
+        self.entries: dict[int, Any] = {}  # stream entries that ran: their outputs
+        self.joined: set[int] = set()  # entries whose output the part with the mask took
+        self.scope_outputs: list[tuple[Any, Tensor | None, int | None]] = []  # closed scopes:
+        # (output, mask, pending entry), for modules outside given one (a seq2seq lm_head)
+        self.model_inputs: list[Tensor] = []  # the model call's tensors (mask_scope.py)
+        self.rows_guessed: set[int] = set()  # record_dataset rows reduced so, in entries
         self.scopes_on = False  # the scope hooks are registered (at the first masked call)
-        self.scope_opened: set[nn.Module] = set()  # the modules that opened a scope
         # (h, c) returned by RNNs inside hooked wrappers in this forward pass: their batch is
         # dim 1, and no packed input's lengths describe them (see RNNStates).
         self.rnn_states = RNNStates()
@@ -319,10 +326,9 @@ class Recorder:
         # copies), and the modules that may open a scope.
         self._scopes = (scope_modules(model, selected.values())
                         if isinstance(mask_from, str) else ())
-        self._mask_learned = [False]
-        # The modules that opened a scope in this recorder's first block that had a mask
-        # (None: not known yet): later blocks hook only those (BERT: none).
-        self._scopes_known: list[tuple[nn.Module, ...] | None] = [None]
+        # Stream entries that an earlier forward pass showed to be another stream than the
+        # one the mask was handed to (shared with with_unsort's copies).
+        self._other_streams: set[int] = set()
         self._rows_redo = False
         self._module_types = {n: p.module_type for n, p in self._plans.items()}
         self._make_hooks()
@@ -411,8 +417,6 @@ class Recorder:
         if s is not None:
             _close(s)
             self._end_mask_scopes(s)
-            if s.scopes_on and self._scopes_known[0] is None and exc is None:
-                self._scopes_known[0] = tuple(m for m in self._scopes if m in s.scope_opened)
         if self._staging is not None:
             self._staging.synchronize()  # the one wait for copies in flight: captures complete
         _PENDING_STOPS.pop(_get_ident(), None) if exc is not None else None
@@ -462,7 +466,7 @@ class Recorder:
             return
         if s.counts and self._expected_calls:
             self._tally_calls(s)
-        if s.mask_outside or s.mask_handed or s.mask_stack:
+        if s.mask_outside or s.mask_handed or s.mask_stack or s.entries or s.scope_outputs:
             self._end_mask_scopes(s)
         s.rec.steps += 1
         s.counts.clear()
@@ -471,6 +475,7 @@ class Recorder:
         s.rnn_states.clear()
         s.time_major = []
         s.mask = s.mask_raw = None
+        s.model_inputs = []
         mask_from = self.mask_from
         if mask_from is not None:
             kwargs = rest[0] if rest else None
@@ -478,35 +483,43 @@ class Recorder:
                 for a in args:  # a features dict passed positionally (sentence-transformers)
                     if type(a) is not Tensor and isinstance(a, Mapping):
                         break
-                else:
-                    return  # the common case: no mask in this call
+                else:  # the common case: no mask in this call (but maybe a decoder's)
+                    if kwargs and self._scopes and any(
+                            type(k) is str and k.endswith(mask_from) for k in kwargs):
+                        self._scope_step(s, args, kwargs)
+                    return
             s.mask = padding_mask(mask_from, args, kwargs or {})
             if type(mask_from) is str:  # (the very object, to know it where it is passed on)
                 s.mask_raw = (kwargs[mask_from] if kwargs and mask_from in kwargs else next(
                     (a[mask_from] for a in args if type(a) is not Tensor
                      and isinstance(a, Mapping) and mask_from in a), None))
-                if s.mask_raw is not None and not s.scopes_on:
-                    self._open_scopes(s)
+                if s.mask_raw is not None and self._scopes:
+                    self._scope_step(s, args, kwargs)
 
-    def _open_scopes(self, s: _Session) -> None:
-        """Hook the modules that may open a scope (mask_scope.py), at the block's first model
-        call with a mask (before its children run): a model called without one pays
-        nothing, and a recorder that learned where its model's mask goes hooks only there."""
-        s.scopes_on = True
-        known = self._scopes_known[0]
-        for module in self._scopes if known is None else known:
-            s.handles.append(module.register_forward_pre_hook(self._scope_pre_hook,
-                                                              with_kwargs=True))
-            s.handles.append(module.register_forward_hook(self._scope_hook))
+    def _scope_step(self, s: _Session, args: tuple, kwargs: dict | None) -> None:
+        """A model call with a mask (or a decoder's): note its input tensors, and hook the
+        modules that may open a scope (mask_scope.py) at the block's first such call, before
+        its children run (a model called without a mask pays nothing)."""
+        given = [*args, *(kwargs.values() if kwargs else ())]
+        given += [v for a in given if type(a) is not Tensor and isinstance(a, Mapping)
+                  for v in a.values()]
+        s.model_inputs = [t for t in given if type(t) is Tensor and t is not s.mask_raw]
+        if not s.scopes_on:
+            s.scopes_on = True
+            for module in self._scopes:
+                s.handles.append(module.register_forward_pre_hook(self._scope_pre_hook,
+                                                                  with_kwargs=True))
+                s.handles.append(module.register_forward_hook(self._scope_hook))
 
     def _end_mask_scopes(self, s: _Session) -> None:
         """The end of a forward pass (see :func:`~hookscope.mask_scope.end_pass`)."""
-        if end_pass(s):
-            self._mask_learned[0] = True
-            # record_dataset: rows reduced outside every scope with the model's mask, before
-            # this model was known to hand it on, are redone (the recorder knows it now).
-            self._rows_redo = self._rows_redo or s.rows_guessed
-        s.rows_guessed = False
+        others = end_pass(s)
+        if others:
+            self._other_streams |= others
+            # record_dataset: rows reduced with the model's mask in an entry not known to be
+            # another stream yet are redone (the recorder knows it now).
+            self._rows_redo = self._rows_redo or bool(s.rows_guessed & others)
+        s.rows_guessed = set()
 
     def _make_hook(self, plan: Plan) -> Callable[..., Any]:
         def hook(module: nn.Module, args: tuple, *rest: Any) -> Any:
@@ -563,8 +576,10 @@ class Recorder:
                     # The (batch, time) mask of the scope this call is in (mask_scope.py), where
                     # it fits a (batch, time, features) sequence (a (batch, d) output has none,
                     # nor a 4-D one: (batch, heads, time, time) weights may have as many heads)
-                    stack = s.mask_stack
-                    mask = stack[-1][1] if stack else None if s.mask_handed else s.mask
+                    if s.mask_stack or s.scope_outputs:
+                        mask, entry = scoped_mask(s, args)
+                    else:
+                        mask, entry = s.mask, None
                     if mask is not None and (output.ndim != 3 or output.shape[:2] != mask.shape
                                              or map_1d):
                         mask = None
@@ -576,8 +591,8 @@ class Recorder:
                         capture.feature_map = True
                     elif map_last and value.ndim >= 4:  # (batch, *spatial, channels)
                         capture.channels_last = True
-                    elif mask is not None and not stack:  # (decided as the pass ends)
-                        s.mask_outside.append(capture)
+                    elif mask is not None and entry is not None:  # (decided as the pass
+                        s.mask_outside.append((entry, capture))  # ends: mask_scope.py)
                     rec._captures[name].append(capture)
             if _PENDING_STOPS:
                 _raise_pending_stop(module, hook)
@@ -675,7 +690,7 @@ class Recorder:
                                   packed_input_layout(args, kwargs, primary))
             rows = (None if plan.rows is None else
                     rows_at_call(s, plan, args, kwargs, value, perm, call, label, where,
-                                 self._mask_learned))
+                                 self._other_streams))
             if rows is not None:  # record_dataset: one row per example, nothing else kept
                 value = rows
             else:
@@ -688,6 +703,7 @@ class Recorder:
                     in_flight = plan.staging.in_flight()  # inputs') tensors may be in flight
                 live = tuple(converted.live)
         bidirectional = feature_map = last = False
+        entry = None
         batch_dim = 0
         if rows is None:  # (rows know no lengths or mask: they were used)
             t = value if type(value) is Tensor else first_tensor(value)  # the primary, as stored
@@ -704,8 +720,8 @@ class Recorder:
                            and primary is sequence_output(output))
             last = (plan.map_last and t is not None and t.ndim >= 4
                     and primary is sequence_output(output))
-            stack = s.mask_stack  # (the mask of the scope this call is in: mask_scope.py)
-            model_mask = stack[-1][1] if stack else None if s.mask_handed else s.mask
+            model_mask, entry = (scoped_mask(s, args) if s.mask_stack or s.scope_outputs
+                                 else (s.mask, None))  # (the scope's mask: mask_scope.py)
             if lengths is None and not feature_map and (
                     model_mask is not None or type(value) is not Tensor or value.is_nested):
                 lengths, mask = nested_lengths_or_mask(  # (the mask is (batch, time))
@@ -724,8 +740,8 @@ class Recorder:
                           kwargs_in, lengths, versions, mask, live, bidirectional,
                           rnn_state, batch_dim, feature_map, last)  # positional:
         # keywords cost half a microsecond per capture here
-        if mask is not None and not s.mask_stack:
-            s.mask_outside.append(capture)  # (decided as the pass ends)
+        if mask is not None and entry is not None:
+            s.mask_outside.append((entry, capture))  # (decided as the pass ends)
         if grads is not None:
             capture._grads = grads
         if in_flight is not None:

@@ -17,6 +17,7 @@ from .capture import Capture
 from .convert import from_rnn_state, input_packed, packed_layout
 from .errors import UnsortError
 from .layout import is_known
+from .mask_scope import scoped_mask
 from .plan import Plan
 from .structure import iter_tensors, packed_mask, pad_packed
 
@@ -25,7 +26,7 @@ __all__ = ["rows_at_call"]
 
 def rows_at_call(s: Any, plan: Plan, args: tuple, kwargs: dict, value: Any,
                  perm: Tensor | None, call: int, label: str | None,
-                 where: str, learned: list[bool]) -> Tensor | None:
+                 where: str, other_streams: set[int]) -> Tensor | None:
     """``plan.rows`` applied to this call's primary tensor where the model left it, in the
     model's batch order, then the rows (not the whole output) unsorted: reduction commutes
     with reordering examples, and the output itself is never copied.  ``None`` where the
@@ -69,13 +70,15 @@ def rows_at_call(s: Any, plan: Plan, args: tuple, kwargs: dict, value: Any,
         elif layout == "time":  # (time, batch, ...): the general path knows it
             return None
     elif lengths is None and t.ndim == 3 and not plan.map_1d:
-        stack = s.mask_stack  # (the mask of the scope this call is in: mask_scope.py)
-        mask = (stack[-1][1] if stack else
-                None if s.mask_handed or learned[0] else s.mask)
+        mask, entry = (scoped_mask(s, args) if s.mask_stack or s.scope_outputs
+                       else (s.mask, None))  # (the scope's mask: mask_scope.py)
+        if entry is not None and entry in other_streams:  # (an earlier pass showed it)
+            mask = None
         if mask is not None and tuple(t.shape[:2]) != tuple(mask.shape):
             mask = None
-        elif mask is not None and not stack:
-            s.rows_guessed = True  # (the recorder redoes the batch: Recorder._end_mask_scopes)
+        elif mask is not None and entry is not None:
+            s.rows_guessed.add(entry)  # (the recorder redoes the batch if it was another
+            # stream: Recorder._end_mask_scopes)
     if plan.dtype is not None and t.is_floating_point():
         t = t.to(plan.dtype)  # reduced in the captured precision, as a capture would be
     bidirectional = (plan.bidir_units is not None and t.ndim > 1

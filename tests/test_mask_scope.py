@@ -85,6 +85,30 @@ def test_a_single_stream_model_keeps_the_model_calls_mask_everywhere():
     assert torch.equal(rec["body.0"].mask, mask.bool())
 
 
+class _Embedded(nn.Module):
+    """Funnel's and ESM's shape: embeddings fed the input ids, then an encoder handed the
+    mask, then a head: one stream throughout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embeddings = nn.Embedding(10, 4)
+        self.encoder = _Tower()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(self.encoder(self.embeddings(input_ids), attention_mask=attention_mask))
+
+
+def test_a_single_stream_that_hands_its_mask_to_a_part_keeps_it_everywhere():
+    model = _Embedded().eval()
+    ids = torch.randint(0, 10, (3, 5))
+    _, _, mask = _towers_batch()
+    with torch.no_grad(), hs.record(model, ["embeddings", "encoder.layer", "head", ""]) as rec:
+        model(ids, attention_mask=mask)
+    for name in ("embeddings", "encoder.layer", "head", ""):
+        assert torch.equal(rec[name].mask, mask.bool()), name
+
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -161,3 +185,60 @@ def test_wav2vec2_layers_take_the_mask_over_frames_the_model_computes():
     real = [out.hidden_states[2][i, :n].mean(0) for i, n in enumerate(frames.sum(1).tolist())]
     torch.testing.assert_close(torch.tensor(rec.to_frame(reduce="mean").to_numpy()),
                                torch.stack(real), **TOL)
+
+
+def _bart():
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(vocab_size=60, d_model=16, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=2, decoder_attention_heads=2,
+                                  encoder_ffn_dim=32, decoder_ffn_dim=32,
+                                  max_position_embeddings=32)
+    return transformers.BartForConditionalGeneration(cfg).eval()
+
+
+def test_bart_with_its_head_the_decoder_has_no_mask_and_the_head_gets_the_decoders():
+    model = _bart()
+    ids = torch.randint(3, 60, (3, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])
+    dec_ids = torch.randint(3, 60, (3, 6))
+    names = ["model.encoder.layers.0", "model.decoder.layers.0", "lm_head"]
+    recorder = hs.record(model, names)
+    with torch.no_grad(), recorder as rec:  # (a reused recorder: several blocks)
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_ids)
+    assert torch.equal(rec["model.encoder.layers.0"].mask, mask.bool())
+    assert rec["model.decoder.layers.0"].mask is None
+    assert rec["lm_head"].mask is None  # (it reads the decoder's output, not the source)
+    dec_mask = torch.tensor([[1] * 6, [1] * 6, [1] * 3 + [0] * 3])
+    with torch.no_grad(), recorder as rec:
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_ids,
+              decoder_attention_mask=dec_mask)
+    assert torch.equal(rec["model.decoder.layers.0"].mask, dec_mask.bool())
+    assert torch.equal(rec["lm_head"].mask, dec_mask.bool())
+    with torch.no_grad(), recorder as rec:  # the decoder's mask alone (Whisper's call)
+        model(input_ids=ids, decoder_input_ids=dec_ids, decoder_attention_mask=dec_mask)
+    assert torch.equal(rec["model.decoder.layers.0"].mask, dec_mask.bool())
+    with torch.no_grad():  # the encoder run once, its outputs given (scoring many targets)
+        encoded = model.model.encoder(input_ids=ids, attention_mask=mask)
+    with torch.no_grad(), hs.record(model, ["model.decoder.layers.0"]) as rec:
+        model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=dec_ids)
+    assert rec["model.decoder.layers.0"].mask is None
+
+
+def test_token_and_lm_heads_keep_the_mask_of_the_stream_they_read():
+    torch.manual_seed(0)
+    bert = transformers.BertForTokenClassification(transformers.BertConfig(
+        vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_labels=5)).eval()
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=60, n_embd=16, n_layer=1, n_head=2, n_positions=32)).eval()
+    ids = torch.randint(1, 60, (3, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])  # right padding
+    with torch.no_grad(), hs.record(bert, ["classifier", "bert.encoder.layer.0"]) as rec:
+        bert(ids, attention_mask=mask)
+    assert torch.equal(rec["classifier"].mask, mask.bool())
+    assert torch.equal(rec["bert.encoder.layer.0"].mask, mask.bool())
+    with torch.no_grad(), hs.record(gpt2, ["lm_head"]) as rec:
+        logits = gpt2(ids, attention_mask=mask).logits
+    last = torch.stack([logits[i, n - 1] for i, n in enumerate(mask.sum(1).tolist())])
+    torch.testing.assert_close(torch.tensor(rec.to_frame(reduce="last").to_numpy()), last,
+                               **TOL)
