@@ -25,10 +25,13 @@ recorder watches the model's direct children and the ancestors of the selected m
 - anything else (no mask keyword, ``None``, the 4-D additive masks that layers get): no scope,
   the enclosing one applies.
 
-A capture outside every scope takes the mask of the scope whose output its module was given
-(a seq2seq model's ``lm_head`` reads the decoder's output: the decoder's mask, or none), else
-the model call's mask (a task head, the model's own output: they work on the stream the mask
-describes) (:func:`scoped_mask`).
+A call inside an open scope is no stream entry (an ``embeddings(input_ids)`` inside the part
+the mask was handed to belongs to it).  A capture outside every scope takes the mask of the
+scope whose output its module was given (a seq2seq model's ``lm_head`` reads the decoder's
+output: the decoder's mask, or none); where it was given something made from one (T5 scales
+the decoder's output first), the mask of the scope that closed last, if the model handed its
+mask on; else the model call's mask (a task head, the model's own output)
+(:func:`scoped_mask`).
 """
 
 from __future__ import annotations
@@ -67,13 +70,16 @@ def scope_modules(model: nn.Module, selected: Iterable[nn.Module]) -> tuple[nn.M
 
 
 def scope_mask(mask_from: str, args: tuple, kwargs: dict | None, model_raw: Any,
-               model_mask: Tensor | None, model_inputs: list[Tensor]) -> Any:
+               model_mask: Tensor | None, model_inputs: list[Tensor],
+               inside: bool = False) -> Any:
     """The scope a call opens (see the module docstring): ``(mask, handed, pending)``, where
     ``mask`` is what its captures take, ``handed`` whether it is the model call's own mask
     given under the same keyword, and ``pending`` whether the call is a stream entry whose
     mask is decided as the pass ends; else :data:`NO_SCOPE`.  ``model_raw`` is the very
     object the model call was given as its mask, ``model_mask`` what the recorder made of it,
-    ``model_inputs`` the model call's other tensors."""
+    ``model_inputs`` the model call's other tensors; ``inside``: the call is inside an open
+    scope, so it is no stream entry (an ``embeddings(input_ids)`` inside the part the mask was
+    handed to belongs to it)."""
     value: Any = NO_SCOPE
     if kwargs and mask_from in kwargs:
         value = kwargs[mask_from]
@@ -92,7 +98,8 @@ def scope_mask(mask_from: str, args: tuple, kwargs: dict | None, model_raw: Any,
     if kwargs and any(v is model_raw and "encoder" in k for k, v in kwargs.items()):
         return None, False, False  # a decoder's encoder_attention_mask: not its own mask
     given = [*args, *(kwargs.values() if kwargs else ())]
-    if value is NO_SCOPE and any(x is t for x in given for t in model_inputs):
+    if (value is NO_SCOPE and not inside
+            and any(x is t for x in given for t in model_inputs)):
         return model_mask, False, True  # a stream entry (see the module docstring)
     return NO_SCOPE
 
@@ -107,7 +114,8 @@ def scope_hooks(own: Callable[[], Any], mask_from: str) -> tuple[Callable, Calla
     def scope_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         s = own()
         if s is not None and (kwargs or args):
-            scope = scope_mask(mask_from, args, kwargs, s.mask_raw, s.mask, s.model_inputs)
+            scope = scope_mask(mask_from, args, kwargs, s.mask_raw, s.mask, s.model_inputs,
+                               bool(s.mask_stack))
             if scope is not NO_SCOPE:
                 mask, handed, pending = scope
                 if handed:
@@ -157,7 +165,9 @@ def end_pass(s: Any) -> set[int]:
 def scoped_mask(s: Any, args: tuple) -> tuple[Tensor | None, int | None]:
     """The mask a capture made now takes, and the stream entry it is pending on (``None``:
     decided): the innermost open scope's; outside every scope, that of the scope whose output
-    the module was given as its first argument; else the model call's."""
+    the module was given as its first argument, else, where the model handed its mask to a
+    part of itself, that of the scope that closed last (a head after a decoder), else the
+    model call's."""
     stack = s.mask_stack
     if stack:
         module, mask, pending = stack[-1]
@@ -167,4 +177,7 @@ def scoped_mask(s: Any, args: tuple) -> tuple[Tensor | None, int | None]:
         for out, mask, entry in s.scope_outputs:
             if x is out:
                 return mask, entry
+    if s.mask_handed and s.scope_outputs:  # given something made from a scope's output
+        _, mask, entry = s.scope_outputs[-1]  # (T5 scales the decoder's before its lm_head):
+        return mask, entry  # the stream of the part that ran last
     return s.mask, None

@@ -321,9 +321,8 @@ class Recorder:
         # batch_first=False): its output sequence is known wherever it is passed on.
         self._sequence_modules = tuple(m for m in model.modules()
                                        if time_major(m) and not isinstance(m, nn.RNNBase))
-        # Where the model call's padding mask goes (see mask_scope.py): whether this model
-        # handed it to a part of itself in an earlier forward pass (shared with with_unsort's
-        # copies), and the modules that may open a scope.
+        # Where the model call's padding mask goes (see mask_scope.py): the modules that may
+        # open a scope for it.
         self._scopes = (scope_modules(model, selected.values())
                         if isinstance(mask_from, str) else ())
         # Stream entries that an earlier forward pass showed to be another stream than the

@@ -242,3 +242,41 @@ def test_token_and_lm_heads_keep_the_mask_of_the_stream_they_read():
     last = torch.stack([logits[i, n - 1] for i, n in enumerate(mask.sum(1).tolist())])
     torch.testing.assert_close(torch.tensor(rec.to_frame(reduce="last").to_numpy()), last,
                                **TOL)
+
+
+def test_embeddings_inside_the_part_handed_the_mask_keep_it():
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=60, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32)).eval()
+    ids = torch.randint(1, 60, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    names = ["bert.embeddings", "bert.embeddings.word_embeddings", "bert.encoder.layer.0"]
+    with torch.no_grad(), hs.record(model, names) as rec:
+        model(ids, attention_mask=mask)
+    for name in names:
+        assert torch.equal(rec[name].mask, mask.bool()), name
+
+
+def test_t5s_lm_head_takes_the_decoders_mask_though_it_reads_a_scaled_copy(tmp_path):
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+        num_heads=4, decoder_start_token_id=0)).eval()
+    ids = torch.randint(1, 100, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    dec_ids = torch.randint(1, 100, (2, 6))
+    dec_mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1] * 6])
+    with torch.no_grad(), hs.record(model, ["lm_head", "decoder.final_layer_norm"]) as rec:
+        logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_ids,
+                       decoder_attention_mask=dec_mask).logits
+    assert torch.equal(rec["lm_head"].mask, dec_mask.bool())
+    with torch.no_grad(), hs.record(model, ["lm_head"]) as rec:
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec_ids)
+    assert rec["lm_head"].mask is None
+    batch = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec_ids,
+             "decoder_attention_mask": dec_mask}
+    path = hs.record_dataset(model, [batch], ["lm_head"], tmp_path / "ds", reduce="mean",
+                             forward=lambda m, b: m(**b), progress=False)
+    want = torch.stack([logits[i, : int(n)].mean(0) for i, n in enumerate(dec_mask.sum(1))])
+    torch.testing.assert_close(torch.tensor(hs.open_dataset(path).numpy("lm_head")), want,
+                               **TOL)
