@@ -57,6 +57,7 @@ __all__ = [
     "input_lengths",
     "input_packed",
     "is_rnn_state",
+    "mask_argument",
     "nested_lengths_or_mask",
     "packed_input_layout",
     "packed_layout",
@@ -318,6 +319,17 @@ def batch_dim_of(
 # -- what a capture knows besides its value: lengths and padding masks ---------------------
 
 
+def mask_argument(mask_from: str, args: tuple, kwargs: dict | None, missing: Any = None) -> Any:
+    """What a call was given as its mask: the keyword ``mask_from``, else that key of a dict
+    passed positionally (``model(features)`` in sentence-transformers), else ``missing``."""
+    if kwargs and mask_from in kwargs:
+        return kwargs[mask_from]
+    for a in args:
+        if type(a) is not Tensor and isinstance(a, Mapping) and mask_from in a:
+            return a[mask_from]
+    return missing
+
+
 def padding_mask(mask_from: Any, args: tuple, kwargs: dict) -> Tensor | None:
     """The model call's ``(batch, time)`` mask, True at real positions, or ``None``.
 
@@ -343,8 +355,7 @@ def padding_mask(mask_from: Any, args: tuple, kwargs: dict) -> Tensor | None:
         return mask.detach() != 0  # on its device, as below
     mask = kwargs.get(mask_from)
     if mask is None:  # model(batch) with a dict of features (sentence-transformers)
-        mask = next((a[mask_from] for a in args if isinstance(a, Mapping) and mask_from in a),
-                    None)
+        mask = mask_argument(mask_from, args, None)
     if not isinstance(mask, Tensor) or mask.ndim != 2:
         return None
     mask = mask.detach()

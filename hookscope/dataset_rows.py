@@ -15,7 +15,13 @@ from torch import Tensor
 from .capture import Capture
 from .dataset_format import BOOKKEEPING, arrow
 from .errors import DatasetError, InputError
-from .frame import batch_first_capture, capture_mask, capture_rows, rnn_state_error
+from .frame import (
+    batch_first_capture,
+    capture_mask,
+    capture_rows,
+    is_sequence,
+    rnn_state_error,
+)
 from .offload import HostStaging
 from .pooling import REDUCTIONS, pool_sequences
 
@@ -70,8 +76,7 @@ def takes_lengths(cap: Capture) -> bool:
     """A ``(batch, time, features)`` sequence capture: ``lengths=`` applies to it, and wins
     over the lengths or mask it knows from the model call (as ``to_frame(lengths=)`` does):
     what a caller asks for explicitly is never dropped silently."""
-    t = cap.tensor
-    return t.ndim == 3 and not t.is_nested and not cap.feature_map and not cap.rnn_state
+    return is_sequence(cap) and not cap.tensor.is_nested and not cap.rnn_state
 
 
 def given_lengths(given: Any, index: int) -> Tensor:

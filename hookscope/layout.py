@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .rnn_states import state_key
 from .structure import iter_tensors
 
 __all__ = ["CHANNELS_FIRST_1D", "CHANNELS_LAST", "capture_batch_dim", "channels_first_1d",
@@ -96,9 +97,9 @@ def is_known(t: Tensor, tensors: list[Tensor]) -> bool:
             return True
     if t.is_nested or t.layout is not torch.strided:
         return False
-    key = (t.data_ptr(), t.shape, t.stride())
-    return any(not x.is_nested and x.layout is torch.strided
-               and (x.data_ptr(), x.shape, x.stride()) == key for x in tensors)
+    key = state_key(t)  # (as RNN states are known: rnn_states.py)
+    return any(not x.is_nested and x.layout is torch.strided and state_key(x) == key
+               for x in tensors)
 
 
 def sequence_output(output: Any) -> Tensor | None:

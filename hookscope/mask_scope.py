@@ -36,11 +36,12 @@ mask on; else the model call's mask (a task head, the model's own output)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import Tensor, nn
 
+from .convert import mask_argument
 from .structure import first_tensor
 
 __all__ = ["end_pass", "scope_hooks", "scope_mask", "scope_modules", "scoped_mask"]
@@ -80,14 +81,7 @@ def scope_mask(mask_from: str, args: tuple, kwargs: dict | None, model_raw: Any,
     ``model_inputs`` the model call's other tensors; ``inside``: the call is inside an open
     scope, so it is no stream entry (an ``embeddings(input_ids)`` inside the part the mask was
     handed to belongs to it)."""
-    value: Any = NO_SCOPE
-    if kwargs and mask_from in kwargs:
-        value = kwargs[mask_from]
-    else:
-        for a in args:  # a features dict passed positionally (sentence-transformers)
-            if type(a) is not Tensor and isinstance(a, Mapping) and mask_from in a:
-                value = a[mask_from]
-                break
+    value = mask_argument(mask_from, args, kwargs, NO_SCOPE)
     if model_raw is not None and value is model_raw:
         return model_mask, True, False
     if (isinstance(value, Tensor) and value.ndim == 2 and not value.is_floating_point()

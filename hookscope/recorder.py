@@ -28,6 +28,7 @@ from .convert import (
     from_rnn_state,
     input_lengths,
     is_rnn_state,
+    mask_argument,
     nested_lengths_or_mask,
     packed_input_layout,
     padding_mask,
@@ -489,9 +490,7 @@ class Recorder:
                     return
             s.mask = padding_mask(mask_from, args, kwargs or {})
             if type(mask_from) is str:  # (the very object, to know it where it is passed on)
-                s.mask_raw = (kwargs[mask_from] if kwargs and mask_from in kwargs else next(
-                    (a[mask_from] for a in args if type(a) is not Tensor
-                     and isinstance(a, Mapping) and mask_from in a), None))
+                s.mask_raw = mask_argument(mask_from, args, kwargs)
                 if s.mask_raw is not None and self._scopes:
                     self._scope_step(s, args, kwargs)
 
