@@ -49,7 +49,7 @@ from .dataset_rows import (
 )
 from .dataset_writer import ShardWriter
 from .errors import DatasetError, InputError, InputTypeError, UnsortError
-from .fingerprint import setup_fingerprint
+from .fingerprint import start_setup_fingerprint
 from .frame import check_reduce
 from .offload import HostStaging
 from .recorder import Recorder
@@ -180,7 +180,9 @@ def record_dataset(
     if check_reduce(reduce) is not None:  # reduced in the hooks: no whole output is copied
         reducer = ReduceAtCall(reduce, bidirectional)
         recorder._reduce_at_call(reducer)
-    fingerprint = setup_fingerprint(model, by_name(model, modules), {
+    # Hashed while the first batches run (a new dataset's manifest needs it only when its
+    # first shard is registered); a resumed run waits for it before appending anything.
+    fingerprint = start_setup_fingerprint(model, by_name(model, modules), {
         "reduce": reduce, "store_dtype": store_dtype, "bidirectional": bidirectional,
         "lengths": lengths, "forward": forward, "meta": meta, "world_size": world,
         "record": {k: by_name(model, v) for k, v in record_options.items()},
@@ -199,10 +201,11 @@ def record_dataset(
             raise DatasetError(f"cannot prepare {out} for writing ({exc}).") from None
         from . import __version__
 
-        manifest.update(fingerprint=fingerprint, model=type(model).__qualname__, rank=rank,
-                        world_size=world, hookscope=__version__)
+        manifest.update(model=type(model).__qualname__, rank=rank, world_size=world,
+                        hookscope=__version__)
         done = {b for s in manifest["shards"] for b, _ in s["batches"]}
-        writer = ShardWriter(out, rank, manifest, manifest_path)
+        writer = ShardWriter(out, rank, manifest, manifest_path,
+                             late=lambda: {"fingerprint": fingerprint()})
         bar = _progress_bar(progress, rank)
         t0 = time.perf_counter()
         np_dtype = np.float16 if store_dtype == torch.float16 else np.float32
@@ -360,15 +363,15 @@ def _make_folder(out: Path) -> None:
         raise DatasetError(f"cannot create the dataset folder {out} ({exc}).") from None
 
 
-def _open_for_writing(out: Path, manifest_path: Path, fingerprint: str, resume: bool,
-                      rank: int, version: int = LIST_VERSION) -> dict:
+def _open_for_writing(out: Path, manifest_path: Path, fingerprint: Callable[[], str],
+                      resume: bool, rank: int, version: int = LIST_VERSION) -> dict:
     # Temporaries of this rank left by a killed run (this process holds the rank's lock).
     for tmp in [*(out / "shards").glob(f".part-r{rank:03d}-*.parquet.tmp"),
                 *out.glob(f".{manifest_path.name}.*.tmp")]:
         tmp.unlink(missing_ok=True)
     if manifest_path.exists():
         manifest = read_manifest(manifest_path)
-        if manifest["fingerprint"] != fingerprint:
+        if manifest["fingerprint"] != fingerprint():
             raise DatasetError(
                 f"{out} holds a dataset recorded with another setup (model "
                 f"{manifest.get('model')!r}): the model's weights, buffers or training mode, "

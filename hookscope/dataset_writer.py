@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import os
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,8 @@ class ShardWriter:
     being written, one being collected).  Tasks run in order; after a failed one the others
     are skipped, and the error is raised at the next ``add``, ``flush`` or ``close``."""
 
-    def __init__(self, out: Path, rank: int, manifest: dict, manifest_path: Path) -> None:
+    def __init__(self, out: Path, rank: int, manifest: dict, manifest_path: Path,
+                 late: Callable[[], dict] | None = None) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.out, self.rank, self.manifest, self.manifest_path = out, rank, manifest, manifest_path
@@ -106,6 +108,9 @@ class ShardWriter:
         self.open: _OpenShard | None = None
         self.registered = list(manifest["shards"])
         self.failed = False
+        # Manifest fields known only later (the fingerprint, hashed while the first batches
+        # run): merged in by the first flush, before any shard is registered.
+        self.late = late
 
     def add(self, columns: dict[str, Any], n: int, batch_index: int) -> None:
         self._collect(block=False)  # a failed write stops the run at the next batch
@@ -119,6 +124,9 @@ class ShardWriter:
     def flush(self) -> None:
         """End the current shard: its last row group, footer, rename and registration go to
         the writer thread."""
+        if self.late is not None:
+            self.manifest.update(self.late())  # (an error here registers nothing)
+            self.late = None
         if not self.batches:  # (a batch of no examples is registered too: batches stay 0..n-1)
             return
         name = f"part-r{self.rank:03d}-{self.next_index:06d}.parquet"

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -326,8 +327,6 @@ def test_a_changed_setup_is_refused_on_resume(tmp_path):
 
 
 def test_a_callable_that_cannot_be_fingerprinted_needs_setup_id(tmp_path):
-    import threading
-
     lock = threading.Lock()
 
     def forward(m, b):
@@ -340,6 +339,79 @@ def test_a_callable_that_cannot_be_fingerprinted_needs_setup_id(tmp_path):
     _small(tmp_path, "b", forward=forward, setup_id="v1")  # resumes
     with pytest.raises(DatasetError, match="another setup"):
         _small(tmp_path, "b", forward=forward, setup_id="v2")
+
+
+class _CountingBlock(torch.nn.Module):
+    """A forward pass that writes a buffer, as running statistics or a cache do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+        self.register_buffer("calls", torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.lin(x)
+
+
+def _hash_late(monkeypatch, fail: bool = False) -> None:
+    """Every model's parameters hashed on the background thread, 0.3 s late (the batches have
+    run by then), or failing there."""
+    import hookscope.fingerprint as fp
+
+    monkeypatch.setattr(fp, "_BACKGROUND_BYTES", 0)
+    digests = fp._digests
+
+    def late(tensors, after=None):
+        if threading.current_thread() is threading.main_thread():
+            return digests(tensors, after)
+        time.sleep(0.3)
+        return [RuntimeError("unreadable")] * len(tensors) if fail else digests(tensors, after)
+
+    monkeypatch.setattr(fp, "_digests", late)
+
+
+def test_the_fingerprint_hashed_while_batches_run_is_the_models_before_them(tmp_path,
+                                                                           monkeypatch):
+    torch.manual_seed(0)
+    data = [torch.randn(4, 3) for _ in range(5)]
+    fresh = _CountingBlock()
+    state = {k: v.clone() for k, v in fresh.state_dict().items()}
+
+    def model() -> _CountingBlock:
+        m = _CountingBlock()
+        m.load_state_dict(state)
+        return m
+
+    record_dataset(model(), data, ["lin"], tmp_path / "now", progress=False, shard_rows=8)
+    _hash_late(monkeypatch)
+    record_dataset(model(), data, ["lin"], tmp_path / "late", progress=False, shard_rows=8)
+    now, late = (open_dataset(tmp_path / n) for n in ("now", "late"))
+    assert late.manifest["fingerprint"] == now.manifest["fingerprint"]
+    assert len(late.manifest["shards"]) == 3  # each shard registered with it
+    for shard in late.manifest["shards"]:
+        assert (tmp_path / "late" / shard["file"]).exists()
+    # A resumed run hashes before it appends: the same model state resumes, a changed one not.
+    record_dataset(model(), data, ["lin"], tmp_path / "late", progress=False, resume=True)
+    ran = model()
+    ran(torch.zeros(1, 3))
+    with pytest.raises(DatasetError, match="another setup"):
+        record_dataset(ran, data, ["lin"], tmp_path / "late", progress=False, resume=True)
+    np.testing.assert_array_equal(late.numpy("lin"), now.numpy("lin"))
+
+
+def test_a_fingerprint_that_fails_on_its_thread_registers_nothing(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4)).eval()
+    data = [torch.randn(4, 3) for _ in range(5)]
+    _hash_late(monkeypatch, fail=True)
+    with pytest.raises(DatasetError, match="cannot fingerprint '0.weight'.*unreadable"):
+        record_dataset(model, data, ["0"], tmp_path / "ds", progress=False, shard_rows=8)
+    assert not (tmp_path / "ds" / "manifest.json").exists()
+    assert not list((tmp_path / "ds" / "shards").iterdir())
+    monkeypatch.undo()
+    record_dataset(model, data, ["0"], tmp_path / "ds", progress=False)  # the folder is reusable
+    assert open_dataset(tmp_path / "ds").numpy("0").shape == (20, 4)
 
 
 # -- one writer at a time ---------------------------------------------------------------------
