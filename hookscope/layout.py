@@ -5,8 +5,11 @@ time-major, and its 1-D convolution, pooling and normalisation layers (channels 
 modules are time-major by default (``batch_first=False``): their output sequence is
 ``(time, batch, ...)``.  A capture of such an output knows its batch is dim 1
 (:attr:`hookscope.Capture.batch_dim`), so that ``unsort=`` permutes the right dimension and
-exports give one row per example, not one per time step.  Any other module's layout cannot be
-told from shapes; ``batch_dim=`` says it.
+exports give one row per example, not one per time step.  Any other module's 3-D output is
+time-major where the forward pass tells it: its dims 0 and 1 are those of a ``(batch, time)``
+padding mask or token ids of the model call (or its scope's mask) swapped, with time steps !=
+examples (:func:`swapped`: fairseq-style models, FSMT, XLNet).  Where they are equal, or
+nothing tells, ``batch_dim=`` says it.
 
 A 3-D tensor is otherwise read as a sequence ``(batch, time, features)``; the output of
 ``nn.Conv1d`` and the other 1-D layers of :data:`CHANNELS_FIRST_1D` is ``(batch, channels,
@@ -29,8 +32,8 @@ from .rnn_states import state_key
 from .structure import iter_tensors
 
 __all__ = ["CHANNELS_FIRST_1D", "CHANNELS_LAST", "capture_batch_dim", "channels_first_1d",
-           "channels_last", "is_known",
-           "known_dims", "resolve_batch_dim", "sequence_batch_dim", "sequence_output",
+           "channels_last", "is_known", "known_dims", "resolve_batch_dim",
+           "sequence_batch_dim", "sequence_output", "swapped", "swapped_shapes",
            "time_major"]
 
 _OWN_FLAG = (nn.RNNBase, nn.MultiheadAttention, nn.Transformer)
@@ -54,6 +57,34 @@ CHANNELS_LAST: tuple[type, ...] = (
     nn.Linear, nn.Bilinear, nn.LayerNorm, nn.Embedding,
     *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
 )
+
+
+def swapped(shape: tuple[int, ...], ref: tuple[int, ...] | None,
+            pairs: set[tuple[int, int]] | None = None) -> bool:
+    """Whether a tensor of ``shape`` is ``(time, batch, features)`` where ``ref`` is a
+    ``(batch, time)`` of the forward pass (a scope's padding mask) or ``pairs`` holds its
+    ``(time, batch)`` (:func:`swapped_shapes`): dims 0 and 1 are ``ref``'s swapped.  Equal
+    sizes tell nothing (``False``); a batch-first tensor never matches (its dim 0 is the
+    batch, which differs from the time steps)."""
+    if len(shape) != 3:
+        return False
+    if pairs and (shape[0], shape[1]) in pairs:
+        return True
+    return (ref is not None and ref[0] != ref[1] and shape[0] == ref[1]
+            and shape[1] == ref[0])
+
+
+def swapped_shapes(args: tuple, kwargs: dict | None) -> set[tuple[int, int]]:
+    """``(time, batch)`` of each ``(batch, time)`` integer or boolean tensor the model is
+    called with (token ids, padding masks; a features dict's too), where time != batch: a 3-D
+    output whose dims 0 and 1 are one of them is time-major (:func:`swapped`).  A batch-first
+    output never is: its dim 0 is the batch, which differs from every such time."""
+    given = [*args, *(kwargs.values() if kwargs else ())]
+    given += [v for a in given if type(a) is not Tensor and isinstance(a, Mapping)
+              for v in a.values()]
+    return {(a.shape[1], a.shape[0]) for a in given
+            if type(a) is Tensor and a.ndim == 2 and a.shape[0] != a.shape[1]
+            and not a.is_floating_point() and not a.is_complex()}
 
 
 def channels_last(module: nn.Module) -> bool:

@@ -44,7 +44,15 @@ from .errors import (
 )
 from .frame import rnn_state_error
 from .grads import attach_grad_hooks, require_grads
-from .layout import capture_batch_dim, is_known, known_dims, sequence_output, time_major
+from .layout import (
+    capture_batch_dim,
+    is_known,
+    known_dims,
+    sequence_output,
+    swapped,
+    swapped_shapes,
+    time_major,
+)
 from .mask_scope import end_pass, scope_hooks, scope_modules, scoped_mask
 from .offload import HostStaging
 from .plan import BatchDim, Plan, build_plans, with_perms
@@ -101,13 +109,24 @@ class _Stop(BaseException):
         self.recorders = recorders
 
 
+def _time_major(s: _Session, args: tuple, t: Tensor) -> bool:
+    """Whether a call's 3-D tensor is ``(time, batch, features)`` as the forward pass tells
+    it: the shape of its scope's padding mask, or of the model call's ids and masks, swapped
+    (:func:`~hookscope.layout.swapped`)."""
+    if t.is_nested or t.ndim != 3 or not (s.swaps or s.mask is not None or s.mask_stack
+                                          or s.scope_outputs):
+        return False  # (a nested tensor has no shape)
+    mask = scoped_mask(s, args)[0] if s.mask_stack or s.scope_outputs else s.mask
+    return swapped(t.shape, None if mask is None else mask.shape, s.swaps)
+
+
 class _Session:
     """The state of one entered block: the recording, call counters, handles."""
 
     __slots__ = ("count_problems", "counts", "entries", "handles", "joined", "mask",
                  "mask_handed", "mask_outside", "mask_raw", "mask_stack", "model_inputs",
                  "no_grad_warned", "pending_inputs", "rec", "remaining", "rnn_states",
-                 "rows_guessed", "scope_outputs", "scopes_on", "stance", "thread",
+                 "rows_guessed", "scope_outputs", "scopes_on", "stance", "swaps", "thread",
                  "time_major")
 
     def __init__(self, rec: Recording, n_plans: int, thread: int | None) -> None:
@@ -121,6 +140,8 @@ class _Session:
         self.stance: Any = None
         self.mask: Tensor | None = None  # the model call's attention mask, if any
         self.mask_raw: Any = None  # ... as the model was given it (see mask_scope.py)
+        # (time, batch) of the model call's (batch, time) ids and masks: a 3-D output of one
+        self.swaps: set[tuple[int, int]] = set()  # of these shapes is time-major (layout.py)
         # Open scopes: (module, mask, pending: a stream entry, decided as the pass ends).
         self.mask_stack: list[tuple[int, Tensor | None, bool]] = []
         self.mask_handed = False  # the model's mask went into a scope in this forward pass
@@ -476,9 +497,10 @@ class Recorder:
         s.time_major = []
         s.mask = s.mask_raw = None
         s.model_inputs = []
+        kwargs = rest[0] if rest else None
+        s.swaps = swapped_shapes(args, kwargs)
         mask_from = self.mask_from
         if mask_from is not None:
-            kwargs = rest[0] if rest else None
             if type(mask_from) is str and not (kwargs and mask_from in kwargs):
                 for a in args:  # a features dict passed positionally (sentence-transformers)
                     if type(a) is not Tensor and isinstance(a, Mapping):
@@ -557,11 +579,25 @@ class Recorder:
             if s is not None and (s.thread is None or s.thread == _get_ident()):
                 if output is _NO_KWARGS:  # (registered an instant ago, seen without kwargs)
                     kwargs, output = {}, kwargs
-                if (type(output) is not Tensor or output.is_nested
-                        or (s.rnn_states.tensors and s.rnn_states.shares_memory(output))
-                        or (s.time_major and is_known(output, s.time_major))
-                        or not _atomic(map(type, args))
-                        or (kwargs and not _atomic(map(type, kwargs.values())))):
+                general = (type(output) is not Tensor or output.is_nested
+                           or (s.rnn_states.tensors and s.rnn_states.shares_memory(output))
+                           or (s.time_major and is_known(output, s.time_major))
+                           or not _atomic(map(type, args))
+                           or (kwargs and not _atomic(map(type, kwargs.values()))))
+                if not general:
+                    # The (batch, time) mask of the scope this call is in (mask_scope.py),
+                    # where it fits a (batch, time, features) sequence (a (batch, d) output
+                    # has none, nor a 4-D one: (batch, heads, time, time) weights may have as
+                    # many heads)
+                    if s.mask_stack or s.scope_outputs:
+                        mask, entry = scoped_mask(s, args)
+                    else:
+                        mask, entry = s.mask, None
+                    if output.ndim == 3 and not map_1d and (s.swaps or mask is not None):
+                        # (time, batch, features), as the pass tells it: the general path
+                        general = swapped(output.shape, None if mask is None else mask.shape,
+                                          s.swaps)
+                if general:
                     self._record_call(s, plan, args, kwargs, output)
                 else:
                     rec = s.rec
@@ -571,13 +607,6 @@ class Recorder:
                     call = counts.get(name, 0)
                     counts[name] = call + 1
                     label = labels[call] if labels is not None and call < len(labels) else None
-                    # The (batch, time) mask of the scope this call is in (mask_scope.py), where
-                    # it fits a (batch, time, features) sequence (a (batch, d) output has none,
-                    # nor a 4-D one: (batch, heads, time, time) weights may have as many heads)
-                    if s.mask_stack or s.scope_outputs:
-                        mask, entry = scoped_mask(s, args)
-                    else:
-                        mask, entry = s.mask, None
                     if mask is not None and (output.ndim != 3 or output.shape[:2] != mask.shape
                                              or map_1d):
                         mask = None
@@ -678,6 +707,9 @@ class Recorder:
                 # An RNN's own state, picked: its batch is dim 1.  (In a wrapper's output each
                 # tensor is decided on its own in convert: an output beside h_n is batch-first.)
                 dims = {path: 1 for path, _ in iter_tensors(raw)}
+            elif (perm is not None and dims is None and plan.batch_dim == "auto"
+                  and primary is not None and _time_major(s, args, primary)):
+                dims = {path: 1 for path, x in iter_tensors(raw) if _time_major(s, args, x)}
             elif perm is not None and dims is None and plan.batch_dim == "auto" and (
                     s.time_major or (plan.seq_dim == 1 and plan.pick is not None)
                     or (primary is not None and primary.ndim == 3
@@ -713,6 +745,9 @@ class Recorder:
                     or plan.batch_dim != "auto"):  # (else dim 0, without a call)
                 batch_dim = capture_batch_dim(plan, output, raw, primary, rnn_state, layout,
                                               s.time_major)
+            if (batch_dim == 0 and plan.batch_dim == "auto" and not rnn_state and t is not None
+                    and not plan.map_1d and _time_major(s, args, t)):
+                batch_dim = 1  # (time, batch, features), as the pass tells it (layout.swapped)
             # The module's own (batch, channels, length) (not a new tensor that pick= made):
             feature_map = (plan.map_1d and t is not None and t.ndim == 3
                            and primary is sequence_output(output))

@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .capture import Capture
 from .convert import from_rnn_state, input_packed, packed_layout
 from .errors import UnsortError
-from .layout import is_known
+from .layout import is_known, swapped
 from .mask_scope import scoped_mask
 from .plan import Plan
 from .structure import iter_tensors, packed_mask, pad_packed
@@ -42,6 +42,10 @@ def rows_at_call(s: Any, plan: Plan, args: tuple, kwargs: dict, value: Any,
             s.time_major and is_known(leaf, s.time_major)):  # (time-major: see convert)
         return None
     t = leaf.detach()
+    if lengths is None and t.ndim == 3 and not plan.map_1d:
+        mask = scoped_mask(s, args)[0] if s.mask_stack or s.scope_outputs else s.mask
+        if swapped(t.shape, None if mask is None else mask.shape, s.swaps):
+            return None  # (time, batch, features) as the pass tells it: the general path
     if plan.map_last and t.ndim >= 4:  # (batch, *spatial, channels): channels at dim 1
         t = t.movedim(-1, 1)
     if perm is not None and (t.ndim == 0 or t.shape[0] != len(perm)):

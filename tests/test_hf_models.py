@@ -86,3 +86,37 @@ def test_gpt2_generate_steps_equal_step_by_step_decoding():
     last_cache = rec.step(-1)[""].output["past_key_values"]
     assert first_cache.get_seq_length() == 4 and last_cache.get_seq_length() == 6
     assert_no_hooks(model)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_fairseq_style_time_major_layers_are_read_along_the_batch(masked, tmp_path):
+    """FSMT (fairseq's layout) runs its layers as (time, batch, features): exports gave one row
+    per time step. The model call's (batch, time) mask or token ids tell the layout."""
+    from hookscope.frame import capture_matrix
+
+    torch.manual_seed(0)
+    config = transformers.FSMTConfig(
+        langs=["en", "de"], src_vocab_size=100, tgt_vocab_size=100, d_model=32,
+        encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_position_embeddings=64)
+    model = transformers.FSMTModel(config).eval()
+    ids, mask = _padded_batch()
+    dec = torch.randint(4, 100, (3, 5), generator=torch.Generator().manual_seed(2))
+    call = {"input_ids": ids, "decoder_input_ids": dec,
+            **({"attention_mask": mask} if masked else {})}
+    with hs.record(model, ["encoder.layers.1", "decoder.layers.1"]) as rec:
+        out = model(**call)
+    enc, dec_cap = rec["encoder.layers.1"], rec["decoder.layers.1"]
+    assert (enc.batch_dim, dec_cap.batch_dim) == (1, 1)
+    last = out.encoder_last_hidden_state  # (batch, time, d): the same values, batch first
+    assert torch.equal(enc.tensor.transpose(0, 1), last)
+    keep = mask.bool() if masked else torch.ones(3, 7, dtype=torch.bool)
+    by_hand = (last * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
+    torch.testing.assert_close(torch.as_tensor(capture_matrix(enc, reduce="mean")), by_hand)
+    assert len(rec.to_frame(reduce="mean")) == 3  # one row per example, not per time step
+    hs.record_dataset(model, [call, call], ["encoder.layers.1"], tmp_path / "ds",
+                      reduce="mean", forward=lambda m, b: m(**b), progress=False)
+    rows = hs.open_dataset(tmp_path / "ds").numpy("encoder.layers.1")
+    assert rows.shape == (6, 32)
+    torch.testing.assert_close(torch.tensor(rows[3:]), by_hand)

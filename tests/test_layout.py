@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import hookscope as hs
 from hookscope.errors import CallCountError, RecordingFileError
+from hookscope.frame import capture_matrix
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
 
@@ -704,3 +705,90 @@ def test_record_dataset_says_a_3d_output_whose_channels_vary_may_be_a_feature_ma
     with pytest.raises(hs.errors.DatasetError, match=r"\(batch, channels, length\) map"):
         hs.record_dataset(model, batches, ["act"], tmp_path / "ds", reduce="mean",
                           progress=False)
+
+
+class _TimeMajorEncoder(nn.Module):
+    """fairseq's layout, written by hand: ids (batch, time) in, layers on (time, batch, d)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 8)
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+                                     for _ in range(2)])
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.embed(input_ids).transpose(0, 1)  # (time, batch, d)
+        for layer in self.layers:
+            x = layer(x)
+        return x.transpose(0, 1)
+
+
+def _time_major_batch(batch: int = 3, time: int = 6):
+    ids = torch.randint(1, 50, (batch, time), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(batch, time, dtype=torch.long)
+    mask[1, 4:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_a_time_major_layer_is_told_by_the_calls_ids_or_mask(masked):
+    torch.manual_seed(0)
+    model = _TimeMajorEncoder().eval()
+    ids, mask = _time_major_batch()
+    kwargs = {"attention_mask": mask} if masked else {}
+    outs = []  # the reference: a hand-written hook that clones
+    handle = model.layers[1].register_forward_hook(lambda m, a, o: outs.append(o.clone()))
+    with hs.record(model, ["layers.0", "layers.1"]) as rec:
+        model(ids, **kwargs)
+    handle.remove()
+    cap = rec["layers.1"]
+    assert cap.batch_dim == 1 and "batch at dim 1" in repr(cap)
+    assert torch.equal(cap.tensor, outs[0])
+    keep = mask.bool() if masked else torch.ones_like(mask, dtype=torch.bool)
+    assert (cap.mask is not None) == masked
+    by_hand = (outs[0].transpose(0, 1) * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
+    frame = rec.to_frame(reduce="mean")
+    assert len(frame) == 3
+    torch.testing.assert_close(torch.as_tensor(capture_matrix(cap, reduce="mean")), by_hand)
+    # unsort=: the permutation reaches dim 1 (rows put back in the caller's order)
+    perm = torch.tensor([2, 0, 1])
+    with hs.record(model, ["layers.1"], unsort={"layers.1": perm}) as rec2:
+        model(ids, **kwargs)
+    torch.testing.assert_close(rec2["layers.1"].tensor, outs[0][:, perm])
+    torch.testing.assert_close(torch.as_tensor(capture_matrix(rec2["layers.1"], reduce="mean")),
+                               by_hand[perm])
+
+
+def test_batch_first_outputs_and_equal_sizes_keep_the_batch_at_dim_0():
+    torch.manual_seed(0)
+    batch_first = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 8)).eval()
+    ids, _ = _time_major_batch()
+    with hs.record(batch_first, ["1"]) as rec:
+        batch_first(ids)
+    assert rec["1"].batch_dim == 0  # (3, 6, 8): dim 0 is the ids' batch
+    # time == batch: nothing tells the layout; it stays dim 0 (batch_dim= says otherwise)
+    model = _TimeMajorEncoder().eval()
+    square, _ = _time_major_batch(batch=4, time=4)
+    with hs.record(model, ["layers.1"]) as rec:
+        model(square)
+    assert rec["layers.1"].batch_dim == 0
+    with hs.record(model, ["layers.1"], batch_dim={"layers.1": 1}) as rec:
+        model(square)
+    assert rec["layers.1"].batch_dim == 1
+
+
+def test_record_dataset_of_a_time_major_layer_writes_a_row_per_example(tmp_path):
+    torch.manual_seed(0)
+    model = _TimeMajorEncoder().eval()
+    ids, mask = _time_major_batch()
+    outs = []
+    handle = model.layers[1].register_forward_hook(lambda m, a, o: outs.append(o.clone()))
+    batches = [{"input_ids": ids, "attention_mask": mask}] * 2
+    hs.record_dataset(model, batches, ["layers.1"], tmp_path / "ds", reduce="max",
+                      forward=lambda m, b: m(**b), progress=False)
+    handle.remove()
+    rows = hs.open_dataset(tmp_path / "ds").numpy("layers.1")
+    keep = mask.bool()
+    by_hand = outs[0].transpose(0, 1).masked_fill(~keep[..., None], float("-inf")).amax(1)
+    assert rows.shape == (6, 8)
+    torch.testing.assert_close(torch.tensor(rows[:3]), by_hand)
