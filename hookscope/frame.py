@@ -51,6 +51,29 @@ def batch_first_capture(cap: Any) -> Any:
     return out
 
 
+def check_layouts(captures: Iterable[Any]) -> None:
+    """A module's call holds its examples along one dimension in every step: where a layout
+    is told per call (a packed input's lengths, the model call's ids or mask: see
+    :mod:`hookscope.layout`), a time-major output whose time steps equal its batch size looks
+    batch-first, and exporting it with the others would give that step one row per time
+    step.  (A step whose dims 0 and 1 both have one entry reads the same either way.)"""
+    seen: dict[tuple[str, str], tuple[int, int]] = {}
+    for cap in captures:
+        t = cap.tensor
+        if (getattr(cap, "rnn_state", False) or t.is_nested or t.ndim < 2
+                or t.shape[0] == t.shape[1] == 1):
+            continue
+        dim = getattr(cap, "batch_dim", 0)
+        first = seen.setdefault((cap.name, _call_key(cap)), (dim, cap.step))
+        if first[0] != dim:
+            raise InputError(
+                f"{cap.name!r} call {_call_key(cap)} holds its examples along dim {first[0]} "
+                f"in step {first[1]} but along dim {dim} in step {cap.step}: a time-major "
+                "(time, batch, ...) output whose time steps equal its batch size looks "
+                f"batch-first. Say where the batch is with batch_dim={{{cap.name!r}: 1}} (or "
+                "0) when recording.")
+
+
 def dense_capture(cap: Any) -> Any:
     """``cap`` itself, or a capture of the same call whose tensor is dense and batch-first
     (:func:`batch_first_capture`): nested sequences padded with zeros to ``(batch, max
@@ -309,6 +332,7 @@ def recording_vectors(rec: Any, reduce: Reduce = None, *, lengths: Any = None,
     dict of str -> numpy.ndarray
     """
     reduce = check_reduce(reduce)
+    check_layouts(rec.captures())
     captures = [dense_capture(c) for c in rec.captures()]
     by_step = _lengths_by_step(captures, lengths)
     groups, _ = _grouped(captures)
@@ -333,6 +357,8 @@ def to_frame(captures: Iterable[Any], kind: str = "wide", *, reduce: Reduce = No
              lengths: Any = None, meta: pd.DataFrame | Mapping[str, Sequence] | None = None,
              bidirectional: bool | None = None, values: str = "value") -> pd.DataFrame:
     """Captures as a DataFrame; see :meth:`hookscope.Recording.to_frame`."""
+    captures = list(captures)
+    check_layouts(captures)
     captures = [dense_capture(values_capture(c, values)) for c in captures]
     if kind == "long" and values != "value":  # the column says what it holds
         return to_frame(captures, kind, reduce=reduce, lengths=lengths, meta=meta,

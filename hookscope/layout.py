@@ -6,10 +6,11 @@ modules are time-major by default (``batch_first=False``): their output sequence
 ``(time, batch, ...)``.  A capture of such an output knows its batch is dim 1
 (:attr:`hookscope.Capture.batch_dim`), so that ``unsort=`` permutes the right dimension and
 exports give one row per example, not one per time step.  Any other module's 3-D output is
-time-major where the forward pass tells it: its dims 0 and 1 are those of a ``(batch, time)``
-padding mask or token ids of the model call (or its scope's mask) swapped, with time steps !=
-examples (:func:`swapped`: fairseq-style models, FSMT, XLNet).  Where they are equal, or
-nothing tells, ``batch_dim=`` says it.
+time-major where the forward pass tells it: its dims 0 and 1 are those of the model call's
+padding mask or token ids (by their keyword, :data:`BATCH_FIRST_IDS`) or of its scope's mask
+swapped, with time steps != examples (:func:`swapped`: fairseq-style models, FSMT, XLNet).  A
+layout its type tells (``batch_first=True``) wins.  Where they are equal, or nothing tells,
+``batch_dim=`` says it.
 
 A 3-D tensor is otherwise read as a sequence ``(batch, time, features)``; the output of
 ``nn.Conv1d`` and the other 1-D layers of :data:`CHANNELS_FIRST_1D` is ``(batch, channels,
@@ -22,6 +23,7 @@ is ``(batch, *spatial, channels)`` (:attr:`hookscope.Capture.channels_last`).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,10 +33,10 @@ from torch import Tensor, nn
 from .rnn_states import state_key
 from .structure import iter_tensors
 
-__all__ = ["CHANNELS_FIRST_1D", "CHANNELS_LAST", "capture_batch_dim", "channels_first_1d",
-           "channels_last", "is_known", "known_dims", "resolve_batch_dim",
-           "sequence_batch_dim", "sequence_output", "swapped", "swapped_shapes",
-           "time_major"]
+__all__ = ["BATCH_FIRST_IDS", "CHANNELS_FIRST_1D", "CHANNELS_LAST", "capture_batch_dim",
+           "channels_first_1d", "channels_last", "id_positions", "is_known", "known_dims",
+           "resolve_batch_dim", "sequence_batch_dim", "sequence_output", "swapped",
+           "swapped_shapes", "time_major"]
 
 _OWN_FLAG = (nn.RNNBase, nn.MultiheadAttention, nn.Transformer)
 _LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -74,17 +76,50 @@ def swapped(shape: tuple[int, ...], ref: tuple[int, ...] | None,
             and shape[1] == ref[0])
 
 
-def swapped_shapes(args: tuple, kwargs: dict | None) -> set[tuple[int, int]]:
-    """``(time, batch)`` of each ``(batch, time)`` integer or boolean tensor the model is
-    called with (token ids, padding masks; a features dict's too), where time != batch: a 3-D
-    output whose dims 0 and 1 are one of them is time-major (:func:`swapped`).  A batch-first
-    output never is: its dim 0 is the batch, which differs from every such time."""
-    given = [*args, *(kwargs.values() if kwargs else ())]
-    given += [v for a in given if type(a) is not Tensor and isinstance(a, Mapping)
-              for v in a.values()]
-    return {(a.shape[1], a.shape[0]) for a in given
-            if type(a) is Tensor and a.ndim == 2 and a.shape[0] != a.shape[1]
-            and not a.is_floating_point() and not a.is_complex()}
+# Keywords that hold (batch, time) token ids by convention (Hugging Face, fairseq): a tensor
+# passed positionally, or under another name, may be (time, batch) (PyTorch's
+# word_language_model takes time-major ids) and tells nothing.
+BATCH_FIRST_IDS = frozenset({"input_ids", "decoder_input_ids", "token_type_ids",
+                             "src_tokens", "prev_output_tokens"})
+
+
+def id_positions(fn: Any) -> tuple[int, ...]:
+    """Which of a function's positional parameters hold token ids by their name
+    (:data:`BATCH_FIRST_IDS`): ``(0,)`` for ``forward(self, input_ids, ...)``; ``()`` where
+    none does or the signature cannot be read."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return ()
+    out = []
+    for i, p in enumerate(params):
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        if p.name in BATCH_FIRST_IDS:
+            out.append(i)
+    return tuple(out)
+
+
+def swapped_shapes(kwargs: dict | None, mask: Any = None, features: Any = None,
+                   ids: list[Any] | None = None) -> set[tuple[int, int]]:
+    """``(time, batch)`` of the model call's ``(batch, time)`` tensors: its padding ``mask``,
+    positional token ``ids`` (:func:`id_positions`), and tensors under the names of
+    :data:`BATCH_FIRST_IDS` or ending in ``attention_mask`` (keywords, or a positional
+    ``features`` dict), where time != batch.  A 3-D output whose dims 0 and 1 are one of them
+    is time-major (:func:`swapped`); a batch-first output never is, as its dim 0 is the batch,
+    which differs from every such time.  Tensors that disagree on the batch size tell nothing
+    (two streams of transposed shapes): the empty set."""
+    given = [*([mask] if isinstance(mask, Tensor) else []), *(ids or ())]
+    for named in (kwargs, features):
+        if isinstance(named, Mapping):
+            given += [v for k, v in named.items() if type(k) is str and (
+                k in BATCH_FIRST_IDS or k.endswith("attention_mask"))]
+    shapes = {(a.shape[0], a.shape[1]) for a in given
+              if type(a) is Tensor and a.ndim == 2 and not a.is_floating_point()
+              and not a.is_complex()}
+    if len({b for b, _ in shapes}) != 1:
+        return set()
+    return {(t, b) for b, t in shapes if t != b}
 
 
 def channels_last(module: nn.Module) -> bool:

@@ -15,7 +15,7 @@ import inspect
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Set
 from typing import Any
 
 import torch
@@ -46,6 +46,7 @@ from .frame import rnn_state_error
 from .grads import attach_grad_hooks, require_grads
 from .layout import (
     capture_batch_dim,
+    id_positions,
     is_known,
     known_dims,
     sequence_output,
@@ -109,13 +110,19 @@ class _Stop(BaseException):
         self.recorders = recorders
 
 
-def _time_major(s: _Session, args: tuple, t: Tensor) -> bool:
+_NO_SWAPS: frozenset[tuple[int, int]] = frozenset()
+
+
+def _time_major(s: _Session, args: tuple, t: Tensor, batch: int | None = None) -> bool:
     """Whether a call's 3-D tensor is ``(time, batch, features)`` as the forward pass tells
     it: the shape of its scope's padding mask, or of the model call's ids and masks, swapped
-    (:func:`~hookscope.layout.swapped`)."""
+    (:func:`~hookscope.layout.swapped`); with ``batch`` (a permutation's length), only where
+    dim 1 holds that many."""
     if t.is_nested or t.ndim != 3 or not (s.swaps or s.mask is not None or s.mask_stack
                                           or s.scope_outputs):
         return False  # (a nested tensor has no shape)
+    if batch is not None and t.shape[1] != batch:
+        return False
     mask = scoped_mask(s, args)[0] if s.mask_stack or s.scope_outputs else s.mask
     return swapped(t.shape, None if mask is None else mask.shape, s.swaps)
 
@@ -141,7 +148,7 @@ class _Session:
         self.mask: Tensor | None = None  # the model call's attention mask, if any
         self.mask_raw: Any = None  # ... as the model was given it (see mask_scope.py)
         # (time, batch) of the model call's (batch, time) ids and masks: a 3-D output of one
-        self.swaps: set[tuple[int, int]] = set()  # of these shapes is time-major (layout.py)
+        self.swaps: Set[tuple[int, int]] = _NO_SWAPS  # of these shapes is time-major (layout.py)
         # Open scopes: (module, mask, pending: a stream entry, decided as the pass ends).
         self.mask_stack: list[tuple[int, Tensor | None, bool]] = []
         self.mask_handed = False  # the model's mask went into a scope in this forward pass
@@ -323,6 +330,7 @@ class Recorder:
         self.stop = stop
         self.threads = threads
         self.mask_from = mask_from
+        self._id_positions: dict[type, tuple[int, ...]] = {}  # model class -> ids arguments
         self._selected = selected
         # device="cpu": captures of CUDA tensors are copied asynchronously into pinned buffers
         # that this recorder reuses (and with_unsort's copies share); see offload.py.
@@ -498,7 +506,14 @@ class Recorder:
         s.mask = s.mask_raw = None
         s.model_inputs = []
         kwargs = rest[0] if rest else None
-        s.swaps = swapped_shapes(args, kwargs)
+        features = (args[0] if args and type(args[0]) is not Tensor
+                    and isinstance(args[0], Mapping) else None)  # (sentence-transformers)
+        at = self._id_positions.get(type(module)) if args else ()
+        if at is None:  # (read once per model class: which argument is input_ids)
+            at = self._id_positions[type(module)] = id_positions(module.forward)
+        ids = [args[i] for i in at if i < len(args)] if at else None
+        s.swaps = (swapped_shapes(kwargs, None, features, ids) if kwargs or features or ids
+                   else _NO_SWAPS)
         mask_from = self.mask_from
         if mask_from is not None:
             if type(mask_from) is str and not (kwargs and mask_from in kwargs):
@@ -511,6 +526,8 @@ class Recorder:
                         self._scope_step(s, args, kwargs)
                     return
             s.mask = padding_mask(mask_from, args, kwargs or {})
+            if s.mask is not None:
+                s.swaps = swapped_shapes(kwargs, s.mask, features, ids)
             if type(mask_from) is str:  # (the very object, to know it where it is passed on)
                 s.mask_raw = mask_argument(mask_from, args, kwargs)
                 if s.mask_raw is not None and self._scopes:
@@ -573,6 +590,7 @@ class Recorder:
         a forward is bound by the host."""
         name, labels, module_type, map_1d = plan.name, plan.labels, plan.module_type, plan.map_1d
         map_last = plan.map_last  # (layouts its type tells: see layout.py)
+        told = map_1d or plan.seq_dim is not None  # (a layout the pass cannot overrule)
 
         def hook(module: nn.Module, args: tuple, kwargs: Any, output: Any = _NO_KWARGS) -> None:
             s = self._session
@@ -593,7 +611,7 @@ class Recorder:
                         mask, entry = scoped_mask(s, args)
                     else:
                         mask, entry = s.mask, None
-                    if output.ndim == 3 and not map_1d and (s.swaps or mask is not None):
+                    if output.ndim == 3 and not told and (s.swaps or mask is not None):
                         # (time, batch, features), as the pass tells it: the general path
                         general = swapped(output.shape, None if mask is None else mask.shape,
                                           s.swaps)
@@ -708,8 +726,10 @@ class Recorder:
                 # tensor is decided on its own in convert: an output beside h_n is batch-first.)
                 dims = {path: 1 for path, _ in iter_tensors(raw)}
             elif (perm is not None and dims is None and plan.batch_dim == "auto"
-                  and primary is not None and _time_major(s, args, primary)):
-                dims = {path: 1 for path, x in iter_tensors(raw) if _time_major(s, args, x)}
+                  and plan.seq_dim is None and primary is not None
+                  and _time_major(s, args, primary, len(perm))):
+                dims = {path: 1 for path, x in iter_tensors(raw)
+                        if _time_major(s, args, x, len(perm))}
             elif perm is not None and dims is None and plan.batch_dim == "auto" and (
                     s.time_major or (plan.seq_dim == 1 and plan.pick is not None)
                     or (primary is not None and primary.ndim == 3
@@ -746,7 +766,8 @@ class Recorder:
                 batch_dim = capture_batch_dim(plan, output, raw, primary, rnn_state, layout,
                                               s.time_major)
             if (batch_dim == 0 and plan.batch_dim == "auto" and not rnn_state and t is not None
-                    and not plan.map_1d and _time_major(s, args, t)):
+                    and not plan.map_1d and plan.seq_dim is None
+                    and _time_major(s, args, t, None if perm is None else len(perm))):
                 batch_dim = 1  # (time, batch, features), as the pass tells it (layout.swapped)
             # The module's own (batch, channels, length) (not a new tensor that pick= made):
             feature_map = (plan.map_1d and t is not None and t.ndim == 3

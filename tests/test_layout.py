@@ -731,7 +731,8 @@ def _time_major_batch(batch: int = 3, time: int = 6):
 
 
 @pytest.mark.parametrize("masked", [True, False])
-def test_a_time_major_layer_is_told_by_the_calls_ids_or_mask(masked):
+@pytest.mark.parametrize("positional", [True, False])
+def test_a_time_major_layer_is_told_by_the_calls_ids_or_mask(masked, positional):
     torch.manual_seed(0)
     model = _TimeMajorEncoder().eval()
     ids, mask = _time_major_batch()
@@ -739,7 +740,8 @@ def test_a_time_major_layer_is_told_by_the_calls_ids_or_mask(masked):
     outs = []  # the reference: a hand-written hook that clones
     handle = model.layers[1].register_forward_hook(lambda m, a, o: outs.append(o.clone()))
     with hs.record(model, ["layers.0", "layers.1"]) as rec:
-        model(ids, **kwargs)
+        # ids under the name input_ids (forward's first parameter), which holds (batch, time)
+        model(ids, **kwargs) if positional else model(input_ids=ids, **kwargs)
     handle.remove()
     cap = rec["layers.1"]
     assert cap.batch_dim == 1 and "batch at dim 1" in repr(cap)
@@ -753,10 +755,54 @@ def test_a_time_major_layer_is_told_by_the_calls_ids_or_mask(masked):
     # unsort=: the permutation reaches dim 1 (rows put back in the caller's order)
     perm = torch.tensor([2, 0, 1])
     with hs.record(model, ["layers.1"], unsort={"layers.1": perm}) as rec2:
-        model(ids, **kwargs)
+        model(input_ids=ids, **kwargs)
     torch.testing.assert_close(rec2["layers.1"].tensor, outs[0][:, perm])
     torch.testing.assert_close(torch.as_tensor(capture_matrix(rec2["layers.1"], reduce="mean")),
                                by_hand[perm])
+
+
+class _TimeMajorIds(nn.Module):
+    """Time-major ids (time, batch) in, batch-first inside: a batch_first=True LSTM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 8)
+        self.lstm = nn.LSTM(8, 8, batch_first=True)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, ids):
+        return self.proj(self.lstm(self.embed(ids).transpose(0, 1))[0])
+
+
+def test_ids_that_may_be_time_major_or_disagree_tell_nothing():
+    """Only ids under the conventional keywords, and masks, tell a layout; a layout the
+    module's type tells wins; references that disagree on the batch tell nothing."""
+    torch.manual_seed(0)
+    model = _TimeMajorIds().eval()
+    ids = torch.randint(1, 50, (7, 3))  # 7 steps of 3 sequences, positional
+    outs = []  # the reference: a hand-written hook that clones
+    handle = model.lstm.register_forward_hook(lambda m, a, o: outs.append(o[0].clone()))
+    perm = torch.tensor([2, 0, 1])
+    with hs.record(model, ["lstm", "proj"], unsort={"lstm": perm}) as rec:
+        out = model(ids)
+    handle.remove()
+    assert rec["lstm"].batch_dim == rec["proj"].batch_dim == 0
+    assert rec["proj"].tensor.shape == out.shape == (3, 7, 8)
+    assert torch.equal(rec["lstm"].output[0], outs[0][perm])  # every time step, rows permuted
+    assert len(rec.to_frame(reduce="mean")) == 3
+
+    class TwoStreams(nn.Module):  # a query (4, 8) and a document (8, 4): batches disagree
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(50, 8)
+
+        def forward(self, input_ids, decoder_input_ids):
+            return self.embed(input_ids), self.embed(decoder_input_ids)
+
+    two = TwoStreams().eval()
+    with hs.record(two, ["embed"]) as rec:
+        two(input_ids=torch.randint(1, 50, (4, 8)), decoder_input_ids=torch.randint(1, 50, (8, 4)))
+    assert [c.batch_dim for c in rec.calls("embed")] == [0, 0]
 
 
 def test_batch_first_outputs_and_equal_sizes_keep_the_batch_at_dim_0():
@@ -770,10 +816,10 @@ def test_batch_first_outputs_and_equal_sizes_keep_the_batch_at_dim_0():
     model = _TimeMajorEncoder().eval()
     square, _ = _time_major_batch(batch=4, time=4)
     with hs.record(model, ["layers.1"]) as rec:
-        model(square)
+        model(input_ids=square)
     assert rec["layers.1"].batch_dim == 0
     with hs.record(model, ["layers.1"], batch_dim={"layers.1": 1}) as rec:
-        model(square)
+        model(input_ids=square)
     assert rec["layers.1"].batch_dim == 1
 
 
@@ -792,3 +838,34 @@ def test_record_dataset_of_a_time_major_layer_writes_a_row_per_example(tmp_path)
     by_hand = outs[0].transpose(0, 1).masked_fill(~keep[..., None], float("-inf")).amax(1)
     assert rows.shape == (6, 8)
     torch.testing.assert_close(torch.tensor(rows[:3]), by_hand)
+
+
+def test_exports_refuse_a_layout_that_changes_between_steps():
+    """Step 2 has as many tokens as sequences: nothing tells its layout, and read batch-first
+    it would give one row per time step beside step 1's rows per example."""
+    torch.manual_seed(0)
+    model = _TimeMajorEncoder().eval()
+    told, _ = _time_major_batch(batch=3, time=6)
+    square, _ = _time_major_batch(batch=4, time=4)
+    with hs.record(model, ["layers.1"]) as rec:
+        model(input_ids=told)
+        model(input_ids=square)
+    assert [c.batch_dim for c in rec.calls("layers.1")] == [1, 0]
+    for export in (lambda: rec.to_frame(reduce="mean"),
+                   lambda: hs.recording_vectors(rec, reduce="mean")):
+        with pytest.raises(hs.InputError, match=r"dim 1 in step 0 but along dim 0 in step 1.*"
+                                                r"batch_dim=\{'layers.1': 1\}"):
+            export()
+    with hs.record(model, ["layers.1"], batch_dim={"layers.1": 1}) as rec:
+        model(input_ids=told)
+        model(input_ids=square)
+    frame = rec.to_frame(reduce="mean")
+    assert len(frame) == 7
+    by_hand = model.layers[1](model.layers[0](model.embed(square).transpose(0, 1))).mean(0)
+    torch.testing.assert_close(torch.tensor(frame.to_numpy()[3:], dtype=torch.float32),
+                               by_hand.detach())
+    one = torch.tensor([[7]])  # (1, 1, d): either reading is the same
+    with hs.record(model, ["layers.1"]) as rec:
+        model(input_ids=told)
+        model(input_ids=one)
+    assert len(rec.to_frame(reduce="mean")) == 4
