@@ -118,8 +118,7 @@ def _time_major(s: _Session, args: tuple, t: Tensor, batch: int | None = None) -
     it: the shape of its scope's padding mask, or of the model call's ids and masks, swapped
     (:func:`~hookscope.layout.swapped`); with ``batch`` (a permutation's length), only where
     dim 1 holds that many."""
-    if t.is_nested or t.ndim != 3 or not (s.swaps or s.mask is not None or s.mask_stack
-                                          or s.scope_outputs):
+    if t.is_nested or t.ndim != 3:
         return False  # (a nested tensor has no shape)
     if batch is not None and t.shape[1] != batch:
         return False
@@ -725,11 +724,12 @@ class Recorder:
                 # An RNN's own state, picked: its batch is dim 1.  (In a wrapper's output each
                 # tensor is decided on its own in convert: an output beside h_n is batch-first.)
                 dims = {path: 1 for path, _ in iter_tensors(raw)}
-            elif (perm is not None and dims is None and plan.batch_dim == "auto"
-                  and plan.seq_dim is None and primary is not None
-                  and _time_major(s, args, primary, len(perm))):
+            elif (perm is not None and (s.swaps or s.mask is not None or s.mask_stack
+                                        or s.scope_outputs) and dims is None
+                  and plan.batch_dim == "auto" and plan.seq_dim is None and primary is not None
+                  and _time_major(s, args, primary, perm.shape[0])):
                 dims = {path: 1 for path, x in iter_tensors(raw)
-                        if _time_major(s, args, x, len(perm))}
+                        if _time_major(s, args, x, perm.shape[0])}
             elif perm is not None and dims is None and plan.batch_dim == "auto" and (
                     s.time_major or (plan.seq_dim == 1 and plan.pick is not None)
                     or (primary is not None and primary.ndim == 3
@@ -765,9 +765,11 @@ class Recorder:
                     or plan.batch_dim != "auto"):  # (else dim 0, without a call)
                 batch_dim = capture_batch_dim(plan, output, raw, primary, rnn_state, layout,
                                               s.time_major)
-            if (batch_dim == 0 and plan.batch_dim == "auto" and not rnn_state and t is not None
-                    and not plan.map_1d and plan.seq_dim is None
-                    and _time_major(s, args, t, None if perm is None else len(perm))):
+            if ((s.swaps or s.mask is not None or s.mask_stack or s.scope_outputs)
+                    and batch_dim == 0 and plan.batch_dim == "auto"
+                    and not rnn_state and t is not None and not plan.map_1d
+                    and plan.seq_dim is None
+                    and _time_major(s, args, t, None if perm is None else perm.shape[0])):
                 batch_dim = 1  # (time, batch, features), as the pass tells it (layout.swapped)
             # The module's own (batch, channels, length) (not a new tensor that pick= made):
             feature_map = (plan.map_1d and t is not None and t.ndim == 3
