@@ -35,7 +35,7 @@ from .structure import iter_tensors
 
 __all__ = ["BATCH_FIRST_IDS", "CHANNELS_FIRST_1D", "CHANNELS_LAST", "capture_batch_dim",
            "channels_first_1d", "channels_last", "id_positions", "is_known", "known_dims",
-           "resolve_batch_dim", "sequence_batch_dim", "sequence_output", "swapped",
+           "one_batch", "resolve_batch_dim", "sequence_batch_dim", "sequence_output", "swapped",
            "swapped_shapes", "time_major"]
 
 _OWN_FLAG = (nn.RNNBase, nn.MultiheadAttention, nn.Transformer)
@@ -120,6 +120,20 @@ def swapped_shapes(kwargs: dict | None, mask: Any = None, features: Any = None,
     if len({b for b, _ in shapes}) != 1:
         return set()
     return {(t, b) for b, t in shapes if t != b}
+
+
+def one_batch(*given: Any) -> bool:
+    """Whether the model call's tensors of two or more dimensions (in ``given``: its
+    positional arguments, keywords, a features dict) agree on dim 0, the batch, leaving out
+    size 1 (broadcast ``position_ids``).  Where they do not (CLIP's 5 prompts beside 3
+    images, a query beside a document), the model runs streams of different batches, and
+    shapes that coincide across them tell no layout."""
+    sizes = set()
+    for group in given:
+        for v in (group.values() if isinstance(group, Mapping) else group or ()):
+            if type(v) is Tensor and v.ndim >= 2 and v.shape[0] != 1:
+                sizes.add(v.shape[0])
+    return len(sizes) <= 1
 
 
 def channels_last(module: nn.Module) -> bool:

@@ -49,6 +49,7 @@ from .layout import (
     id_positions,
     is_known,
     known_dims,
+    one_batch,
     sequence_output,
     swapped,
     swapped_shapes,
@@ -118,7 +119,7 @@ def _time_major(s: _Session, args: tuple, t: Tensor, batch: int | None = None) -
     it: the shape of its scope's padding mask, or of the model call's ids and masks, swapped
     (:func:`~hookscope.layout.swapped`); with ``batch`` (a permutation's length), only where
     dim 1 holds that many."""
-    if t.is_nested or t.ndim != 3:
+    if t.is_nested or t.ndim != 3 or not s.one_batch:
         return False  # (a nested tensor has no shape)
     if batch is not None and t.shape[1] != batch:
         return False
@@ -131,9 +132,9 @@ class _Session:
 
     __slots__ = ("count_problems", "counts", "entries", "handles", "joined", "mask",
                  "mask_handed", "mask_outside", "mask_raw", "mask_stack", "model_inputs",
-                 "no_grad_warned", "pending_inputs", "rec", "remaining", "rnn_states",
-                 "rows_guessed", "scope_outputs", "scopes_on", "stance", "swaps", "thread",
-                 "time_major")
+                 "no_grad_warned", "one_batch", "pending_inputs", "rec", "remaining",
+                 "rnn_states", "rows_guessed", "scope_outputs", "scopes_on", "stance", "swaps",
+                 "thread", "time_major")
 
     def __init__(self, rec: Recording, n_plans: int, thread: int | None) -> None:
         self.rec = rec
@@ -148,6 +149,7 @@ class _Session:
         self.mask_raw: Any = None  # ... as the model was given it (see mask_scope.py)
         # (time, batch) of the model call's (batch, time) ids and masks: a 3-D output of one
         self.swaps: Set[tuple[int, int]] = _NO_SWAPS  # of these shapes is time-major (layout.py)
+        self.one_batch = True  # the model call's tensors agree on the batch (layout.one_batch)
         # Open scopes: (module, mask, pending: a stream entry, decided as the pass ends).
         self.mask_stack: list[tuple[int, Tensor | None, bool]] = []
         self.mask_handed = False  # the model's mask went into a scope in this forward pass
@@ -511,8 +513,12 @@ class Recorder:
         if at is None:  # (read once per model class: which argument is input_ids)
             at = self._id_positions[type(module)] = id_positions(module.forward)
         ids = [args[i] for i in at if i < len(args)] if at else None
-        s.swaps = (swapped_shapes(kwargs, None, features, ids) if kwargs or features or ids
-                   else _NO_SWAPS)
+        s.one_batch, s.swaps = True, _NO_SWAPS
+        if kwargs or features or ids:
+            # (a call whose tensors disagree on the batch runs several streams: no layout)
+            s.one_batch = one_batch(args, kwargs, features)
+            if s.one_batch:
+                s.swaps = swapped_shapes(kwargs, None, features, ids)
         mask_from = self.mask_from
         if mask_from is not None:
             if type(mask_from) is str and not (kwargs and mask_from in kwargs):
@@ -526,7 +532,10 @@ class Recorder:
                     return
             s.mask = padding_mask(mask_from, args, kwargs or {})
             if s.mask is not None:
-                s.swaps = swapped_shapes(kwargs, s.mask, features, ids)
+                if not (kwargs or features or ids):  # (a mask_from= callable's: not yet)
+                    s.one_batch = one_batch(args, kwargs, features)
+                if s.one_batch:
+                    s.swaps = swapped_shapes(kwargs, s.mask, features, ids)
             if type(mask_from) is str:  # (the very object, to know it where it is passed on)
                 s.mask_raw = mask_argument(mask_from, args, kwargs)
                 if s.mask_raw is not None and self._scopes:
@@ -610,7 +619,8 @@ class Recorder:
                         mask, entry = scoped_mask(s, args)
                     else:
                         mask, entry = s.mask, None
-                    if output.ndim == 3 and not told and (s.swaps or mask is not None):
+                    if (output.ndim == 3 and not told and (s.swaps or mask is not None)
+                            and s.one_batch):
                         # (time, batch, features), as the pass tells it: the general path
                         general = swapped(output.shape, None if mask is None else mask.shape,
                                           s.swaps)

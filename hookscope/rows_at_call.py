@@ -42,7 +42,8 @@ def rows_at_call(s: Any, plan: Plan, args: tuple, kwargs: dict, value: Any,
             s.time_major and is_known(leaf, s.time_major)):  # (time-major: see convert)
         return None
     t = leaf.detach()
-    if lengths is None and t.ndim == 3 and not plan.map_1d and plan.seq_dim is None:
+    if (lengths is None and t.ndim == 3 and not plan.map_1d and plan.seq_dim is None
+            and s.one_batch):
         mask = scoped_mask(s, args)[0] if s.mask_stack or s.scope_outputs else s.mask
         if swapped(t.shape, None if mask is None else mask.shape, s.swaps):
             return None  # (time, batch, features) as the pass tells it: the general path

@@ -120,3 +120,35 @@ def test_fairseq_style_time_major_layers_are_read_along_the_batch(masked, tmp_pa
     rows = hs.open_dataset(tmp_path / "ds").numpy("encoder.layers.1")
     assert rows.shape == (6, 32)
     torch.testing.assert_close(torch.tensor(rows[3:]), by_hand)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_clip_images_whose_shape_coincides_with_the_text_ids_swapped_stay_batch_first(
+        masked, tmp_path):
+    """5 prompts of 3 tokens beside 3 images of 5 positions: the image layer's (3, 5, d) is
+    the text ids' (5, 3) swapped, by coincidence; the call's tensors disagree on the batch."""
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "vocab_size": 50,
+                     "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": 8, "patch_size": 4},
+        projection_dim=8)
+    model = transformers.CLIPModel(config).eval()
+    ids, pixels = torch.randint(2, 50, (5, 3)), torch.randn(3, 3, 8, 8)
+    call = {"input_ids": ids, "pixel_values": pixels}
+    if masked:
+        call["attention_mask"] = torch.ones(5, 3, dtype=torch.long)
+        call["attention_mask"][0, 2:] = 0
+    name = "vision_model.encoder.layers.0"
+    with torch.no_grad(), hs.record(model, [name]) as rec:
+        out = model(**call, output_hidden_states=True)
+    by_hand = out.vision_model_output.hidden_states[1].mean(1)  # one row per image
+    assert rec[name].batch_dim == 0 and rec[name].mask is None
+    torch.testing.assert_close(torch.tensor(hs.recording_vectors(rec, reduce="mean")[name]),
+                               by_hand)
+    hs.record_dataset(model, [call], [name], tmp_path / "ds", reduce="mean",
+                      forward=lambda m, b: m(**b), progress=False)
+    torch.testing.assert_close(torch.tensor(hs.open_dataset(tmp_path / "ds").numpy(name)),
+                               by_hand)
