@@ -1,7 +1,8 @@
 """``record()``: forward hooks on, capture every call, hooks off.
 
 The flow: selection (:mod:`~hookscope.select`) → an immutable plan per module
-(:mod:`~hookscope.plan`) → hooks, whose per-block state lives in a :class:`_Session` →
+(:mod:`~hookscope.plan`) → hooks, whose per-block state lives in a
+:class:`~hookscope.session.Session` →
 the pure conversion step (:mod:`~hookscope.convert`) → a :class:`~hookscope.Recording`.
 
 The hook is the hot path (it runs on every call of a selected module), so everything that can
@@ -15,7 +16,7 @@ import inspect
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Set
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -59,9 +60,9 @@ from .mask_scope import end_pass, scope_hooks, scope_modules, scoped_mask
 from .offload import HostStaging
 from .plan import BatchDim, Plan, build_plans, with_perms
 from .recording import Recording
-from .rnn_states import RNNStates
 from .rows_at_call import rows_at_call
 from .select import ModuleSpec, resolve_modules, unwrap
+from .session import NO_SWAPS, Session, time_major_call
 from .structure import first_tensor, iter_tensors
 
 __all__ = ["Recorder", "record"]
@@ -109,66 +110,6 @@ class _Stop(BaseException):
     def __init__(self, recorders: set[Recorder]) -> None:
         super().__init__("hookscope: forward pass stopped after the last recorded module")
         self.recorders = recorders
-
-
-_NO_SWAPS: frozenset[tuple[int, int]] = frozenset()
-
-
-def _time_major(s: _Session, args: tuple, t: Tensor, batch: int | None = None) -> bool:
-    """Whether a call's 3-D tensor is ``(time, batch, features)`` as the forward pass tells
-    it: the shape of its scope's padding mask, or of the model call's ids and masks, swapped
-    (:func:`~hookscope.layout.swapped`); with ``batch`` (a permutation's length), only where
-    dim 1 holds that many."""
-    if t.is_nested or t.ndim != 3 or not s.one_batch:
-        return False  # (a nested tensor has no shape)
-    if batch is not None and t.shape[1] != batch:
-        return False
-    mask = scoped_mask(s, args)[0] if s.mask_stack or s.scope_outputs else s.mask
-    return swapped(t.shape, None if mask is None else mask.shape, s.swaps)
-
-
-class _Session:
-    """The state of one entered block: the recording, call counters, handles."""
-
-    __slots__ = ("count_problems", "counts", "entries", "handles", "joined", "mask",
-                 "mask_handed", "mask_outside", "mask_raw", "mask_stack", "model_inputs",
-                 "no_grad_warned", "one_batch", "pending_inputs", "rec", "remaining",
-                 "rnn_states", "rows_guessed", "scope_outputs", "scopes_on", "stance", "swaps",
-                 "thread", "time_major")
-
-    def __init__(self, rec: Recording, n_plans: int, thread: int | None) -> None:
-        self.rec = rec
-        self.thread = thread  # None: every thread's calls are recorded
-        self.counts: dict[str, int] = {}  # calls per module in the current step
-        self.count_problems: list[str] = []  # steps whose calls disagree with calls= etc.
-        self.remaining = n_plans
-        self.pending_inputs: dict[str, list[tuple[tuple, dict]]] = {}
-        self.handles: list[Any] = []
-        self.stance: Any = None
-        self.mask: Tensor | None = None  # the model call's attention mask, if any
-        self.mask_raw: Any = None  # ... as the model was given it (see mask_scope.py)
-        # (time, batch) of the model call's (batch, time) ids and masks: a 3-D output of one
-        self.swaps: Set[tuple[int, int]] = _NO_SWAPS  # of these shapes is time-major (layout.py)
-        self.one_batch = True  # the model call's tensors agree on the batch (layout.one_batch)
-        # Open scopes: (module, mask, pending: a stream entry, decided as the pass ends).
-        self.mask_stack: list[tuple[int, Tensor | None, bool]] = []
-        self.mask_handed = False  # the model's mask went into a scope in this forward pass
-        self.mask_outside: list[tuple[int, Capture]] = []  # (entry, capture): given the
-        # model's mask in a pending scope
-        self.entries: dict[int, Any] = {}  # stream entries that ran: their outputs
-        self.joined: set[int] = set()  # entries whose output the part with the mask took
-        self.scope_outputs: list[tuple[Any, Tensor | None, int | None]] = []  # closed scopes:
-        # (output, mask, pending entry), for modules outside given one (a seq2seq lm_head)
-        self.model_inputs: list[Tensor] = []  # the model call's tensors (mask_scope.py)
-        self.rows_guessed: set[int] = set()  # record_dataset rows reduced so, in entries
-        self.scopes_on = False  # the scope hooks are registered (at the first masked call)
-        # (h, c) returned by RNNs inside hooked wrappers in this forward pass: their batch is
-        # dim 1, and no packed input's lengths describe them (see RNNStates).
-        self.rnn_states = RNNStates()
-        # The (time, batch, ...) sequences the model's time-major modules returned in this
-        # forward pass: a module around one that passes it on has its batch at dim 1 too.
-        self.time_major: list[Tensor] = []
-        self.no_grad_warned = False
 
 
 class Recorder:
@@ -365,7 +306,7 @@ class Recorder:
         # Hooks added after torch.compile are not seen by the compiled graph (dynamo skips
         # hook guards), which would give an empty recording: run eagerly inside the block.
         self._wrapped_compiled = "_orig_mod." in prefix
-        self._session: _Session | None = None
+        self._session: Session | None = None
 
     @property
     def device(self) -> torch.device | None:
@@ -421,7 +362,7 @@ class Recorder:
         if self._session is not None:
             raise HookscopeError("This recorder is already active; nest a new record() instead.")
         rec = Recording(self._names, self._module_types, self._model_type, prefix=self._prefix)
-        s = _Session(rec, len(self._plans), _get_ident() if self.threads == "own" else None)
+        s = Session(rec, len(self._plans), _get_ident() if self.threads == "own" else None)
         try:
             if self._needs_eager():
                 s.stance = torch.compiler.set_stance("force_eager")
@@ -484,7 +425,7 @@ class Recorder:
         return self._wrapped_compiled or ("torch._dynamo" in sys.modules and _HAS_STANCE)
 
     # -- hooks ------------------------------------------------------------------------------
-    def _own(self) -> _Session | None:
+    def _own(self) -> Session | None:
         s = self._session
         if s is None or (s.thread is not None and s.thread != _get_ident()):
             return None
@@ -513,7 +454,7 @@ class Recorder:
         if at is None:  # (read once per model class: which argument is input_ids)
             at = self._id_positions[type(module)] = id_positions(module.forward)
         ids = [args[i] for i in at if i < len(args)] if at else None
-        s.one_batch, s.swaps = True, _NO_SWAPS
+        s.one_batch, s.swaps = True, NO_SWAPS
         if kwargs or features or ids:
             # (a call whose tensors disagree on the batch runs several streams: no layout)
             s.one_batch = one_batch(args, kwargs, features)
@@ -541,7 +482,7 @@ class Recorder:
                 if s.mask_raw is not None and self._scopes:
                     self._scope_step(s, args, kwargs)
 
-    def _scope_step(self, s: _Session, args: tuple, kwargs: dict | None) -> None:
+    def _scope_step(self, s: Session, args: tuple, kwargs: dict | None) -> None:
         """A model call with a mask (or a decoder's): note its input tensors, and hook the
         modules that may open a scope (mask_scope.py) at the block's first such call, before
         its children run (a model called without a mask pays nothing)."""
@@ -556,7 +497,7 @@ class Recorder:
                                                                   with_kwargs=True))
                 s.handles.append(module.register_forward_hook(self._scope_hook))
 
-    def _end_mask_scopes(self, s: _Session) -> None:
+    def _end_mask_scopes(self, s: Session) -> None:
         """The end of a forward pass (see :func:`~hookscope.mask_scope.end_pass`)."""
         others = end_pass(s)
         if others:
@@ -687,7 +628,7 @@ class Recorder:
 
         return sequence_hook
 
-    def _record_call(self, s: _Session, plan: Plan, args: tuple, kwargs: dict,
+    def _record_call(self, s: Session, plan: Plan, args: tuple, kwargs: dict,
                      output: Any) -> Any:
         rec = s.rec
         if rec.steps == 0:  # a module called without the model's own forward (model.encode)
@@ -737,9 +678,9 @@ class Recorder:
             elif (perm is not None and (s.swaps or s.mask is not None or s.mask_stack
                                         or s.scope_outputs) and dims is None
                   and plan.batch_dim == "auto" and plan.seq_dim is None and primary is not None
-                  and _time_major(s, args, primary, perm.shape[0])):
+                  and time_major_call(s, args, primary, perm.shape[0])):
                 dims = {path: 1 for path, x in iter_tensors(raw)
-                        if _time_major(s, args, x, perm.shape[0])}
+                        if time_major_call(s, args, x, perm.shape[0])}
             elif perm is not None and dims is None and plan.batch_dim == "auto" and (
                     s.time_major or (plan.seq_dim == 1 and plan.pick is not None)
                     or (primary is not None and primary.ndim == 3
@@ -779,7 +720,7 @@ class Recorder:
                     and batch_dim == 0 and plan.batch_dim == "auto"
                     and not rnn_state and t is not None and not plan.map_1d
                     and plan.seq_dim is None
-                    and _time_major(s, args, t, None if perm is None else perm.shape[0])):
+                    and time_major_call(s, args, t, None if perm is None else perm.shape[0])):
                 batch_dim = 1  # (time, batch, features), as the pass tells it (layout.swapped)
             # The module's own (batch, channels, length) (not a new tensor that pick= made):
             feature_map = (plan.map_1d and t is not None and t.ndim == 3
@@ -829,7 +770,7 @@ class Recorder:
         self._make_hooks()
 
     @staticmethod
-    def _require_grads(s: _Session, output: Any, returned: Any, where: str) -> Any:
+    def _require_grads(s: Session, output: Any, returned: Any, where: str) -> Any:
         """``grads=True``: the output made to require grad where it did not (``None`` if
         nothing changed and no edit did); a warning, once per block, without a graph."""
         if not torch.is_grad_enabled():
@@ -849,7 +790,7 @@ class Recorder:
                     s.rnn_states.add(copy)
         return new
 
-    def _tally_calls(self, s: _Session) -> None:
+    def _tally_calls(self, s: Session) -> None:
         """Note where the step that ends ran a module another number of times than it was
         given labels (or permutations, or edits) for."""
         counts, step = s.counts, s.rec.steps - 1
@@ -859,7 +800,7 @@ class Recorder:
                 s.count_problems.append(f"{name!r} ran {n} time(s) in step {step}, but "
                                         f"{n_expected} {given} were given")
 
-    def _check_counts(self, s: _Session) -> None:
+    def _check_counts(self, s: Session) -> None:
         if s.counts and self._expected_calls:
             self._tally_calls(s)  # the last step
         if s.count_problems:
@@ -875,7 +816,7 @@ class Recorder:
 _HAS_STANCE = hasattr(torch.compiler, "set_stance")
 
 
-def _close(s: _Session) -> None:
+def _close(s: Session) -> None:
     """Remove every hook and leave the compile stance, whatever arrives meanwhile (a Ctrl-C
     in the middle must not leave hooks behind: it is re-raised once all are gone)."""
     interrupted: BaseException | None = None
