@@ -87,9 +87,9 @@ class Capture:
     """
 
     __slots__ = (
-        "_grads", "_inputs", "_kwargs", "_lengths", "_mask", "_output", "_pending",
-        "_versions", "batch_dim", "bidirectional", "call", "channels_last", "feature_map",
-        "label", "live", "module_type", "name", "rnn_state", "step",
+        "_grads", "_inputs", "_kwargs", "_lengths", "_mask", "_other_mask", "_output",
+        "_pending", "_versions", "batch_dim", "bidirectional", "call", "channels_last",
+        "feature_map", "label", "live", "module_type", "name", "rnn_state", "step",
     )  # fmt: skip
 
     def __init__(
@@ -131,6 +131,10 @@ class Capture:
         self.channels_last = channels_last
         self._grads: Any = None  # a grads.GradStore with grads=True
         self._pending: Any = None  # device="cpu": copies in flight (see hookscope.offload)
+        # The model call's padding mask where this (batch, time, ...) sequence has other time
+        # steps (a strided convolution, pooling, internal padding): its real positions are
+        # unknown, and a reduction warns (hookscope.frame.warn_unmasked).
+        self._other_mask: Tensor | None = None
 
     # -- values -----------------------------------------------------------------------------
     @property

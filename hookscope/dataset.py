@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +262,7 @@ class _Job:
     encoding: str
     reducer: ReduceAtCall | None = None  # reduce= in the hooks (None: reduce=None)
     staging: HostStaging | None = None  # pinned buffers, reused (one per call)
+    warned: set[str] = field(default_factory=set)  # captures warned of padding (once a run)
 
 
 def _batches_to_do(batches: Iterable[Any], done: set[int], rank: int,
@@ -317,7 +318,7 @@ def _forward(job: _Job, index: int, batch: Any) -> tuple[int, dict, int, Callabl
         apply_lengths(rec, given, index)
     columns, n, vectors = batch_columns(rec, job.reduce, job.bidirectional, job.np_dtype,
                                         job.manifest, index, staging=job.staging,
-                                        encoding=job.encoding)
+                                        encoding=job.encoding, warned=job.warned)
     # meta= now, not with the rows: an iterable may reuse its batch object for the next one.
     if job.meta is not None:
         columns.update(meta_columns(job.meta(batch), n, job.manifest, index))

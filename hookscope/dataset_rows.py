@@ -21,6 +21,7 @@ from .frame import (
     capture_rows,
     is_sequence,
     rnn_state_error,
+    warn_unmasked,
 )
 from .offload import HostStaging
 from .pooling import REDUCTIONS, pool_sequences
@@ -49,6 +50,7 @@ class ReduceAtCall:
         self.reduce, self.bidirectional = reduce, bidirectional
         self.given: Tensor | None = None  # this batch's lengths= (checked; caller's order)
         self.index = 0  # this batch's index, for messages
+        self.warned: set[str] = set()  # captures warned of padding (frame.warn_unmasked)
 
     def __call__(self, cap: Capture, perm: Tensor | None) -> tuple[Tensor, bool]:
         given = None
@@ -65,6 +67,9 @@ class ReduceAtCall:
             keep = cap._mask
             if keep is None and cap.lengths is not None:  # (in NumPy: fewer dispatches)
                 keep = torch.from_numpy(np.arange(t.shape[1]) < cap.lengths.numpy()[:, None])
+            if (keep is None and cap.name not in self.warned  # (once a run; in the hook,
+                    and warn_unmasked(cap, self.reduce, sync=False)):  # no wait for a GPU)
+                self.warned.add(cap.name)
             rows, finite = pool_sequences(t, None if keep is None else keep.to(t.device),
                                           self.reduce, check=t.device.type == "cpu")
             if finite:
@@ -181,7 +186,7 @@ def _meta_array(pa: Any, name: str, values: Any, known: str | None, index: int) 
 
 def batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, manifest: dict,
                    index: int, lengths: Any = None, staging: HostStaging | None = None,
-                   encoding: str = "list"
+                   encoding: str = "list", warned: set[str] | None = None
                    ) -> tuple[dict[str, Any], int, Callable[[], dict[str, np.ndarray]]]:
     """A batch's columns, the number of its rows, and what gives its vector columns.
 
@@ -211,6 +216,9 @@ def batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, man
                     units = t.size(2)
                 else:
                     mask = capture_mask(cap, given)
+                    if (mask is None and cap.name not in (warned or ())  # (once a run)
+                            and warn_unmasked(cap, None) and warned is not None):
+                        warned.add(cap.name)
                     arr = t.detach().cpu().float().numpy().astype(np_dtype, copy=False)
                     value = list(arr) if mask is None else [
                         row[keep] for row, keep in zip(arr, mask.numpy(), strict=True)]

@@ -8,6 +8,7 @@ Works on anything with the ``Capture`` attributes (``name``, ``step``, ``call``,
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -220,6 +221,8 @@ def capture_rows(cap: Any, reduce: Reduce = None, *, bidirectional: bool | None 
         return t.reshape(t.shape[0], -1), True
     if callable(reduce):
         mask = None if feature_map else capture_mask(cap, lengths)
+        if mask is None and not feature_map and takes_two_args(reduce):
+            warn_unmasked(cap, reduce)
         out = reduce(t, mask) if takes_two_args(reduce) else reduce(t)
         out = torch.as_tensor(out)
         if out.ndim != 2 or out.shape[0] != t.shape[0]:
@@ -234,11 +237,53 @@ def capture_rows(cap: Any, reduce: Reduce = None, *, bidirectional: bool | None 
                              "'mean', 'max', 'sum' or 'flatten'.")
         return _masked_pool(t, None, reduce, True, _named(cap), feature_map=True), False
     mask = capture_mask(cap, lengths)
+    if mask is None:
+        warn_unmasked(cap, reduce)
     if reduce == "last":
         if mask is None:
             mask = torch.ones(t.shape[:2], dtype=torch.bool)
         return _last_state(t, mask, bidirectional, True, _named(cap)), False
     return _masked_pool(t, mask, reduce, True, _named(cap)), False
+
+
+def warn_unmasked(cap: Any, reduce: Any, sync: bool = True) -> bool:
+    """Warn that a sequence is reduced (or exported) over every position, padding included,
+    where the model call had a padding mask that does not fit it (:attr:`Capture._other_mask`:
+    a module that changes the time steps).  The mask is checked for padding where reading it
+    costs no wait for a GPU (``sync``, or a CPU mask); a mask without padding loses nothing.
+    Returns whether it warned.  The warning points at the caller's line outside hookscope."""
+    other = getattr(cap, "_other_mask", None)
+    if other is None or ((sync or other.device.type == "cpu") and bool(other.all())):
+        return False
+    what = ("a reduce callable given mask=None" if callable(reduce)
+            else "every position is kept" if reduce is None else f"reduce={reduce!r}")
+    warnings.warn(
+        f"hookscope: {cap.name!r} is a (batch, time, features) sequence whose time steps "
+        "differ from the model call's padding mask, so its real positions are unknown: where "
+        "padding reaches it (a strided convolution, pooling or internal padding changed the "
+        f"steps), {what} counts padded positions too. Pass lengths= with each example's real "
+        "steps in this output (export it on its own where other sequences have other steps); "
+        "if it is a (batch, channels, length) map, record it with "
+        "pick=lambda out: out.transpose(1, 2); if every position is real, ignore this.",
+        stacklevel=_outside_hookscope())
+    return True
+
+
+def _outside_hookscope() -> int:
+    """The ``stacklevel`` (as ``warnings.warn`` in :func:`warn_unmasked` counts it) of the
+    frame that called into hookscope last: the user's line that asked for the export or the
+    dataset (a warning from a hook inside ``record_dataset`` passes the model's frames)."""
+    import sys
+
+    frame, level, outermost = sys._getframe(2), 2, 1  # (2: the caller of warn_unmasked)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_PACKAGE):
+            outermost = level
+        frame, level = frame.f_back, level + 1
+    return outermost + 1
+
+
+_PACKAGE = __file__.rsplit("/", 1)[0] + "/"
 
 
 def _named(cap: Any) -> str:
@@ -444,6 +489,7 @@ def _long_rows(cap: Any, by_step: dict[int, Any]) -> tuple[np.ndarray, np.ndarra
         if mask is not None:
             ex, pos = np.nonzero(mask.numpy())
         else:
+            warn_unmasked(cap, None)
             ex, pos = np.divmod(np.arange(b * arr.shape[1]), arr.shape[1])
         return ex, pos, arr[ex, pos]
     # A feature map: one row per spatial position (flat, row-major), a unit per channel.

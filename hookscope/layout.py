@@ -34,9 +34,9 @@ from .rnn_states import state_key
 from .structure import iter_tensors
 
 __all__ = ["BATCH_FIRST_IDS", "CHANNELS_FIRST_1D", "CHANNELS_LAST", "capture_batch_dim",
-           "channels_first_1d", "channels_last", "id_positions", "is_known", "known_dims",
-           "one_batch", "resolve_batch_dim", "sequence_batch_dim", "sequence_output", "swapped",
-           "swapped_shapes", "time_major"]
+           "channels_first_1d", "channels_last", "id_positions", "id_times", "is_known",
+           "known_dims", "one_batch", "resolve_batch_dim", "sequence_batch_dim",
+           "sequence_output", "swapped", "swapped_shapes", "time_major"]
 
 _OWN_FLAG = (nn.RNNBase, nn.MultiheadAttention, nn.Transformer)
 _LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -120,6 +120,20 @@ def swapped_shapes(kwargs: dict | None, mask: Any = None, features: Any = None,
     if len({b for b, _ in shapes}) != 1:
         return set()
     return {(t, b) for b, t in shapes if t != b}
+
+
+def id_times(kwargs: dict | None, features: Any = None,
+             ids: list[Any] | None = None) -> set[int]:
+    """The time steps of the model call's token ids (:data:`BATCH_FIRST_IDS`, ``labels``;
+    keywords, a features dict, positional ``ids``): a sequence with as many steps is a stream
+    whose tokens the call gave (a decoder fed its own ids, a cached generation step), not one
+    whose padding went unknown (:func:`hookscope.frame.warn_unmasked`)."""
+    given = list(ids or ())
+    for named in (kwargs, features):
+        if isinstance(named, Mapping):
+            given += [v for k, v in named.items() if k in BATCH_FIRST_IDS or k == "labels"]
+    return {a.shape[1] for a in given if type(a) is Tensor and a.ndim == 2
+            and not a.is_floating_point()}
 
 
 def one_batch(*given: Any) -> bool:

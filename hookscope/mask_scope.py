@@ -144,7 +144,7 @@ def end_pass(s: Any) -> set[int]:
     if s.mask_handed:
         for entry, cap in s.mask_outside:
             if entry not in s.joined:
-                cap._mask = None
+                cap._mask = cap._other_mask = None
                 others.add(entry)
         others.update(e for e in s.entries if e not in s.joined)
     s.mask_outside = []

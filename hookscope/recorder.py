@@ -48,6 +48,7 @@ from .grads import attach_grad_hooks, require_grads
 from .layout import (
     capture_batch_dim,
     id_positions,
+    id_times,
     is_known,
     known_dims,
     one_batch,
@@ -62,7 +63,7 @@ from .plan import BatchDim, Plan, build_plans, with_perms
 from .recording import Recording
 from .rows_at_call import rows_at_call
 from .select import ModuleSpec, resolve_modules, unwrap
-from .session import NO_SWAPS, Session, time_major_call
+from .session import NO_SWAPS, Session, time_major_call, unfit_mask
 from .structure import first_tensor, iter_tensors
 
 __all__ = ["Recorder", "record"]
@@ -454,8 +455,9 @@ class Recorder:
         if at is None:  # (read once per model class: which argument is input_ids)
             at = self._id_positions[type(module)] = id_positions(module.forward)
         ids = [args[i] for i in at if i < len(args)] if at else None
-        s.one_batch, s.swaps = True, NO_SWAPS
+        s.one_batch, s.swaps, s.id_times = True, NO_SWAPS, NO_SWAPS
         if kwargs or features or ids:
+            s.id_times = id_times(kwargs, features, ids)
             # (a call whose tensors disagree on the batch runs several streams: no layout)
             s.one_batch = one_batch(args, kwargs, features)
             if s.one_batch:
@@ -575,8 +577,12 @@ class Recorder:
                     call = counts.get(name, 0)
                     counts[name] = call + 1
                     label = labels[call] if labels is not None and call < len(labels) else None
+                    other = None
                     if mask is not None and (output.ndim != 3 or output.shape[:2] != mask.shape
                                              or map_1d):
+                        if output.ndim == 3 and not map_1d:
+                            other = unfit_mask(s, output.shape, mask)  # (real positions
+                            # unknown: reductions warn)
                         mask = None
                     # (detach only what autograd tracks: it costs a tensor of its own)
                     value = (output.detach() if output.requires_grad else output).clone()
@@ -586,6 +592,10 @@ class Recorder:
                         capture.feature_map = True
                     elif map_last and value.ndim >= 4:  # (batch, *spatial, channels)
                         capture.channels_last = True
+                    elif other is not None:
+                        capture._other_mask = other
+                        if entry is not None:  # (decided as the pass ends: mask_scope.py)
+                            s.mask_outside.append((entry, capture))
                     elif mask is not None and entry is not None:  # (decided as the pass
                         s.mask_outside.append((entry, capture))  # ends: mask_scope.py)
                     rec._captures[name].append(capture)
@@ -640,7 +650,7 @@ class Recorder:
         labels = plan.labels
         label = labels[call] if labels is not None and call < len(labels) else None
         live: tuple[str, ...] = ()
-        perm = lengths = mask = versions = grads = returned = in_flight = rows = None
+        perm = lengths = mask = versions = grads = returned = in_flight = rows = other = None
         rnn_state = False
         if plan.plain and type(output) is Tensor:  # the common case, without the tree walk
             raw = primary = output  # (the model's own tensor: an RNN state is known by its memory)
@@ -731,8 +741,11 @@ class Recorder:
                                  else (s.mask, None))  # (the scope's mask: mask_scope.py)
             if lengths is None and not feature_map and (
                     model_mask is not None or type(value) is not Tensor or value.is_nested):
-                lengths, mask = nested_lengths_or_mask(  # (the mask is (batch, time))
-                    t.movedim(batch_dim, 0) if batch_dim else t, model_mask, perm)
+                tb = t.movedim(batch_dim, 0) if batch_dim else t
+                lengths, mask = nested_lengths_or_mask(tb, model_mask, perm)  # ((batch, time))
+                if (lengths is None and mask is None and model_mask is not None
+                        and tb is not None and not tb.is_nested):
+                    other = unfit_mask(s, tb.shape, model_mask)  # (real positions unknown)
             if plan.bidir_units is not None:
                 bidirectional = (t is not None and t.ndim > 1
                                  and t.shape[-1] == plan.bidir_units)
@@ -747,8 +760,10 @@ class Recorder:
                           kwargs_in, lengths, versions, mask, live, bidirectional,
                           rnn_state, batch_dim, feature_map, last)  # positional:
         # keywords cost half a microsecond per capture here
-        if mask is not None and entry is not None:
+        if (mask is not None or other is not None) and entry is not None:
             s.mask_outside.append((entry, capture))  # (decided as the pass ends)
+        if other is not None:
+            capture._other_mask = other
         if grads is not None:
             capture._grads = grads
         if in_flight is not None:

@@ -19,6 +19,7 @@ from .errors import UnsortError
 from .layout import is_known, swapped
 from .mask_scope import scoped_mask
 from .plan import Plan
+from .session import unfit_mask
 from .structure import iter_tensors, packed_mask, pad_packed
 
 __all__ = ["rows_at_call"]
@@ -61,7 +62,7 @@ def rows_at_call(s: Any, plan: Plan, args: tuple, kwargs: dict, value: Any,
         if perm is None:
             return rows.clone()  # (the model's own memory: a later in-place op)
         return rows.index_select(0, plan.perm_on(perm, rows.device))
-    mask = None
+    mask = other = None
     packed_in = input_packed(args, kwargs) if lengths is None else None
     if packed_in is not None and t.ndim >= 2 and not from_rnn_state(plan, t, s.rnn_states):
         # Real positions straight from the input's batch_sizes, where they describe this
@@ -80,6 +81,8 @@ def rows_at_call(s: Any, plan: Plan, args: tuple, kwargs: dict, value: Any,
         if entry is not None and entry in other_streams:  # (an earlier pass showed it)
             mask = None
         if mask is not None and tuple(t.shape[:2]) != tuple(mask.shape):
+            # (other time steps: real positions unknown; a pending stream's mask may not be its)
+            other = unfit_mask(s, t.shape, mask) if entry is None else None
             mask = None
         elif mask is not None and entry is not None:
             s.rows_guessed.add(entry)  # (the recorder redoes the batch if it was another
@@ -91,6 +94,7 @@ def rows_at_call(s: Any, plan: Plan, args: tuple, kwargs: dict, value: Any,
     cap = Capture(plan.name, s.rec.steps - 1, call, label, plan.module_type, t,
                   lengths=lengths, mask=mask, bidirectional=bidirectional,
                   feature_map=plan.map_1d and t.ndim == 3)
+    cap._other_mask = other
     rows, shared = plan.rows(cap, perm)
     if perm is not None:
         return rows.index_select(0, plan.perm_on(perm, rows.device))

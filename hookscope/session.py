@@ -16,9 +16,21 @@ from .mask_scope import scoped_mask
 from .recording import Recording
 from .rnn_states import RNNStates
 
-__all__ = ["NO_SWAPS", "Session", "time_major_call"]
+__all__ = ["NO_SWAPS", "Session", "time_major_call", "unfit_mask"]
 
 NO_SWAPS: frozenset[tuple[int, int]] = frozenset()
+
+
+def unfit_mask(s: Session, shape: tuple[int, ...], mask: Tensor) -> Tensor | None:
+    """The call's padding ``mask`` where a 3-D output of its batch is a sequence with other
+    time steps (a strided convolution, pooling or internal padding changed them), so that
+    its real positions are unknown (:attr:`Capture._other_mask`); ``None`` for one step (one
+    position, a generation step's) and where the call's ids have as many steps (a decoder fed
+    its own ids)."""
+    if (len(shape) == 3 and shape[0] == mask.shape[0] and shape[1] != mask.shape[1]
+            and shape[1] > 1 and shape[1] not in s.id_times):
+        return mask
+    return None
 
 
 def time_major_call(s: Session, args: tuple, t: Tensor, batch: int | None = None) -> bool:
@@ -37,11 +49,33 @@ def time_major_call(s: Session, args: tuple, t: Tensor, batch: int | None = None
 class Session:
     """The state of one entered block: the recording, call counters, handles."""
 
-    __slots__ = ("count_problems", "counts", "entries", "handles", "joined", "mask",
-                 "mask_handed", "mask_outside", "mask_raw", "mask_stack", "model_inputs",
-                 "no_grad_warned", "one_batch", "pending_inputs", "rec", "remaining",
-                 "rnn_states", "rows_guessed", "scope_outputs", "scopes_on", "stance", "swaps",
-                 "thread", "time_major")
+    __slots__ = (
+        "count_problems",
+        "counts",
+        "entries",
+        "handles",
+        "id_times",
+        "joined",
+        "mask",
+        "mask_handed",
+        "mask_outside",
+        "mask_raw",
+        "mask_stack",
+        "model_inputs",
+        "no_grad_warned",
+        "one_batch",
+        "pending_inputs",
+        "rec",
+        "remaining",
+        "rnn_states",
+        "rows_guessed",
+        "scope_outputs",
+        "scopes_on",
+        "stance",
+        "swaps",
+        "thread",
+        "time_major",
+    )
 
     def __init__(self, rec: Recording, n_plans: int, thread: int | None) -> None:
         self.rec = rec
@@ -57,6 +91,7 @@ class Session:
         # (time, batch) of the model call's (batch, time) ids and masks: a 3-D output of one
         self.swaps: Set[tuple[int, int]] = NO_SWAPS  # of these shapes is time-major (layout.py)
         self.one_batch = True  # the model call's tensors agree on the batch (layout.one_batch)
+        self.id_times: Set[int] = NO_SWAPS  # time steps of the call's ids (layout.id_times)
         # Open scopes: (module, mask, pending: a stream entry, decided as the pass ends).
         self.mask_stack: list[tuple[int, Tensor | None, bool]] = []
         self.mask_handed = False  # the model's mask went into a scope in this forward pass

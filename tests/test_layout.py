@@ -869,3 +869,86 @@ def test_exports_refuse_a_layout_that_changes_between_steps():
         model(input_ids=told)
         model(input_ids=one)
     assert len(rec.to_frame(reduce="mean")) == 4
+
+
+class _Downsampling(nn.Module):
+    """(batch, time) ids -> (batch, time / 2, d) by a strided convolution, as speech and
+    funnel models shorten their sequences: the call's padding mask no longer fits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 8)
+        self.conv = nn.Conv1d(8, 8, 3, stride=2, padding=1)
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.out(self.conv(self.embed(input_ids).transpose(1, 2)).transpose(1, 2))
+
+
+def test_a_sequence_the_padding_mask_does_not_fit_warns_when_reduced(tmp_path):
+    import warnings
+
+    torch.manual_seed(0)
+    model = _Downsampling().eval()
+    ids, mask = _time_major_batch(batch=3, time=8)  # sequence 1 padded after 4 tokens
+    with hs.record(model, ["embed", "out"]) as rec:
+        model(ids, attention_mask=mask)
+    assert rec["embed"].mask is not None and rec["out"].mask is None
+    with pytest.warns(UserWarning, match=r"'out' is a \(batch, time, features\) sequence whose "
+                                         r"time steps differ.*reduce='mean'.*lengths="):
+        rec.to_frame(reduce="mean")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of these warns
+        rec.to_frame(reduce="flatten")  # (every position, as asked)
+        with hs.record(model, ["out"]) as unpadded:
+            model(ids, attention_mask=torch.ones_like(mask))  # no padding: nothing lost
+        unpadded.to_frame(reduce="mean")
+        with hs.record(model, ["out"]) as again:
+            model(ids, attention_mask=mask)
+        again.to_frame(reduce="mean", lengths=torch.tensor([4, 2, 4]))  # told: no warning
+    with pytest.warns(UserWarning, match="'out' is a"):
+        hs.record_dataset(model, [{"input_ids": ids, "attention_mask": mask}] * 2, ["out"],
+                          tmp_path / "ds", reduce="max", forward=lambda m, b: m(**b),
+                          progress=False)
+
+
+class _DownsamplingWithDecoder(_Downsampling):
+    """The same, with a decoder over its own ids (batch, target) whose tokens the call gave."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoder = nn.Linear(8, 8)
+
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None):
+        memory = super().forward(input_ids)
+        return self.decoder(self.embed(decoder_input_ids) + memory.mean(1, keepdim=True))
+
+
+def test_the_padding_warning_spares_given_tokens_and_points_at_the_caller(tmp_path):
+    import warnings
+
+    torch.manual_seed(0)
+    model = _DownsamplingWithDecoder().eval()
+    ids, mask = _time_major_batch(batch=3, time=8)
+    target = torch.randint(1, 50, (3, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with hs.record(model, ["decoder"]) as rec:  # (3, 5, 8): the call's own 5 tokens
+            model(ids, attention_mask=mask, decoder_input_ids=target)
+            model(ids, attention_mask=mask, decoder_input_ids=target[:, :1])  # one step
+        rec.to_frame(reduce="mean")
+    with hs.record(model, ["out"]) as rec:
+        for _ in range(3):
+            model(ids, attention_mask=mask, decoder_input_ids=target)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec.to_frame(kind="long")  # every position kept: warned too
+    assert [w.filename for w in caught] == [__file__] * 3  # this test's line, once a step
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for reduce in ("mean", None):
+            hs.record_dataset(model, [{"input_ids": ids, "attention_mask": mask,
+                                       "decoder_input_ids": target}] * 3, ["out"],
+                              tmp_path / f"ds-{reduce}", reduce=reduce,
+                              forward=lambda m, b: m(**b), progress=False)
+    assert len(caught) == 2 and {w.filename for w in caught} == {__file__}  # once a run
