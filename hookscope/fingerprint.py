@@ -96,8 +96,8 @@ def start_model_digest(model: torch.nn.Module, background: bool = True) -> Calla
     if later:
         # The copies off a GPU start after what the caller queued so far (the weights may
         # still be being written there), not after the forward passes queued next.
-        after = {t.device: torch.cuda.current_stream(t.device).record_event()
-                 for i in later if (t := tensors[i][1]).device.type == "cuda"}
+        devices = {tensors[i][1].device for i in later} - {torch.device("cpu")}
+        after = {d: torch.cuda.current_stream(d).record_event() for d in devices}
         pool = ThreadPoolExecutor(1, thread_name_prefix="hookscope-fingerprint")
         pending = pool.submit(_digests, [tensors[i] for i in later], after)
         pool.shutdown(wait=False)  # the thread ends with its one task
