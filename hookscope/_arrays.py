@@ -46,7 +46,15 @@ ArrayLike: TypeAlias = Tensor | np.ndarray | pd.DataFrame | pd.Series | Sequence
 
 def from_numpy(arr: np.ndarray) -> Tensor:
     """Zero-copy tensor of an array; read-only arrays (pandas, hookscope frames) are fine
-    because nothing in hookscope writes into its inputs."""
+    because nothing in hookscope writes into its inputs.  What torch cannot share is copied:
+    a reversed view (``x[::-1]``, ``np.flip``), non-native byte order, and long double (as
+    float64, which torch has)."""
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > 8:
+        arr = arr.astype(np.float64)
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    if any(st < 0 for st in arr.strides):
+        arr = np.ascontiguousarray(arr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.from_numpy(arr)
@@ -73,7 +81,7 @@ def as_tensor(x: ArrayLike, name: str) -> Tensor:
     inputs keep their precision except float16/bfloat16 (computed in float32); integer and
     boolean inputs become float64."""
     if isinstance(x, pd.DataFrame | pd.Series):
-        x = x.to_numpy()
+        x = _frame_numpy(x, name)
     if isinstance(x, Tensor):
         t = x.detach()
         if t.device.type != "cpu":
@@ -90,6 +98,20 @@ def as_tensor(x: ArrayLike, name: str) -> Tensor:
     elif not t.dtype.is_floating_point:
         t = t.double()
     return t
+
+
+def _frame_numpy(x: pd.DataFrame | pd.Series, name: str) -> np.ndarray:
+    """A DataFrame or Series as NumPy; pandas' nullable columns (``Float64``, ``Int64``,
+    ``boolean``) without missing values as float64 (their NumPy form would be ``object``)."""
+    arr = x.to_numpy()
+    if arr.dtype == object:
+        dtypes = x.dtypes if isinstance(x, pd.DataFrame) else [x.dtype]
+        if all(isinstance(d, pd.api.extensions.ExtensionDtype) and d.kind in "biuf"
+               for d in dtypes):
+            if bool(x.isna().to_numpy().any()):
+                raise InputError(f"{name} has missing values (pandas NA): drop or fill them.")
+            arr = x.to_numpy(dtype=np.float64)
+    return arr
 
 
 def all_finite(t: Tensor) -> bool:

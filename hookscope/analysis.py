@@ -23,6 +23,7 @@ Conventions
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -52,6 +53,32 @@ __all__ = [
 _BLOCK_ELEMENTS = 1 << 23
 
 # similarity_matrix keeps every representation's n x n Gram matrix only under this many bytes.
+def _exact_distances(qb: Tensor, items: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """The euclidean distances of each query to its k candidates measured directly on the
+    inputs, ``||q - x||`` (the expanded form found them, but loses digits where they are
+    close; a difference of close values is exact), each difference scaled by a power of two
+    against underflow and overflow, and the candidates reordered by them, ties by the lower
+    index."""
+    k, d = idx.shape[1], items.shape[1]
+    rows = max(1, _BLOCK_ELEMENTS // max(k * d, 1))  # (queries x k x features at a time)
+    dist = torch.empty(idx.shape, dtype=items.dtype)
+    for r in range(0, idx.shape[0], rows):
+        diff = qb[r : r + rows, None, :] - items[idx[r : r + rows]]
+        # In float64, whose range holds the squares of any float32 difference; a float64
+        # difference whose squares leave that range is scaled by a power of two first.
+        out = torch.linalg.vector_norm(diff, dim=2, dtype=torch.float64)
+        if diff.dtype == torch.float64 and not bool(
+                (torch.isfinite(out) & ((out > 0) | (diff == 0).all(2))).all()):
+            _, e = torch.frexp(diff.abs().amax(2, keepdim=True))
+            out = torch.ldexp(torch.linalg.vector_norm(torch.ldexp(diff, -e), dim=2),
+                              e.squeeze(2))
+        dist[r : r + rows] = out
+    order = torch.argsort(idx, dim=1)  # (ties: a stable sort by distance of index order)
+    idx, dist = idx.gather(1, order), dist.gather(1, order)
+    order = torch.sort(dist, dim=1, stable=True).indices
+    return idx.gather(1, order), dist.gather(1, order)
+
+
 _GRAM_BYTES = 2 << 30
 
 
@@ -159,7 +186,13 @@ def nearest_neighbors(
         Search for these; by default every item of ``x`` is a query.
     metric : {"cosine", "euclidean", "dot"}
         Scores are cosine similarity (higher is nearer), euclidean distance (lower is nearer)
-        or dot product (higher is nearer).
+        or dot product (higher is nearer).  Euclidean candidates are found with the expanded
+        form ``||q||^2 - 2 q.x + ||x||^2`` on centred (where the items share an offset larger
+        than their spread) and, where squares would overflow or vanish, power-of-two-scaled
+        values; where its rounding could matter (distances within 1e4 times it, or
+        candidates it cannot tell apart), ``k + 8`` candidates are measured directly,
+        ``||q - x||`` in float64: exact distances (an item is 0 from itself) for data far
+        from the origin or of any magnitude.
     exclude_self : bool
         When ``queries`` is not given, leave each item out of its own neighbours.
     block_size : int, optional
@@ -210,7 +243,37 @@ def nearest_neighbors(
                              "rows or use metric='euclidean'.")
         inv_norms, q_inv = 1 / norms, 1 / q_norms
     largest = metric != "euclidean"
-    sq_items = (items * items).sum(1) if metric == "euclidean" else None
+    picks, sq_items = k, None
+    if metric == "euclidean":
+        # Distances do not change by a shift, and change by a power of two exactly: where the
+        # items share an offset larger than their spread, items and queries are centred on
+        # the items' mean (against cancellation in ||q||^2 - 2 q.x + ||x||^2), and all are
+        # scaled into [-1, 1] (against underflow and overflow), to find candidates.  Where
+        # the expanded form's rounding could matter (distances of interest within 1e4 times
+        # it, or two candidates' scores within it), a few more than k are measured directly
+        # on the inputs (_exact_distances), so that rounding neither orders nor picks them.
+        raw_items, raw_q = items, q
+        scale = 0
+        picks = min(limit, k + 8)
+        mean = items.mean(0, dtype=torch.float64)
+        sq_items = (items * items).sum(1)
+        if 2 * float(mean @ mean) > float(sq_items.sum(dtype=torch.float64)) / n:  # (||mean||^2
+            # exceeds the spread, E ||x - mean||^2 = E ||x||^2 - ||mean||^2)
+            shift = mean.to(items.dtype)
+            items = items - shift
+            q = items if self_search else q - shift
+        peak = max(float(t.max()) if i % 2 else -float(t.min())
+                   for i, t in enumerate((items, items, q, q)))
+        info = torch.finfo(items.dtype)
+        if peak > 0 and not (info.tiny ** 0.5 / info.eps < peak
+                             < (info.max / (4 * items.shape[1])) ** 0.5):
+            scale = math.frexp(peak)[1]  # (squares would overflow or lose their digits)
+            items = torch.ldexp(items, torch.tensor(-scale))
+            q = items if self_search else torch.ldexp(q, torch.tensor(-scale))
+        if scale or items is not raw_items:
+            sq_items = (items * items).sum(1)
+    noise_at = (8 * torch.finfo(items.dtype).eps, float(sq_items.max())) if sq_items is not None \
+        else None
     block = block_size or max(1, _BLOCK_ELEMENTS // max(n, 1))
     out_idx = torch.empty((q.shape[0], k), dtype=torch.int64)
     out_val = torch.empty((q.shape[0], k), dtype=items.dtype)
@@ -221,15 +284,25 @@ def nearest_neighbors(
             scores.mul_(inv_norms).mul_(q_inv[start : start + block, None]).clamp_(-1, 1)
         if metric == "euclidean":
             # ||q - x||^2 = ||q||^2 - 2 q.x + ||x||^2, clamped at 0 against rounding.
-            scores.mul_(-2).add_(sq_items).add_((qb * qb).sum(1, keepdim=True)).clamp_(min=0)
+            q_sq = (qb * qb).sum(1, keepdim=True)
+            scores.mul_(-2).add_(sq_items).add_(q_sq).clamp_(min=0)
         if skip_self:
             rows = torch.arange(qb.shape[0])
             scores[rows, rows + start] = torch.inf if not largest else -torch.inf
-        idx, val = _topk_stable(scores, k, largest)
+        idx, val = _topk_stable(scores, picks, largest)
+        if noise_at is not None:  # euclidean: squared distances, scaled by 2**-2scale
+            noise = noise_at[0] * (q_sq + noise_at[1])  # (about the most rounding can err)
+            unsure = ((val[:, :k] < 1e4 * noise).any(1)  # (the k-th and the next, and the
+                      | (val[:, 1:k + 1] - val[:, :k] <= 2 * noise).any(1)  # k in order)
+                      ).nonzero().flatten()
+            val = torch.ldexp(val.sqrt(), torch.tensor(scale))
+            if len(unsure):
+                val = val.clone()
+                idx[unsure], val[unsure] = _exact_distances(
+                    raw_q[start : start + block][unsure], raw_items, idx[unsure])
+            idx, val = idx[:, :k], val[:, :k]
         out_idx[start : start + block] = idx
         out_val[start : start + block] = val
-    if metric == "euclidean":
-        out_val.sqrt_()
     if not bool(torch.isfinite(out_val).all()):
         raise InputError(f"{metric} scores of x overflow {items.dtype}: compute in float64 "
                          "(x.double()) or rescale x.")
@@ -333,6 +406,9 @@ class _CkaRep:
         self.name = name
         x = t.double().numpy()
         xc = x - x.mean(0)
+        peak = float(np.abs(xc).max())
+        if peak > 0:  # scaled by a power of two into [0.5, 1): CKA does not change, and the
+            xc = np.ldexp(xc, -np.frexp(peak)[1])  # fourth powers neither overflow nor vanish
         self.xc = xc
         self.n = xc.shape[0]
         if gram:
@@ -461,7 +537,12 @@ def _rdm(t: Tensor, name: str, metric: str | Callable, correlation: str) -> np.n
     if t.shape[0] < 3:
         raise InputError(f"rsa needs at least 3 items (2 pairwise distances to correlate), "
                          f"{name} has {t.shape[0]}.")
-    d = pdist(t.double().numpy(), metric)
+    try:
+        d = pdist(t.double().numpy(), metric)
+    except ValueError as exc:  # an unknown metric name, or one scipy refuses for this input
+        raise InputError(f"rsa: metric={metric!r} is not a distance scipy's pdist computes "
+                         f"here ({exc}); e.g. 'cosine', 'euclidean', 'correlation' or a "
+                         "callable (u, v) -> float.") from None
     if not np.isfinite(d).all():
         zero = np.flatnonzero(~t.double().numpy().any(1))
         why = (f"row {int(zero[0])} of {name} is all zeros, which has no {metric} distance; "

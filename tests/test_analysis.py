@@ -386,8 +386,11 @@ def test_parameters_are_validated_by_type_and_range():
 
 def test_euclidean_overflow_is_an_error_not_inf():
     x = np.array([[3e38, 0.0], [-3e38, 0.0], [0.0, 1.0]], dtype=np.float32)
-    with pytest.raises(hs.InputError, match="overflow"):
-        hs.nearest_neighbors(x, 1, metric="euclidean")
+    idx, dist = hs.nearest_neighbors(x, 1, metric="euclidean")  # each nearest is 3e38 away:
+    assert idx[:, 0].tolist() == [2, 2, 0]  # representable, though its square is not
+    np.testing.assert_allclose(dist[:, 0], [3e38, 3e38, 3e38], rtol=1e-6)
+    with pytest.raises(hs.InputError, match="overflow"):  # 6e38: no float32 holds it
+        hs.nearest_neighbors(x[:2], 1, metric="euclidean")
 
 
 def test_one_nan_policy_for_pooling():
@@ -542,3 +545,55 @@ def test_pool_sequences_without_checks_equals_masked_pool():
         out, finite = pool_sequences(x, keep, reduce, check=False)
         assert finite  # (unchecked: the caller checks the values later)
         assert torch.equal(out, hs.masked_pool(x, keep, reduce))
+
+
+def _brute_neighbors(x: np.ndarray, k: int, exclude_self: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Euclidean neighbours by scipy in float64, ties by the lower index (the reference)."""
+    d = cdist(x.astype(np.float64), x.astype(np.float64))
+    if exclude_self:
+        np.fill_diagonal(d, np.inf)
+    idx = np.stack([np.lexsort((np.arange(len(row)), row))[:k] for row in d])
+    return idx, np.take_along_axis(d, idx, 1)
+
+
+@pytest.mark.parametrize("offset, scale", [(50.0, 0.05), (0.0, 1e-25), (128.0, 60.0)])
+def test_euclidean_neighbors_are_exact_where_the_expanded_form_cancels_or_underflows(
+        offset, scale):
+    """||q||^2 - 2 q.x + ||x||^2 in float32 lost every digit for rows sharing a large offset
+    (wrong neighbours, an item 0.7 from itself) and underflowed to 0 for tiny values."""
+    rng = np.random.default_rng(0)
+    x = (offset + scale * rng.normal(size=(120, 256))).astype(np.float32)
+    for exclude_self in (True, False):
+        idx, dist = hs.nearest_neighbors(x, 5, metric="euclidean", exclude_self=exclude_self)
+        ref_idx, ref_dist = _brute_neighbors(x, 5, exclude_self)
+        assert (idx == ref_idx).mean() > 0.99  # (float32 inputs: a rare swap of near ties)
+        np.testing.assert_allclose(dist, ref_dist, rtol=1e-4)
+    assert (idx[:, 0] == np.arange(len(x))).all() and (dist[:, 0] == 0).all()
+
+
+def test_linear_cka_is_the_same_at_any_scale_of_float64_inputs():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 6)), rng.normal(size=(40, 5))
+    y[:, 0] += x[:, 0]
+    for debiased in (False, True):
+        ref = hs.linear_cka(x, y, debiased=debiased)
+        for s in (1e-120, 1e-80, 1e80, 1e160):  # (fourth powers overflowed or vanished)
+            assert hs.linear_cka(s * x, y, debiased=debiased) == pytest.approx(ref, rel=1e-9)
+    matrix = hs.similarity_matrix({"a": 1e160 * x, "b": y})
+    assert np.asarray(matrix)[0, 1] == pytest.approx(hs.linear_cka(x, y), rel=1e-9)
+
+
+def test_arrays_torch_cannot_share_are_copied_and_unknown_metrics_are_input_errors():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 4))
+    for odd in (x[::-1], np.flip(x, 1), x.astype(">f8"), x.astype(np.longdouble)):
+        np.testing.assert_allclose(hs.cosine(odd, np.ascontiguousarray(odd, np.float64)), 1)
+    np.testing.assert_allclose(hs.masked_pool(np.stack([x, x])[::-1], np.array([4, 6])[::-1],
+                                              "mean")[0], x[:6].mean(0))
+    frame = pd.DataFrame(x).astype("Float64")  # pandas' nullable dtype, no missing value
+    np.testing.assert_allclose(hs.cosine(frame, x), 1)
+    frame.iloc[0, 0] = pd.NA
+    with pytest.raises(hs.InputError, match="missing values"):
+        hs.cosine(frame, x)
+    with pytest.raises(hs.InputError, match="metric='nope'"):
+        hs.rsa(x, x, metric="nope")
