@@ -292,9 +292,9 @@ def nearest_neighbors(
         idx, val = _topk_stable(scores, picks, largest)
         if noise_at is not None:  # euclidean: squared distances, scaled by 2**-2scale
             noise = noise_at[0] * (q_sq + noise_at[1])  # (about the most rounding can err)
-            unsure = ((val[:, :k] < 1e4 * noise).any(1)  # (the k-th and the next, and the
-                      | (val[:, 1:k + 1] - val[:, :k] <= 2 * noise).any(1)  # k in order)
-                      ).nonzero().flatten()
+            m = min(k + 1, picks)  # (the k in order, and the k-th against the next one)
+            unsure = ((val[:, :k] < 1e4 * noise).any(1)
+                      | (val[:, 1:m] - val[:, :m - 1] <= 2 * noise).any(1)).nonzero().flatten()
             val = torch.ldexp(val.sqrt(), torch.tensor(scale))
             if len(unsure):
                 val = val.clone()

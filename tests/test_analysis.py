@@ -597,3 +597,14 @@ def test_arrays_torch_cannot_share_are_copied_and_unknown_metrics_are_input_erro
         hs.cosine(frame, x)
     with pytest.raises(hs.InputError, match="metric='nope'"):
         hs.rsa(x, x, metric="nope")
+
+
+@pytest.mark.parametrize("exclude_self", [True, False])
+def test_euclidean_neighbors_of_every_other_item(exclude_self):
+    """k as large as it can be (no candidate beyond the k): a crash in a first version."""
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    k = 3 if exclude_self else 4
+    idx, dist = hs.nearest_neighbors(x, k, metric="euclidean", exclude_self=exclude_self)
+    ref_idx, ref_dist = _brute_neighbors(x, k, exclude_self)
+    assert np.array_equal(idx, ref_idx)
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-12)
