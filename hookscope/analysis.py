@@ -53,12 +53,14 @@ __all__ = [
 _BLOCK_ELEMENTS = 1 << 23
 
 # similarity_matrix keeps every representation's n x n Gram matrix only under this many bytes.
+_GRAM_BYTES = 2 << 30
+
+
 def _exact_distances(qb: Tensor, items: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
-    """The euclidean distances of each query to its k candidates measured directly on the
-    inputs, ``||q - x||`` (the expanded form found them, but loses digits where they are
-    close; a difference of close values is exact), each difference scaled by a power of two
-    against underflow and overflow, and the candidates reordered by them, ties by the lower
-    index."""
+    """The euclidean distances of each query to its candidates measured directly on the
+    inputs, ``||q - x||`` in float64 (the expanded form found them, but loses digits where
+    they are close; a difference of close values is exact), and the candidates reordered by
+    them, ties by the lower index."""
     k, d = idx.shape[1], items.shape[1]
     rows = max(1, _BLOCK_ELEMENTS // max(k * d, 1))  # (queries x k x features at a time)
     dist = torch.empty(idx.shape, dtype=items.dtype)
@@ -77,9 +79,6 @@ def _exact_distances(qb: Tensor, items: Tensor, idx: Tensor) -> tuple[Tensor, Te
     idx, dist = idx.gather(1, order), dist.gather(1, order)
     order = torch.sort(dist, dim=1, stable=True).indices
     return idx.gather(1, order), dist.gather(1, order)
-
-
-_GRAM_BYTES = 2 << 30
 
 
 def _safe_rows(x: Tensor) -> Tensor:
