@@ -8,6 +8,8 @@ Works on anything with the ``Capture`` attributes (``name``, ``step``, ``call``,
 from __future__ import annotations
 
 import copy
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
@@ -273,8 +275,6 @@ def _outside_hookscope() -> int:
     """The ``stacklevel`` (as ``warnings.warn`` in :func:`warn_unmasked` counts it) of the
     frame that called into hookscope last: the user's line that asked for the export or the
     dataset (a warning from a hook inside ``record_dataset`` passes the model's frames)."""
-    import sys
-
     frame, level, outermost = sys._getframe(2), 2, 1  # (2: the caller of warn_unmasked)
     while frame is not None:
         if frame.f_code.co_filename.startswith(_PACKAGE):
@@ -283,7 +283,7 @@ def _outside_hookscope() -> int:
     return outermost + 1
 
 
-_PACKAGE = __file__.rsplit("/", 1)[0] + "/"
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep  # (any platform)
 
 
 def _named(cap: Any) -> str:

@@ -109,11 +109,9 @@ def swapped_shapes(kwargs: dict | None, mask: Any = None, features: Any = None,
     is time-major (:func:`swapped`); a batch-first output never is, as its dim 0 is the batch,
     which differs from every such time.  Tensors that disagree on the batch size tell nothing
     (two streams of transposed shapes): the empty set."""
-    given = [*([mask] if isinstance(mask, Tensor) else []), *(ids or ())]
-    for named in (kwargs, features):
-        if isinstance(named, Mapping):
-            given += [v for k, v in named.items() if type(k) is str and (
-                k in BATCH_FIRST_IDS or k.endswith("attention_mask"))]
+    given = [*([mask] if isinstance(mask, Tensor) else []), *(ids or ()),
+             *_named(kwargs, features, lambda k: k in BATCH_FIRST_IDS
+                     or k.endswith("attention_mask"))]
     shapes = {(a.shape[0], a.shape[1]) for a in given
               if type(a) is Tensor and a.ndim == 2 and not a.is_floating_point()
               and not a.is_complex()}
@@ -128,12 +126,17 @@ def id_times(kwargs: dict | None, features: Any = None,
     keywords, a features dict, positional ``ids``): a sequence with as many steps is a stream
     whose tokens the call gave (a decoder fed its own ids, a cached generation step), not one
     whose padding went unknown (:func:`hookscope.frame.warn_unmasked`)."""
-    given = list(ids or ())
-    for named in (kwargs, features):
-        if isinstance(named, Mapping):
-            given += [v for k, v in named.items() if k in BATCH_FIRST_IDS or k == "labels"]
+    given = [*(ids or ()),
+             *_named(kwargs, features, lambda k: k in BATCH_FIRST_IDS or k == "labels")]
     return {a.shape[1] for a in given if type(a) is Tensor and a.ndim == 2
             and not a.is_floating_point()}
+
+
+def _named(kwargs: dict | None, features: Any, accept: Any) -> list[Any]:
+    """The values of the model call's keywords and features dict whose names ``accept``
+    takes."""
+    return [v for named in (kwargs, features) if isinstance(named, Mapping)
+            for k, v in named.items() if type(k) is str and accept(k)]
 
 
 def one_batch(*given: Any) -> bool:

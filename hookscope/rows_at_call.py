@@ -16,10 +16,10 @@ from torch.nn.utils.rnn import PackedSequence
 from .capture import Capture
 from .convert import from_rnn_state, input_packed, packed_layout
 from .errors import UnsortError
-from .layout import is_known, swapped
+from .layout import is_known
 from .mask_scope import scoped_mask
 from .plan import Plan
-from .session import unfit_mask
+from .session import time_major_call, unfit_mask
 from .structure import iter_tensors, packed_mask, pad_packed
 
 __all__ = ["rows_at_call"]
@@ -43,11 +43,9 @@ def rows_at_call(s: Any, plan: Plan, args: tuple, kwargs: dict, value: Any,
             s.time_major and is_known(leaf, s.time_major)):  # (time-major: see convert)
         return None
     t = leaf.detach()
-    if (lengths is None and t.ndim == 3 and not plan.map_1d and plan.seq_dim is None
-            and s.one_batch):
-        mask = scoped_mask(s, args)[0] if s.mask_stack or s.scope_outputs else s.mask
-        if swapped(t.shape, None if mask is None else mask.shape, s.swaps):
-            return None  # (time, batch, features) as the pass tells it: the general path
+    if (lengths is None and not plan.map_1d and plan.seq_dim is None
+            and time_major_call(s, args, t)):
+        return None  # (time, batch, features) as the pass tells it: the general path
     if plan.map_last and t.ndim >= 4:  # (batch, *spatial, channels): channels at dim 1
         t = t.movedim(-1, 1)
     if perm is not None and (t.ndim == 0 or t.shape[0] != len(perm)):
