@@ -33,14 +33,16 @@ from torch import Tensor, nn
 from .rnn_states import state_key
 from .structure import iter_tensors
 
-__all__ = ["BATCH_FIRST_IDS", "CHANNELS_FIRST_1D", "CHANNELS_LAST", "capture_batch_dim",
-           "channels_first_1d", "channels_last", "id_positions", "id_times", "is_known",
-           "known_dims", "one_batch", "resolve_batch_dim", "sequence_batch_dim",
-           "sequence_output", "swapped", "swapped_shapes", "time_major"]
+__all__ = ["BATCH_FIRST_IDS", "CHANNELS_FIRST_1D", "CHANNELS_LAST", "SEQUENCE_MODULES",
+           "capture_batch_dim", "channels_first_1d", "channels_last", "id_positions",
+           "id_times", "is_known", "known_dims", "one_batch", "resolve_batch_dim",
+           "sequence_batch_dim", "sequence_output", "swapped", "swapped_shapes", "time_major"]
 
 _OWN_FLAG = (nn.RNNBase, nn.MultiheadAttention, nn.Transformer)
 _LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 _STACKS = (nn.TransformerEncoder, nn.TransformerDecoder)
+#: PyTorch's modules whose sequence layout their ``batch_first`` tells (RNNs included).
+SEQUENCE_MODULES = _OWN_FLAG + _LAYERS + _STACKS
 
 
 #: Layers whose 3-D output is ``(batch, channels, length)`` (their lazy variants included).
@@ -183,7 +185,8 @@ def time_major(module: nn.Module) -> bool:
     """Whether ``module`` is one of PyTorch's sequence modules built with
     ``batch_first=False``: its own output sequence (:func:`sequence_output`) is ``(time,
     batch, ...)`` when its input is batched."""
-    return sequence_batch_dim(module) == 1
+    # (one test first: a block asks this of every module of the model)
+    return isinstance(module, SEQUENCE_MODULES) and sequence_batch_dim(module) == 1
 
 
 def is_known(t: Tensor, tensors: list[Tensor]) -> bool:

@@ -50,18 +50,13 @@ __all__ = ["end_pass", "scope_hooks", "scope_mask", "scope_modules", "scoped_mas
 NO_SCOPE = object()
 
 
-def scope_modules(model: nn.Module, selected: Iterable[nn.Module]) -> tuple[nn.Module, ...]:
+def scope_modules(model: nn.Module, selected: Iterable[nn.Module],
+                  tree: list[tuple[nn.Module, nn.Module | None]]) -> tuple[nn.Module, ...]:
     """The model's direct children and every ancestor of a selected module below the model
-    (the model itself is the model call: read by the recorder's step hook)."""
-    parents: dict[int, nn.Module | None] = {}
+    (the model itself is the model call: read by the recorder's step hook).  ``tree`` is
+    :func:`~hookscope.select.module_tree` of the model (a shared module's first parent)."""
+    parents = {id(m): parent for m, parent in tree}
     found: dict[int, nn.Module] = {id(m): m for m in model.children()}
-    stack = [(model, None)]
-    while stack:  # (parent of each module, once: shared modules keep their first parent)
-        module, parent = stack.pop()
-        if id(module) in parents:
-            continue
-        parents[id(module)] = parent
-        stack.extend((child, module) for child in module.children())
     for m in selected:
         parent = parents.get(id(m))
         while parent is not None and parent is not model:

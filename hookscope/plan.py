@@ -166,14 +166,16 @@ def build_plans(model: nn.Module, selected: dict[str, nn.Module], *, pick: Any =
                 batch_dim: Mapping[Any, BatchDim] | None = None,
                 device: torch.device | None = None, dtype: torch.dtype | None = None,
                 clone: Any = True, staging: Any = None, edit: Mapping[Any, Any] | None = None,
-                grads: bool = False, rows: Callable | None = None) -> dict[str, Plan]:
-    """A validated, immutable ``Plan`` per selected module from ``record()``'s options."""
+                grads: bool = False, rows: Callable | None = None,
+                any_rnn: bool = True) -> dict[str, Plan]:
+    """A validated, immutable ``Plan`` per selected module from ``record()``'s options
+    (``any_rnn=False``: the model holds no RNN, so no module needs searching for one)."""
     fields: dict[str, dict[str, Any]] = {
         name: {"name": name, "module": m, "module_type": type(m), "device": device,
                "dtype": dtype, "clone": clone, "staging": staging,
                "rnn": isinstance(m, nn.RNNBase), "seq_dim": sequence_batch_dim(m),
                "map_1d": channels_first_1d(m), "map_last": channels_last(m),
-               "bidir_units": _bidirectional_units(m),
+               "bidir_units": _bidirectional_units(m) if any_rnn else None,
                "grads": grads, "rows": rows}
         for name, m in selected.items()}
     if pick is not None:

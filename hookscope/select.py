@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import InputTypeError, ModuleSelectionError
 
-__all__ = ["ModuleSpec", "by_name", "describe_spec", "resolve_modules", "unwrap"]
+__all__ = ["ModuleSpec", "by_name", "describe_spec", "module_tree", "resolve_modules", "unwrap"]
 
 # A dotted name, a glob pattern, an nn.Module subclass, or a submodule object itself.
 ModuleSpec = str | type | nn.Module
@@ -39,6 +39,34 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, str]:
             model, prefix = model._orig_mod, prefix + "_orig_mod."
         else:
             return model, prefix
+
+
+def module_tree(model: nn.Module) -> list[tuple[nn.Module, nn.Module | None]]:
+    """Every module of ``model`` once, with its parent, in ``model.modules()`` order (a module
+    shared by two parents is listed under the first).
+
+    A plain recursion over the ``_modules`` dicts, twice as fast as ``model.modules()`` (a
+    generator per level of nesting); a block walked BERT-base (228 modules) four times that
+    way, about 1 ms per ``record()`` before anything ran.
+
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU()))
+    >>> [type(m).__name__ for m, _ in module_tree(net)] == [
+    ...     type(m).__name__ for m in net.modules()]
+    True
+    """
+    out: list[tuple[nn.Module, nn.Module | None]] = [(model, None)]
+    seen = {id(model)}
+    add, append = seen.add, out.append
+
+    def visit(module: nn.Module) -> None:  # (recursive: 3x faster than a stack of pairs)
+        for child in module._modules.values():
+            if child is not None and id(child) not in seen:
+                add(id(child))
+                append((child, module))
+                visit(child)
+
+    visit(model)
+    return out
 
 
 @lru_cache(maxsize=256)
