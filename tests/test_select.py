@@ -89,3 +89,19 @@ def test_a_foreign_module_object_is_a_short_clear_error(layered):
     with pytest.raises(TypeError, match=r"\.\.\. \(Tensor\)") as info:
         resolve_modules(layered, [torch.zeros(100, 100)])
     assert len(str(info.value)) < 250
+
+
+def test_module_tree_lists_what_modules_lists_with_first_parents():
+    """One recursive walk replaces model.modules() in every block: same modules, same order,
+    shared modules once (under their first parent), None children skipped."""
+    from hookscope.select import module_tree
+
+    shared = nn.Linear(2, 2)
+    inner = nn.Sequential(shared, nn.ReLU())
+    model = nn.Sequential(inner, nn.Sequential(shared, inner), nn.LSTM(2, 2))
+    model.register_module("gone", None)
+    tree = module_tree(model)
+    assert [m for m, _ in tree] == list(model.modules())
+    parents = {id(m): p for m, p in tree}
+    assert parents[id(shared)] is inner and parents[id(inner)] is model
+    assert parents[id(model)] is None
