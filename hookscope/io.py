@@ -44,6 +44,7 @@ from torch import Tensor
 
 from .capture import Capture
 from .errors import InputTypeError, RecordingFileError
+from .grads import GradStore
 from .recording import Recording
 from .restore import (
     Restored,
@@ -61,9 +62,10 @@ __all__ = ["FORMAT_VERSION", "RecordingFileError", "Restored", "RestoredDict", "
            "allow_class", "load", "save"]
 
 FORMAT = "hookscope-recording"
-FORMAT_VERSION = 3  # 2: nested and sparse tensors, capture masks and live notes; 3: a
-# capture's batch_dim, feature_map and channels_last (written only where set, and version 3
-# only then, so that other files stay readable by hookscope versions that read version 2)
+FORMAT_VERSION = 4  # 2: nested and sparse tensors, capture masks and live notes; 3: a
+# capture's batch_dim, feature_map and channels_last; 4: gradients (grads=True).  Each is
+# written only where set, and its version only then, so that other files stay readable by
+# hookscope versions that read an older one.
 _MANIFEST = "manifest.json"
 #: Extra bytes, beyond the file's own size, that :func:`load` may decode by default.
 DEFAULT_SLACK_BYTES = 64 * 2**20
@@ -94,9 +96,18 @@ class _Writer:
         key = f"t{len(self.arrays)}"
         t = t.detach().cpu()
         dtype = str(t.dtype).removeprefix("torch.")
-        # NumPy has no bfloat16: keep the exact bits as uint16.
-        bits = t.dtype == torch.bfloat16
-        self.arrays[key] = t.contiguous().view(torch.uint16).numpy() if bits else t.numpy()
+        bits = _BITS.get(dtype)  # (NumPy has no such dtype: the exact bits, as integers)
+        if bits is not None:
+            self.arrays[key] = t.contiguous().view(bits[1]).numpy()
+        else:
+            try:
+                self.arrays[key] = t.numpy()
+            except TypeError:  # (complex32, quantized, ...: no NumPy dtype, no plain bits)
+                raise InputTypeError(
+                    f"save() cannot store a tensor of dtype {t.dtype} (no open-format "
+                    "representation); cast that capture first, e.g. with "
+                    "hs.record(..., pick=lambda out: out.float()) or dtype=torch.float32."
+                ) from None
         return {"t": "tensor", "key": key, "dtype": dtype}
 
     def tree(self, obj: Any) -> dict[str, Any]:
@@ -132,11 +143,12 @@ class _Writer:
 def save(recording: Recording, path: str | os.PathLike) -> Path:
     """Write a recording to ``path`` in an open format (zip of ``.npy`` + JSON; no pickle).
 
-    The round trip is exact: tensors (dtype included, bfloat16 too; nested tensors per
-    example; sparse tensors, which come back in COO layout), lengths, masks, names, steps,
-    calls, labels, ``Capture.live`` notes, and the structure of outputs and inputs.  Objects
-    with no open-format representation (a module kept by reference, see ``Capture.live``) are
-    stored as their ``repr`` and come back as :class:`Unsaved`, with a warning at save time.
+    The round trip is exact: tensors (dtype and shape included, bfloat16 and float8 too;
+    nested tensors per example; sparse tensors, which come back in COO layout), lengths,
+    masks, gradients (``grads=True``), names, steps, calls, labels, ``Capture.live`` notes,
+    and the structure of outputs and inputs.  Objects with no open-format representation (a
+    module kept by reference, see ``Capture.live``) are stored as their ``repr`` and come
+    back as :class:`Unsaved`, with a warning at save time.
 
     Returns the path written.
 
@@ -168,6 +180,8 @@ def save(recording: Recording, path: str | os.PathLike) -> Path:
             "bidirectional": bool(cap.bidirectional),
             "rnn_state": bool(cap.rnn_state),
         })
+        if cap._grads is not None:  # (grads=True: the gradients that arrived, by path)
+            captures[-1]["grads"] = _grad_nodes(w, cap._grads.grads)
         if cap.batch_dim:
             captures[-1]["batch_dim"] = int(cap.batch_dim)
         if cap.feature_map:
@@ -176,7 +190,7 @@ def save(recording: Recording, path: str | os.PathLike) -> Path:
             captures[-1]["channels_last"] = True
     manifest = {
         "format": FORMAT,
-        "version": FORMAT_VERSION if any(
+        "version": 4 if any("grads" in c for c in captures) else 3 if any(
             key in c for c in captures for key in ("batch_dim", "feature_map", "channels_last"))
         else 2,
         "model_type": recording.model_type, "steps": recording.steps,
@@ -195,8 +209,10 @@ def save(recording: Recording, path: str | os.PathLike) -> Path:
                 z.writestr(_MANIFEST, json.dumps(manifest, indent=1))
                 for key, arr in w.arrays.items():
                     with z.open(f"{key}.npy", "w", force_zip64=True) as entry:
-                        np.lib.format.write_array(entry, np.ascontiguousarray(arr),
-                                                  allow_pickle=False)
+                        # (reshaped: ascontiguousarray makes a 0-d array 1-D)
+                        np.lib.format.write_array(
+                            entry, np.ascontiguousarray(arr).reshape(arr.shape),
+                            allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -204,6 +220,18 @@ def save(recording: Recording, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _grad_nodes(w: _Writer, grads: dict[tuple, Tensor]) -> list[dict[str, Any]]:
+    """A capture's gradients (``grads=True``) as ``[{"path": [...], "grad": tensor}]``; a
+    path through a key that is neither text nor an integer has no JSON form (unsaved)."""
+    out = []
+    for path, grad in grads.items():
+        if all(type(k) in (int, str) for k in path):
+            out.append({"path": list(path), "grad": w.tensor(grad)})
+        else:
+            w.unsaved.add("a gradient under a non-text key")
+    return out
 
 
 def _create_temporary(path: Path) -> tuple[int, str]:
@@ -258,6 +286,12 @@ def _remove_stale_temporaries(path: Path) -> None:
 
 
 # -- reading -------------------------------------------------------------------------------------
+
+# Tensor dtypes NumPy lacks, stored as their exact bits: dtype name -> (NumPy, torch) integers.
+_BITS = {"bfloat16": ("uint16", torch.uint16)} | {
+    name: ("uint8", torch.uint8)
+    for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz")
+    if hasattr(torch, name)}
 
 # The NumPy dtypes a tensor can come from: little-endian (or single-byte) numbers and bools.
 _DTYPES = {"bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
@@ -386,7 +420,7 @@ class _Reader:
                     f"{info.file_size - header_end}")
             self.headers[name] = (np_dtype, tuple(shape), fortran)
         np_dtype = self.headers[name][0]
-        expected = "uint16" if dtype == "bfloat16" else dtype
+        expected = _BITS[dtype][0] if dtype in _BITS else dtype
         _expect(np_dtype.name == expected,
                 f"{where}: the manifest says {dtype}, the array holds {np_dtype.name}")
 
@@ -404,9 +438,9 @@ class _Reader:
             arr = np.lib.format.read_array(f, allow_pickle=False)
             _expect(f.read(1) == b"", f"{node['key']}.npy has trailing bytes")
             # Reading to the end of the entry checks its CRC-32 (BadZipFile if it differs).
-        t = torch.from_numpy(np.ascontiguousarray(arr))
-        if node["dtype"] == "bfloat16":
-            t = t.view(torch.bfloat16)
+        t = torch.from_numpy(np.ascontiguousarray(arr).reshape(arr.shape))  # (0-d stays 0-d)
+        if node["dtype"] in _BITS:
+            t = t.view(getattr(torch, node["dtype"]))
         return t
 
     def tree(self, node: dict[str, Any]) -> Any:
@@ -572,6 +606,15 @@ def _load(f: Any, path: Path, budget: int) -> Recording:
             _expect(isinstance(c["mask"], dict) and c["mask"].get("t") == "tensor",
                     f"{where}.mask is not a tensor")
             reader.scan(c["mask"], f"{where}.mask")
+        grads = c.get("grads", [])  # version 4
+        _expect(isinstance(grads, list), f"{where}.grads is not a list")
+        for g in grads:
+            path = _field(g, "path", f"{where}.grads")
+            _expect(isinstance(path, list) and all(type(k) in (int, str) for k in path),
+                    f"{where}.grads: a path must be a list of keys")
+            _expect(isinstance(_field(g, "grad", f"{where}.grads"), dict)
+                    and g["grad"].get("t") == "tensor", f"{where}.grads: not a tensor")
+            reader.scan(g["grad"], f"{where}.grads")
         batch_dim = c.get("batch_dim", 0)  # version 3
         _expect(_is_int(batch_dim) and 0 <= batch_dim < 64, f"{where}.batch_dim is not a "
                 "dimension")
@@ -597,14 +640,19 @@ def _load(f: Any, path: Path, budget: int) -> Recording:
             _expect(t is not None and t.ndim > batch_dim, f"capture {c['name']!r} step "
                     f"{c['step']} call {c['call']}: batch_dim {batch_dim} is not a dimension of "
                     "its tensor")
-        rec._add(Capture(
+        capture = Capture(
             c["name"], c["step"], c["call"], c["label"], types_[c["name"]],
             output, None if c["inputs"] is None else reader.tree(c["inputs"]),
             None if c["kwargs"] is None else reader.tree(c["kwargs"]), lengths, mask=mask,
             live=tuple(c.get("live", ())), bidirectional=c.get("bidirectional") is True,
             rnn_state=c.get("rnn_state") is True, batch_dim=batch_dim,
             feature_map=c.get("feature_map") is True,
-            channels_last=c.get("channels_last") is True))
+            channels_last=c.get("channels_last") is True)
+        if "grads" in c:
+            capture._grads = GradStore()
+            for g in c["grads"]:
+                capture._grads.grads[tuple(g["path"])] = reader.tensor(g["grad"])
+        rec._add(capture)
     for caps in rec._captures.values():
         caps.sort(key=lambda cap: (cap.step, cap.call))
     return rec
