@@ -118,6 +118,8 @@ def all_finite(t: Tensor) -> bool:
     """Whether every element of a floating ``t`` is finite.  A finite sum proves it with one
     small kernel (``torch.isfinite(t).all()`` costs several full-size ones); only a NaN, an
     infinity or an overflowing sum leads to the elementwise check."""
+    if t.is_complex():
+        return bool(torch.isfinite(t).all())
     wide = torch.float64 if t.dtype == torch.float64 else torch.float32  # (a float16 sum
     # overflows long before its elements do)
     return math.isfinite(t.sum(dtype=wide).item()) or bool(torch.isfinite(t).all())

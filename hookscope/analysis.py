@@ -33,8 +33,9 @@ import torch
 from torch import Tensor
 
 from ._arrays import ArrayLike, as_matrix, check_bool, check_choice, check_int, paired
-from .errors import InputError
+from .errors import InputError, InputTypeError
 from .frame import Reduce, recording_vectors
+from .recording import Recording
 
 __all__ = [
     "NeighborhoodOverlap",
@@ -655,9 +656,14 @@ def similarity_matrix(
             raise InputError("reduce=, lengths= and bidirectional= apply when reps is a "
                              "Recording; pool mapping values yourself (hs.masked_pool).")
         axis = None
-    else:
+    elif isinstance(reps, Recording):
         reps = recording_vectors(reps, reduce, lengths=lengths, bidirectional=bidirectional)
         axis = "module"
+    else:
+        raise InputTypeError(
+            f"similarity_matrix compares several representations: give a Recording or a "
+            f"mapping of name -> (items, units) matrix, got {type(reps).__name__}. For one "
+            "matrix's item-by-item similarities use hs.cosine(x, x).")
     names = list(reps)
     if not names:
         raise InputError("similarity_matrix needs at least one representation.")

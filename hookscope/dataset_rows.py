@@ -298,6 +298,12 @@ def host_columns_later(vectors: dict[str, torch.Tensor], np_dtype: Any,
     concatenates)."""
     if not vectors:
         return dict
+    for name, v in vectors.items():
+        if v.is_complex():  # (the cast below would keep the real part alone)
+            raise DatasetError(
+                f"batch {index}: column {name!r} is complex ({v.dtype}); vector columns hold "
+                "real numbers. Record .real, .abs() or torch.view_as_real(...).flatten(1) "
+                "(pick=, or a reduce callable) instead.")
     dtype = torch.float16 if np.dtype(np_dtype) == np.float16 else torch.float32
     parts = [v.detach().to(dtype) for v in vectors.values()]
     staging = staging or HostStaging()

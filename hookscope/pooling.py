@@ -212,7 +212,7 @@ def masked_pool(padded: ArrayLike, lengths: ArrayLike | None = None, reduce: str
     -------
     Tensor or numpy.ndarray
         ``(batch, features)`` or ``(batch, channels)``, the type of ``padded`` (integer inputs
-        are pooled as float64).
+        are pooled as float64; complex ones stay complex, and have no max).
 
     Raises
     ------
@@ -228,7 +228,12 @@ def _masked_pool(padded: ArrayLike, lengths: ArrayLike | None, reduce: str, batc
     ``(batch, channels, length)`` as a feature map (a 1-D layer's output), not a sequence."""
     reduce = check_choice(reduce, "reduce", REDUCTIONS)
     t, was_tensor = _as_input(padded)
-    if not t.dtype.is_floating_point:
+    if t.is_complex():  # (a mean or sum stays complex; casting it dropped the imaginary part)
+        if reduce == "max":
+            raise InputError(f"{name} is complex ({t.dtype}): complex numbers have no order, so "
+                             "no max. Pool .abs(), .real or torch.view_as_real(...) instead "
+                             "(pick= when recording), or use reduce='mean'/'sum'.")
+    elif not t.dtype.is_floating_point:
         t = t.double()
     if t.ndim >= 4 or (feature_map and t.ndim == 3):
         if lengths is not None:

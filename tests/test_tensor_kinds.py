@@ -253,3 +253,35 @@ def test_record_dataset_of_nested_outputs_stores_the_real_positions(tmp_path, re
         np.testing.assert_allclose(ds.numpy("layers.0"),
                                    np.stack([r.mean(0).numpy() for r in reference]),
                                    rtol=1e-6, atol=1e-6)
+
+
+class _Spectrum(nn.Module):
+    """A complex output, as a Fourier layer (FNet, spectral models) returns."""
+
+    def forward(self, x):
+        return torch.fft.fft(x, dim=-1)
+
+
+def test_complex_sequences_pool_without_losing_the_imaginary_part(tmp_path):
+    """Casting to float kept the real part alone (PyTorch's warning the only sign)."""
+    model = nn.Sequential(_Spectrum())
+    x = torch.randn(3, 5, 4)
+    lengths = torch.tensor([5, 3, 2])
+    with hs.record(model, ["0"]) as rec:
+        model(x)
+    ref = _manual(model, "0", x)[0]
+    assert ref.is_complex() and torch.equal(rec["0"].tensor, ref)
+    for reduce in ("mean", "sum"):
+        expected = np.stack([getattr(ref[i, :n].numpy(), reduce)(0)
+                             for i, n in enumerate(lengths.tolist())])
+        got = rec.to_frame(reduce=reduce, lengths=lengths).to_numpy()
+        assert np.iscomplexobj(got) and np.allclose(got, expected, rtol=1e-5, atol=1e-6)
+        pooled = hs.masked_pool(ref, lengths, reduce=reduce)
+        assert pooled.is_complex() and np.allclose(pooled.numpy(), expected, rtol=1e-5,
+                                                   atol=1e-6)
+    with pytest.raises(hs.InputError, match="complex.*no max"):
+        rec.to_frame(reduce="max")
+    with pytest.raises(hs.InputError, match="complex"):  # the analysis functions refuse
+        hs.similarity_matrix({"0": rec.to_frame(reduce="mean").to_numpy()})
+    with pytest.raises(hs.DatasetError, match="complex"):
+        hs.record_dataset(model, [x], ["0"], tmp_path / "ds", reduce="mean", progress=False)
