@@ -86,6 +86,15 @@ def as_tensor(x: ArrayLike, name: str) -> Tensor:
         t = x.detach()
         if t.device.type != "cpu":
             t = t.cpu()
+        if t.is_nested:
+            raise InputError(f"{name} is a nested tensor (sequences of different lengths): "
+                             "pool each to one vector first, e.g. hs.masked_pool or "
+                             "rec.to_frame(reduce='mean').")
+        if t.layout is not torch.strided:  # (sparse COO/CSR: its dense values)
+            t = t.to_dense()
+    elif hasattr(x, "toarray") and hasattr(x, "nnz"):  # a scipy.sparse matrix or array
+        t = from_numpy(np.asarray(x.toarray()))
+        return as_tensor(t, name)
     else:
         arr = np.asarray(x)
         if arr.dtype.kind not in "biuf":

@@ -35,7 +35,6 @@ from torch import Tensor
 from ._arrays import ArrayLike, as_matrix, check_bool, check_choice, check_int, paired
 from .errors import InputError, InputTypeError
 from .frame import Reduce, recording_vectors
-from .recording import Recording
 
 __all__ = [
     "NeighborhoodOverlap",
@@ -526,6 +525,11 @@ def linear_cka(x: ArrayLike, y: ArrayLike, *, debiased: bool = False) -> float:
 _CORRELATIONS = ("spearman", "pearson", "kendall")
 
 
+#: pdist metrics that a positive factor on the data multiplies by one factor (or leaves alone).
+_SCALE_FREE = frozenset({"cosine", "correlation", "euclidean", "sqeuclidean", "cityblock",
+                         "chebyshev", "minkowski", "braycurtis", "canberra"})
+
+
 def _rdm(t: Tensor, name: str, metric: str | Callable, correlation: str) -> np.ndarray:
     """The condensed distance matrix of one representation, checked, and ranked for
     ``correlation="spearman"`` (so that each pair of representations is one Pearson
@@ -537,8 +541,15 @@ def _rdm(t: Tensor, name: str, metric: str | Callable, correlation: str) -> np.n
     if t.shape[0] < 3:
         raise InputError(f"rsa needs at least 3 items (2 pairwise distances to correlate), "
                          f"{name} has {t.shape[0]}.")
+    arr = t.double().numpy()
+    peak = float(np.abs(arr).max())
+    if isinstance(metric, str) and metric in _SCALE_FREE and peak > 0:
+        # A power of two times the whole matrix scales each distance alike (or not at all),
+        # which no correlation of them sees; it keeps 1e300 or 1e-300 from overflowing or
+        # vanishing in scipy's sums of squares.
+        arr = np.ldexp(arr, -np.frexp(peak)[1])
     try:
-        d = pdist(t.double().numpy(), metric)
+        d = pdist(arr, metric)
     except ValueError as exc:  # an unknown metric name, or one scipy refuses for this input
         raise InputError(f"rsa: metric={metric!r} is not a distance scipy's pdist computes "
                          f"here ({exc}); e.g. 'cosine', 'euclidean', 'correlation' or a "
@@ -656,7 +667,7 @@ def similarity_matrix(
             raise InputError("reduce=, lengths= and bidirectional= apply when reps is a "
                              "Recording; pool mapping values yourself (hs.masked_pool).")
         axis = None
-    elif isinstance(reps, Recording):
+    elif callable(getattr(reps, "captures", None)):  # a Recording (not imported: layering)
         reps = recording_vectors(reps, reduce, lengths=lengths, bidirectional=bidirectional)
         axis = "module"
     else:

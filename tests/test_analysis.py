@@ -608,3 +608,32 @@ def test_euclidean_neighbors_of_every_other_item(exclude_self):
     ref_idx, ref_dist = _brute_neighbors(x, k, exclude_self)
     assert np.array_equal(idx, ref_idx)
     np.testing.assert_allclose(dist, ref_dist, rtol=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "correlation", "euclidean", "cityblock"])
+def test_rsa_of_finite_data_at_extreme_scales(metric):
+    """Finite float64 data near 1e300 (or 1e-300) made scipy's distances inf or NaN: 'not all
+    finite', blaming data that was.  A power-of-two scale changes no correlation."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((9, 5)), rng.standard_normal((9, 4))
+    expected = spearmanr(pdist(x, metric), pdist(y, metric)).statistic
+    for sx, sy in [(1e300, 1.0), (1e-300, 1e300), (1e-310, 1e-300)]:
+        assert hs.rsa(x * sx, y * sy, metric=metric) == pytest.approx(expected, abs=1e-12)
+
+
+def test_sparse_inputs_are_read_as_their_dense_values():
+    """torch COO/CSR and scipy.sparse inputs raised raw torch errors (aten::amax ...)."""
+    import scipy.sparse
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 4)) * (rng.random((6, 4)) > 0.5)
+    y = rng.standard_normal((6, 3))
+    expected = hs.linear_cka(x, y)
+    t = torch.from_numpy(x)
+    for sparse in (t.to_sparse(), scipy.sparse.csr_matrix(x), scipy.sparse.coo_array(x)):
+        assert hs.linear_cka(sparse, y) == pytest.approx(expected, abs=1e-12)
+        assert np.allclose(hs.cosine(sparse, x), hs.cosine(x, x), atol=1e-12)
+    with pytest.raises(hs.InputError, match="nested"):
+        hs.cosine(torch.nested.nested_tensor([torch.ones(2, 3), torch.ones(1, 3)]), x)
