@@ -23,7 +23,8 @@ cat "$OUT/env.txt"
 #    that touch devices.  (About a minute.)
 # The three timeouts together stay under the device tool's 600 s per command.
 timeout 150 python -m pytest -q -rfEs -p no:cacheprovider tests/test_offload.py \
-  tests/test_intervene.py tests/test_recorder.py tests/test_safety.py tests/test_rnn.py \
+  tests/test_intervene.py tests/test_checkpointing.py tests/test_recorder.py tests/test_safety.py \
+  tests/test_rnn.py \
   tests/test_dataset_reduce.py tests/test_fingerprint.py > "$OUT/cuda-tests.txt" 2>&1
 grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/cuda-tests.txt"
 

@@ -141,6 +141,7 @@ def at(path: Any, fn: Callable[..., Any]) -> Callable[[Any, CallInfo], Any]:
     def edit(output: Any, call: CallInfo) -> Any:
         return _replace_at(output, keys, lambda part: fn(part, call) if two else fn(part), ())
 
+    edit.same_for_every_call = not two  # type: ignore[attr-defined]  # (see recorder.py)
     return edit
 
 
@@ -287,6 +288,8 @@ def _patch_fn(source: Any, index: Any) -> EditFn:
 
         return map_leaves(output, leaf)
 
+    patch_edit.same_for_every_call = True  # type: ignore[attr-defined]  # (the call only
+    # names it in messages: recorder.py)
     return patch_edit
 
 

@@ -72,10 +72,12 @@ def require_grads(output: Any) -> Any:
 
 
 def attach_grad_hooks(value: Any, output: Any, plan: Plan, perm: Tensor | None,
-                      dims: dict[tuple, int | None], where: str) -> GradStore:
+                      dims: dict[tuple, int | None], where: str,
+                      store: GradStore | None = None) -> GradStore:
     """Register a tensor hook on every leaf of ``value`` (the output, or what ``pick=`` chose
-    from it) that requires grad; return the store the gradients will arrive in."""
-    store = GradStore()
+    from it) that requires grad; return the store the gradients will arrive in (``store``,
+    or a new one)."""
+    store = GradStore() if store is None else store
     ref = weakref.ref(store)
     # The gradient is converted as the value was: same batch dims, device, dtype; always a
     # copy of its own (clone=False is about values, not gradients), made synchronously (no

@@ -260,7 +260,12 @@ def _as_two_args(fn: EditFn) -> EditFn:
     wrapped once here, so that the hook calls every edit the same way."""
     if takes_two_args(fn, required=True):
         return fn
-    return lambda output, call: fn(output)
+
+    def edit(output: Any, call: Any) -> Any:
+        return fn(output)
+
+    edit.same_for_every_call = True  # (a re-run in backward() needs no call: recorder.py)
+    return edit
 
 
 def _by_label(option: str, name: str, spec: Mapping[str, Any],
