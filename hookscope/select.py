@@ -222,11 +222,12 @@ def resolve_modules(
     if all(isinstance(s, str) and not _GLOB.search(s) for s in specs):
         # Exact names only: look them up without walking every module of a large model.
         found = {s: _lookup(inner, s) for s in specs}
-        if None not in found.values():
-            return found  # else fall through to the walk, which explains what is missing
+        if None not in found.values() and len({id(m) for m in found.values()}) == len(found):
+            return found  # else fall through to the walk, which explains what is wrong
     named = dict(inner.named_modules(remove_duplicate=False))
     names = list(named)
     chosen: dict[str, None] = {}  # insertion-ordered set
+    explicit: set[str] = set()  # exact names the user wrote
     for spec in specs:
         if isinstance(spec, type) and issubclass(spec, nn.Module):
             hits = [n for n, m in named.items() if isinstance(m, spec)]
@@ -257,5 +258,27 @@ def resolve_modules(
                 "a dotted name, a glob pattern, an nn.Module subclass such as nn.LSTM, or a "
                 "submodule of the model."
             )
+        if isinstance(spec, str) and spec in named:
+            explicit.add(spec)
         chosen.update(dict.fromkeys(hits))
-    return {n: named[n] for n in chosen}
+    return _one_name_each(chosen, named, explicit)
+
+
+def _one_name_each(chosen: dict[str, None], named: dict[str, nn.Module],
+                   explicit: set[str]) -> dict[str, nn.Module]:
+    """One name per module object: a module under two attribute names (``model.b =
+    model.a``) would record every call twice (and stack two edits).  A pattern or type keeps
+    its first name; two exact names of one module are an error."""
+    out: dict[str, nn.Module] = {}
+    first: dict[int, str] = {}
+    for n in chosen:
+        m = named[n]
+        seen = first.get(id(m))
+        if seen is None:
+            first[id(m)] = n
+            out[n] = m
+        elif n in explicit and seen in explicit:
+            raise ModuleSelectionError(
+                f"{seen!r} and {n!r} are the same module (one object under two names): "
+                "select it once; every call of it is recorded under that name.")
+    return out

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
+import hookscope as hs
 from hookscope.errors import ModuleSelectionError
 from hookscope.select import resolve_modules
 
@@ -105,3 +107,37 @@ def test_module_tree_lists_what_modules_lists_with_first_parents():
     parents = {id(m): p for m, p in tree}
     assert parents[id(shared)] is inner and parents[id(inner)] is model
     assert parents[id(model)] is None
+
+
+class _Aliased(nn.Module):
+    """One Linear under two attribute names (model.b = model.a), called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(2, 2)
+        self.b = self.a
+        self.c = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+def test_a_module_under_two_names_is_selected_once():
+    """A type or pattern selected both names: each call was recorded twice, and edits of both
+    names stacked on every call."""
+    model = _Aliased()
+    assert list(resolve_modules(model, [nn.Linear])) == ["a", "c"]
+    assert list(resolve_modules(model, "*")) == ["", "a", "c"]
+    assert list(resolve_modules(model, ["b"])) == ["b"]  # either name, once
+    with pytest.raises(ModuleSelectionError, match="'a' and 'b' are the same module"):
+        resolve_modules(model, ["a", "b"])
+    x = torch.randn(3, 2)
+    got = []
+    handle = model.a.register_forward_hook(lambda m, i, o: got.append(o.detach().clone()))
+    with hs.record(model, [nn.Linear]) as rec:
+        model(x)
+    handle.remove()
+    assert [c.call for c in rec.calls("a")] == [0, 1]
+    assert set(rec.to_frame().columns.get_level_values(0)) == {"a", "c"}
+    for cap, ref in zip(rec.calls("a"), got[:2], strict=True):
+        assert torch.equal(cap.tensor, ref)
