@@ -87,7 +87,7 @@ class Capture:
     """
 
     __slots__ = (
-        "_grads", "_inputs", "_kwargs", "_lengths", "_mask", "_other_mask", "_output",
+        "_grads", "_inputs", "_kwargs", "_leaf", "_lengths", "_mask", "_other_mask", "_output",
         "_pending", "_versions", "batch_dim", "bidirectional", "call", "channels_last",
         "feature_map", "label", "live", "module_type", "name", "rnn_state", "step",
     )  # fmt: skip
@@ -135,6 +135,9 @@ class Capture:
         # steps (a strided convolution, pooling, internal padding): its real positions are
         # unknown, and a reduction warns (hookscope.frame.warn_unmasked).
         self._other_mask: Tensor | None = None
+        # record_dataset's rows reduced in the hook: where in the module's output the tensor
+        # they came from was (hookscope.frame.primary_path; else read from the output).
+        self._leaf: tuple | None = None
 
     # -- values -----------------------------------------------------------------------------
     @property
@@ -249,7 +252,10 @@ class Capture:
     def numpy(self) -> np.ndarray:
         """The primary tensor as a NumPy array (on CPU; bfloat16 becomes float32, which NumPy
         lacks).  A nested tensor comes back padded with zeros to ``(batch, max length, ...)``
-        (``lengths`` and ``mask`` say which positions are real); a sparse one dense."""
+        (``lengths`` and ``mask`` say which positions are real); a sparse one dense.
+
+        Read-only: on the CPU it shares the capture's memory, so writing into it would change
+        the recording (and everything computed from it later).  ``.copy()`` it to write."""
         t = self.tensor.detach()
         if t.is_nested:
             t = torch.nested.to_padded_tensor(t, 0.0)
@@ -258,7 +264,9 @@ class Capture:
         t = t.cpu()
         if t.dtype == torch.bfloat16:
             t = t.float()
-        return t.numpy()
+        arr = t.numpy()
+        arr.flags.writeable = False  # (a view: the base array stays writable for torch)
+        return arr
 
     @property
     def shape(self) -> tuple[int, ...] | None:

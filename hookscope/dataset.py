@@ -263,6 +263,7 @@ class _Job:
     reducer: ReduceAtCall | None = None  # reduce= in the hooks (None: reduce=None)
     staging: HostStaging | None = None  # pinned buffers, reused (one per call)
     warned: set[str] = field(default_factory=set)  # captures warned of padding (once a run)
+    leaves: dict = field(default_factory=dict)  # column -> (output path it holds, batch)
 
 
 def _batches_to_do(batches: Iterable[Any], done: set[int], rank: int,
@@ -318,7 +319,8 @@ def _forward(job: _Job, index: int, batch: Any) -> tuple[int, dict, int, Callabl
         apply_lengths(rec, given, index)
     columns, n, vectors = batch_columns(rec, job.reduce, job.bidirectional, job.np_dtype,
                                         job.manifest, index, staging=job.staging,
-                                        encoding=job.encoding, warned=job.warned)
+                                        encoding=job.encoding, warned=job.warned,
+                                        leaves=job.leaves)
     # meta= now, not with the rows: an iterable may reuse its batch object for the next one.
     if job.meta is not None:
         columns.update(meta_columns(job.meta(batch), n, job.manifest, index))

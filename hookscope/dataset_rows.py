@@ -16,10 +16,12 @@ from .capture import Capture
 from .dataset_format import BOOKKEEPING, arrow
 from .errors import DatasetError, InputError
 from .frame import (
+    _keys,
     batch_first_capture,
     capture_mask,
     capture_rows,
     is_sequence,
+    primary_path,
     rnn_state_error,
     warn_unmasked,
 )
@@ -163,6 +165,10 @@ def _meta_array(pa: Any, name: str, values: Any, known: str | None, index: int) 
     try:
         if isinstance(values, pa.Array | pa.ChunkedArray):  # typed by the caller
             arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+        elif isinstance(values, np.ndarray) and (values.dtype.kind in "mM" or (
+                values.dtype.kind == "u" and values.dtype.itemsize == 8)):
+            # (tolist() gives datetime64[ns] as integers, and uint64 beyond int64 overflows)
+            arr = pa.array(values)
         else:
             arr = pa.array(values.tolist() if isinstance(values, torch.Tensor | np.ndarray)
                            else list(values))
@@ -186,7 +192,8 @@ def _meta_array(pa: Any, name: str, values: Any, known: str | None, index: int) 
 
 def batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, manifest: dict,
                    index: int, lengths: Any = None, staging: HostStaging | None = None,
-                   encoding: str = "list", warned: set[str] | None = None
+                   encoding: str = "list", warned: set[str] | None = None,
+                   leaves: dict[str, tuple[tuple, int]] | None = None
                    ) -> tuple[dict[str, Any], int, Callable[[], dict[str, np.ndarray]]]:
     """A batch's columns, the number of its rows, and what gives its vector columns.
 
@@ -199,6 +206,15 @@ def batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, man
     names = _column_names(rec)
     for cap in rec.captures():
         col = names[(cap.name, cap.call)]
+        if leaves is not None:  # (the run's first batch tells which tensor a column holds)
+            path = primary_path(cap)
+            first = leaves.setdefault(col, (path, index))
+            if first[0] != path:
+                raise DatasetError(
+                    f"batch {index}: column {col!r} would hold output{_keys(path)}, but "
+                    f"batch {first[1]} gave output{_keys(first[0])} (the module's first "
+                    "tensor: an entry before it is None in some batches). Choose the tensor "
+                    f"with pick={{{cap.name!r}: lambda out: out{_keys(path or first[0])}}}.")
         layout_dim = cap.batch_dim  # (a layout that changes between batches is an error)
         cap = batch_first_capture(cap)  # (a time-major sequence: its examples along dim 0)
         t = cap.tensor

@@ -22,7 +22,7 @@ from torch import Tensor
 from ._arrays import check_bool, check_finite, to_numpy
 from .errors import InputError
 from .pooling import REDUCTIONS, _last_state, _masked_pool, as_mask
-from .structure import takes_two_args
+from .structure import iter_tensors, takes_two_args
 
 __all__ = ["REDUCE_NAMES", "Reduce", "batch_first_capture", "capture_matrix", "capture_rows",
            "recording_vectors", "to_frame"]
@@ -61,7 +61,17 @@ def check_layouts(captures: Iterable[Any]) -> None:
     batch-first, and exporting it with the others would give that step one row per time
     step.  (A step whose dims 0 and 1 both have one entry reads the same either way.)"""
     seen: dict[tuple[str, str], tuple[int, int]] = {}
+    paths: dict[tuple[str, str], tuple[tuple, int]] = {}
     for cap in captures:
+        path = primary_path(cap)
+        known = paths.setdefault((cap.name, _call_key(cap)), (path, cap.step))
+        if known[0] != path:
+            raise InputError(
+                f"{cap.name!r} call {_call_key(cap)}: its first tensor, which exports read, is "
+                f"output{_keys(known[0])} in step {known[1]} but output{_keys(path)} in step "
+                f"{cap.step} (an entry before it is None in some steps). Choose the tensor "
+                f"with pick={{{cap.name!r}: lambda out: out{_keys(path or known[0])}}} when "
+                "recording.")
         t = cap.tensor
         if (getattr(cap, "rnn_state", False) or t.is_nested or t.ndim < 2
                 or t.shape[0] == t.shape[1] == 1):
@@ -75,6 +85,23 @@ def check_layouts(captures: Iterable[Any]) -> None:
                 "(time, batch, ...) output whose time steps equal its batch size looks "
                 f"batch-first. Say where the batch is with batch_dim={{{cap.name!r}: 1}} (or "
                 "0) when recording.")
+
+
+def primary_path(cap: Any) -> tuple:
+    """Where in the module's output the capture's primary tensor (the first tensor, which
+    exports read) is: ``()`` for a tensor output, ``("hidden",)`` for ``out["hidden"]``."""
+    leaf = getattr(cap, "_leaf", None)
+    if leaf is not None:
+        return leaf
+    out = cap._output
+    if type(out) is Tensor:
+        return ()
+    return next((p for p, _ in iter_tensors(out, packed=True)), ())
+
+
+def _keys(path: tuple) -> str:
+    """``['hidden'][0]``: a path into an output, as Python indexes it."""
+    return "".join(f"[{k!r}]" for k in path)
 
 
 def dense_capture(cap: Any) -> Any:

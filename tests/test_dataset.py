@@ -990,3 +990,65 @@ def test_to_frame_selects_a_column_and_a_meta_column_by_name(tmp_path):
     np.testing.assert_array_equal(frame[""].to_numpy(), expected)
     assert frame["k"].tolist() == torch.cat(data)[:, 0].mul(10).round().tolist()
     assert frame["batch"].tolist() == [0, 0, 0, 0, 1, 1]
+
+
+def test_meta_dates_durations_and_large_unsigned_integers_keep_their_type(tmp_path):
+    """tolist() made datetime64[ns] integers (nanoseconds), and uint64 beyond int64 a raw
+    pyarrow OverflowError."""
+    import duckdb
+
+    model = torch.nn.Linear(2, 3)
+    when = np.array(["2020-01-01T00:00:00.000000001", "2021-05-05", "2022-01-01"],
+                    dtype="datetime64[ns]")
+    big = np.array([2**64 - 1, 5, 2**63], dtype=np.uint64)
+    record_dataset(model, [torch.randn(3, 2)], [""], tmp_path / "ds", progress=False,
+                   meta=lambda b: {"when": when, "big": big, "since": when - when[0]})
+    for frame in (open_dataset(tmp_path / "ds").meta(),
+                  pd.read_parquet(tmp_path / "ds" / "shards")):
+        assert frame["when"].tolist() == [pd.Timestamp(t) for t in when]
+        assert frame["big"].tolist() == [int(v) for v in big]
+        assert frame["since"].tolist() == [pd.Timedelta(d) for d in when - when[0]]
+    rows = duckdb.sql(f"select big from read_parquet('{tmp_path}/ds/shards/*.parquet')")
+    assert [r[0] for r in rows.fetchall()] == [int(v) for v in big]
+
+
+class _OptionalFirst(torch.nn.Module):
+    """{"aux": a tensor only when asked, "hidden": always}: the first tensor changes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, want_aux=False):
+        h = self.lin(x)
+        return {"aux": -torch.ones_like(h) if want_aux else None, "hidden": h}
+
+
+class _AskAux(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _OptionalFirst()
+
+    def forward(self, batch):
+        return self.block(batch["x"], want_aux=batch["aux"])
+
+
+def test_a_column_never_switches_to_another_part_of_the_output(tmp_path):
+    """Batch 0 stored out["hidden"], batch 1 out["aux"] (rows of -1), silently; to_frame
+    mixed them across steps too."""
+    torch.manual_seed(0)
+    model, x = _AskAux(), torch.randn(4, 4)
+    batches = [{"x": x[:2], "aux": False}, {"x": x[2:], "aux": True}]
+    with pytest.raises(DatasetError, match=r"output\['aux'\].*output\['hidden'\].*pick="):
+        record_dataset(model, batches, ["block"], tmp_path / "ds", progress=False)
+    with torch.no_grad(), hs.record(model, ["block"]) as rec:
+        for b in batches:
+            model(b)
+    with pytest.raises(hs.InputError, match=r"output\['hidden'\] in step 0 but output\['aux'\]"):
+        rec.to_frame()
+    # what the message says to do works, and stores the hidden states of every batch
+    record_dataset(model, batches, ["block"], tmp_path / "ok", progress=False,
+                   pick={"block": lambda out: out["hidden"]})
+    expected = model.block.lin(x).detach().numpy()
+    assert np.allclose(open_dataset(tmp_path / "ok").numpy("block"), expected, rtol=1e-6,
+                       atol=1e-7)
