@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from ._arrays import all_finite
 from .errors import InputError, UnsortError
 from .layout import resolve_batch_dim
 from .plan import Plan
@@ -51,6 +52,7 @@ __all__ = [
     "CloneMode",
     "Converted",
     "batch_dim_of",
+    "check_cast",
     "check_perm_length",
     "convert",
     "from_rnn_state",
@@ -177,6 +179,8 @@ def convert(
                 moved = staging.to_host(x, cast)
             else:
                 moved = x.to(device=device, dtype=cast)
+                if cast is not None and x.device.type == "cpu":
+                    check_cast(x, moved, where)  # (on a GPU it would wait: not there)
             own = own and moved is x
             x = moved
         if own:
@@ -214,6 +218,20 @@ def check_perm_length(n: int, perm: Tensor, where: str) -> None:
         raise UnsortError(
             f"unsort for {where}: the permutation has {perm.shape[0]} entries but the batch has "
             f"{n} sequences. Pass this call's own permutation.")
+
+
+def check_cast(x: Tensor, cast: Tensor, where: Any) -> None:
+    """``dtype=`` must not turn finite values into infinities (float16 holds up to 65504)."""
+    if (torch.finfo(cast.dtype).max >= torch.finfo(x.dtype).max  # (no narrower range)
+            or all_finite(cast)):
+        return
+    lost = torch.isinf(cast) & torch.isfinite(x)
+    if bool(lost.any()):
+        raise InputError(
+            f"dtype={cast.dtype} cannot hold the output of {where}: a finite value of "
+            f"magnitude {x[lost].abs().max().item():.4g} becomes infinity (the largest "
+            f"{cast.dtype} is {torch.finfo(cast.dtype).max:.4g}). Record it in "
+            "torch.float32 or torch.bfloat16.")
 
 
 def _snapshot_object(path: tuple, obj: Any, leaf: Callable, live: list[str],

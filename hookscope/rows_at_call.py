@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from .capture import Capture
-from .convert import from_rnn_state, input_packed, packed_layout
+from .convert import check_cast, from_rnn_state, input_packed, packed_layout
 from .errors import UnsortError
 from .layout import is_known
 from .mask_scope import scoped_mask
@@ -55,7 +55,7 @@ def rows_at_call(s: Any, plan: Plan, args: tuple, kwargs: dict, value: Any,
             "permutation is for another batch.")
     if t.ndim in (1, 2) and lengths is None:  # already one row per example: kept as is
         if plan.dtype is not None and t.is_floating_point():
-            t = t.to(plan.dtype)
+            t = _cast(t, plan.dtype, where)
         rows = t.unsqueeze(1) if t.ndim == 1 else t
         if perm is None:
             return rows.clone()  # (the model's own memory: a later in-place op)
@@ -86,7 +86,8 @@ def rows_at_call(s: Any, plan: Plan, args: tuple, kwargs: dict, value: Any,
             s.rows_guessed.add(entry)  # (the recorder redoes the batch if it was another
             # stream: Recorder._end_mask_scopes)
     if plan.dtype is not None and t.is_floating_point():
-        t = t.to(plan.dtype)  # reduced in the captured precision, as a capture would be
+        t = _cast(t, plan.dtype, where)  # reduced in the captured precision, as a capture
+        # would be
     bidirectional = (plan.bidir_units is not None and t.ndim > 1
                      and t.shape[-1] == plan.bidir_units)
     cap = Capture(plan.name, s.rec.steps - 1, call, label, plan.module_type, t,
@@ -97,3 +98,12 @@ def rows_at_call(s: Any, plan: Plan, args: tuple, kwargs: dict, value: Any,
     if perm is not None:
         return rows.index_select(0, plan.perm_on(perm, rows.device))
     return rows.clone() if shared else rows  # rows that are the model's own memory
+
+
+def _cast(t: Tensor, dtype: torch.dtype, where: str) -> Tensor:
+    """``dtype=``'s cast, refused where it turns finite values into infinities (on the CPU;
+    on a GPU the check would wait for it)."""
+    cast = t.to(dtype)
+    if t.device.type == "cpu" and cast is not t:
+        check_cast(t, cast, where)
+    return cast

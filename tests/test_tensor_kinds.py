@@ -285,3 +285,43 @@ def test_complex_sequences_pool_without_losing_the_imaginary_part(tmp_path):
         hs.similarity_matrix({"0": rec.to_frame(reduce="mean").to_numpy()})
     with pytest.raises(hs.DatasetError, match="complex"):
         hs.record_dataset(model, [x], ["0"], tmp_path / "ds", reduce="mean", progress=False)
+
+
+class _Scaled(nn.Module):
+    def forward(self, x):
+        return x * 1e5
+
+
+def test_dtype_float16_that_would_make_finite_values_infinite_is_an_error(tmp_path):
+    """dtype=torch.float16 turned 1e5 into inf silently (and cosine then blamed the data;
+    record_dataset blamed a store_dtype= never given)."""
+    model = nn.Sequential(_Scaled())
+    with pytest.raises(hs.InputError, match=r"batch 0: dtype=torch.float16 cannot hold"):
+        hs.record_dataset(model, [torch.ones(2, 3)], ["0"], tmp_path / "ds",
+                          dtype=torch.float16, progress=False)
+    with pytest.raises(hs.InputError, match=r"float16 cannot hold.*1e\+05.*float32"):
+        with hs.record(model, ["0"], dtype=torch.float16):
+            model(torch.tensor([[1.0, float("inf")]]))
+    assert_no_hooks(model)
+    with hs.record(model, ["0"], dtype=torch.float16) as rec:  # what fits is kept
+        model(torch.tensor([[1e-3, float("inf")]]))
+    expected = (torch.tensor([[1e-3, float("inf")]]) * 1e5).half()
+    assert torch.equal(rec["0"].tensor, expected)
+    with hs.record(model, ["0"], dtype=torch.bfloat16) as rec:  # bfloat16 holds it
+        model(torch.ones(1, 2))
+    assert torch.isfinite(rec["0"].tensor).all()
+
+
+def test_capture_numpy_is_read_only_so_it_cannot_change_the_recording():
+    """numpy() shares the capture's memory on the CPU: writing into it changed the recording
+    (and every export and analysis after it)."""
+    model = nn.Linear(2, 3)
+    with hs.record(model, [""]) as rec:
+        model(torch.ones(2, 2))
+    before = rec[""].tensor.clone()
+    arr = rec[""].numpy()
+    with pytest.raises(ValueError, match="read-only"):
+        arr[0, 0] = 123.0
+    copy = arr.copy()
+    copy[0, 0] = 123.0
+    assert torch.equal(rec[""].tensor, before)
