@@ -6,6 +6,7 @@ so dropping the model frees it even while the recording is kept.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -247,6 +248,14 @@ class Recording:
             if t.ndim != first.ndim or tail != tuple(want):
                 raise InputError(f"cannot concatenate {name!r}: {c._where()} has shape "
                                  f"{tuple(t.shape)}, the first capture {tuple(first.shape)}.")
+        dtypes = {t.dtype for t in tensors}
+        if len(dtypes) > 1:  # (steps in other dtypes: one that holds every value)
+            wide = functools.reduce(torch.promote_types, dtypes)
+            if wide.is_floating_point and torch.finfo(wide).bits < 64 and any(
+                    not d.is_floating_point and not d.is_complex and d != torch.bool
+                    and d.itemsize >= 4 for d in dtypes):
+                wide = torch.float64  # (int32/int64 beside float32: float32 would round them)
+            tensors = [t.to(wide) for t in tensors]
         # Gradients (grads=True) are gathered the same way, where every capture has one.
         grads = [c.grad for c in caps] if all(c._grads is not None for c in caps) else None
         if grads is not None and all(g is not None for g in grads):

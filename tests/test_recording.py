@@ -42,3 +42,19 @@ def test_a_missing_label_is_blank_in_the_terminal_as_in_html():
         model(torch.randn(2, 4))
     assert "None" not in repr(rec) and "<NA>" not in repr(rec)
     assert "None" not in rec._repr_html_()
+
+
+def test_cat_of_steps_in_other_dtypes_keeps_every_value():
+    """int64 beside float32 was concatenated as float32: 2**40 + 1 became 2**40 (to_frame,
+    in float64, kept it)."""
+    model = torch.nn.Sequential(torch.nn.Identity())
+    with hs.record(model, ["0"]) as rec:
+        model(torch.tensor([[2**40 + 1]]))
+        model(torch.tensor([[0.5]]))
+        model(torch.tensor([[1.5]], dtype=torch.bfloat16))
+    cat = rec.cat("0").tensor
+    assert cat.dtype == torch.float64 and cat[:, 0].tolist() == [2**40 + 1, 0.5, 1.5]
+    with hs.record(model, ["0"]) as rec:  # floats alone: PyTorch's promotion, exact
+        model(torch.tensor([[0.25]], dtype=torch.bfloat16))
+        model(torch.tensor([[0.5]]))
+    assert rec.cat("0").tensor.dtype == torch.float32
