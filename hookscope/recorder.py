@@ -38,6 +38,7 @@ from .convert import (
 from .edit import CallInfo, apply_edit
 from .errors import (
     CallCountError,
+    CaptureModifiedError,
     HookscopeError,
     InputError,
     InputTypeError,
@@ -867,7 +868,7 @@ class Recorder:
                 candidates = []  # (each call its own permutation: no one conversion fits)
             elif target is None:  # the call whose kept value this re-run reproduces
                 mine = first_tensor(converted.value)
-                candidates = [c for c in caps if _same_value(first_tensor(c._output), mine)]
+                candidates = [c for c in caps if _same_value(_kept(c), mine)]
             else:
                 candidates = [target]
             if len(candidates) == 1:
@@ -965,6 +966,15 @@ def _checkpointed() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def _kept(cap: Capture) -> Tensor | None:
+    """A capture's primary tensor as kept (a copy to the host in flight waited for), or
+    ``None`` where a ``clone=False`` value was changed since."""
+    try:
+        return first_tensor(cap.output)
+    except CaptureModifiedError:
+        return None
 
 
 def _same_value(kept: Tensor | None, rerun: Tensor | None) -> bool:
