@@ -16,11 +16,11 @@ from .capture import Capture
 from .dataset_format import BOOKKEEPING, arrow
 from .errors import DatasetError, InputError
 from .frame import (
-    _keys,
     batch_first_capture,
     capture_mask,
     capture_rows,
     is_sequence,
+    path_text,
     primary_path,
     rnn_state_error,
     warn_unmasked,
@@ -211,10 +211,10 @@ def batch_columns(rec: Any, reduce: Any, bidirectional: bool, np_dtype: Any, man
             first = leaves.setdefault(col, (path, index))
             if first[0] != path:
                 raise DatasetError(
-                    f"batch {index}: column {col!r} would hold output{_keys(path)}, but "
-                    f"batch {first[1]} gave output{_keys(first[0])} (the module's first "
+                    f"batch {index}: column {col!r} would hold output{path_text(path)}, but "
+                    f"batch {first[1]} gave output{path_text(first[0])} (the module's first "
                     "tensor: an entry before it is None in some batches). Choose the tensor "
-                    f"with pick={{{cap.name!r}: lambda out: out{_keys(path or first[0])}}}.")
+                    f"with pick={{{cap.name!r}: lambda out: out{path_text(path or first[0])}}}.")
         layout_dim = cap.batch_dim  # (a layout that changes between batches is an error)
         cap = batch_first_capture(cap)  # (a time-major sequence: its examples along dim 0)
         t = cap.tensor

@@ -68,9 +68,10 @@ def check_layouts(captures: Iterable[Any]) -> None:
         if known[0] != path:
             raise InputError(
                 f"{cap.name!r} call {_call_key(cap)}: its first tensor, which exports read, is "
-                f"output{_keys(known[0])} in step {known[1]} but output{_keys(path)} in step "
-                f"{cap.step} (an entry before it is None in some steps). Choose the tensor "
-                f"with pick={{{cap.name!r}: lambda out: out{_keys(path or known[0])}}} when "
+                f"output{path_text(known[0])} in step {known[1]} but "
+                f"output{path_text(path)} in step {cap.step} (an entry before it is None in "
+                "some steps). Choose the tensor with "
+                f"pick={{{cap.name!r}: lambda out: out{path_text(path or known[0])}}} when "
                 "recording.")
         t = cap.tensor
         if (getattr(cap, "rnn_state", False) or t.is_nested or t.ndim < 2
@@ -99,7 +100,7 @@ def primary_path(cap: Any) -> tuple:
     return next((p for p, _ in iter_tensors(out, packed=True)), ())
 
 
-def _keys(path: tuple) -> str:
+def path_text(path: tuple) -> str:
     """``['hidden'][0]``: a path into an output, as Python indexes it."""
     return "".join(f"[{k!r}]" for k in path)
 
