@@ -38,7 +38,6 @@ from .convert import (
 from .edit import CallInfo, apply_edit
 from .errors import (
     CallCountError,
-    CaptureModifiedError,
     HookscopeError,
     InputError,
     InputTypeError,
@@ -63,6 +62,7 @@ from .mask_scope import end_pass, scope_hooks, scope_modules, scoped_mask
 from .offload import HostStaging
 from .plan import BatchDim, Plan, build_plans, with_perms
 from .recording import Recording
+from .rerun import CheckpointNotes, checkpointed, graph_task, rerun
 from .rows_at_call import rows_at_call
 from .select import ModuleSpec, module_tree, resolve_modules, unwrap
 from .session import NO_SWAPS, Session, time_major_call, unfit_mask
@@ -72,10 +72,6 @@ __all__ = ["Recorder", "record"]
 
 _get_ident = threading.get_ident
 _NO_KWARGS = object()  # a forward hook called as hook(module, args, output)
-# Inside a backward pass (an id other than -1), a module's forward is a re-run by activation
-# checkpointing (torch.utils.checkpoint, Hugging Face's gradient_checkpointing): not a call
-# of its own (see Recorder._rerun).
-_graph_task = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 # Recorders that asked to stop the forward pass, per thread; the last hookscope hook of the
 # module raises (so that a nested recorder's hook on the same module still records first).
@@ -255,7 +251,7 @@ class Recorder:
                 raise InputTypeError("edit= must map modules to functions, e.g. "
                                      f"edit={{'encoder': fn}}; got {type(edit).__name__}.")
             listed = [modules] if isinstance(modules, str | type | nn.Module) else list(modules)
-            modules = [*listed, *(k for k in edit if k not in listed)]
+            modules = [*listed, *_edited_elsewhere(model, listed, edit)]
         selected = resolve_modules(model, modules)
         for name, m in selected.items():
             _check_scriptable(m, name)
@@ -411,11 +407,12 @@ class Recorder:
                 return False
         if s is not None and (exc is None or isinstance(exc, _Stop)):
             self._check_counts(s)  # nothing else went wrong: report label/call mismatches
-            if s.checkpointed and not s.reruns:
+            unreached = 0 if s.checkpoint is None else s.checkpoint.unreached()
+            if unreached:
                 warnings.warn(
-                    f"{s.checkpointed} call(s) with edit= or grads=True ran inside activation "
+                    f"{unreached} call(s) with edit= or grads=True ran inside activation "
                     "checkpointing (torch.utils.checkpoint, gradient_checkpointing_enable()), "
-                    "and no backward() re-ran them in this block. A backward() after the "
+                    "and no backward() reached them in this block. A backward() after the "
                     "block re-runs those modules without hookscope: an edit is not applied "
                     "again (the gradients would not be those of the edited forward), and with "
                     "reentrant checkpointing no gradient reaches the captures. Call backward() "
@@ -449,7 +446,7 @@ class Recorder:
     def _own(self) -> Session | None:
         s = self._session
         if s is None or (s.thread is not None and s.thread != _get_ident()) or (
-                _graph_task() != -1):  # (a re-run in backward: no step, no call, no scope)
+                graph_task() != -1):  # (a re-run in backward: no step, no call, no scope)
             return None
         return s
 
@@ -537,9 +534,9 @@ class Recorder:
             s = self._session
             new = None  # what the model continues with, if an edit (or grads=) changed it
             if s is not None:
-                if _graph_task() != -1:  # (any thread: a GPU's backward runs on its own)
+                if graph_task() != -1:  # (any thread: a GPU's backward runs on its own)
                     if plan.edits is not None or plan.grads:
-                        new = self._rerun(s, plan, rest[-1])
+                        new = rerun(s, plan, rest[-1], _CallName, self._require_grads)
                 elif s.thread is None or s.thread == _get_ident():
                     kwargs, output = rest if len(rest) == 2 else ({}, rest[0])
                     new = self._record_call(s, plan, args, kwargs, output)
@@ -571,7 +568,7 @@ class Recorder:
         def hook(module: nn.Module, args: tuple, kwargs: Any, output: Any = _NO_KWARGS) -> None:
             s = self._session
             if s is not None and (s.thread is None or s.thread == _get_ident()) and (
-                    _graph_task() == -1):  # (a re-run in backward() is no call: _rerun)
+                    graph_task() == -1):  # (a re-run in backward() is no call: rerun.py)
                 if output is _NO_KWARGS:  # (registered an instant ago, seen without kwargs)
                     kwargs, output = {}, kwargs
                 general = (type(output) is not Tensor or output.is_nested
@@ -692,18 +689,22 @@ class Recorder:
             where = _CallName(name, call, label)  # (made into text only for an error)
             dims = None
             edit = plan.edit(call) if plan.edits is not None else None
+            # (backward() will run it again: its re-run needs this call: rerun.py)
+            again = (plan.edits is not None or plan.grads) and checkpointed()
             if edit is not None:
                 info = CallInfo(name, rec.steps - 1, call, label)
                 output, dims = apply_edit(edit, output, plan, info, perm, s.rnn_states, where)
                 returned = output
-                if _checkpointed():  # (backward() will re-run it: _rerun, __exit__)
-                    s.checkpointed += 1
-                    _note_backward(s, output)
                 if plan.pick is not None:
                     dims = None  # the dims are of the whole output, not of the picked part
             if plan.grads:
-                returned = self._require_grads(s, output, returned, where)
+                returned = self._require_grads(s, output, returned, where, again)
                 output = output if returned is None else returned
+            if again:
+                if s.checkpoint is None:
+                    s.checkpoint = CheckpointNotes()
+                s.checkpoint.note((name, rec.steps - 1, call), output,
+                                  torch.is_grad_enabled())
             value = raw = plan.pick(output) if plan.pick is not None else output
             primary = first_tensor(raw)
             rnn_state = bool(plan.rnn or s.rnn_states.tensors) and is_rnn_state(
@@ -808,85 +809,6 @@ class Recorder:
                 _PENDING_STOPS.setdefault(_get_ident(), set()).add(self)
         return returned
 
-    def _rerun(self, s: Session, plan: Plan, output: Any) -> Any:
-        """A module re-run inside ``backward()`` by activation checkpointing: the same
-        computation as a call of the forward pass, whose value was kept then.  It is no new
-        call; it gets that call's edit (so that the gradients are those of the edited forward)
-        and, with ``grads=True``, sends its gradient to that call's capture (reentrant
-        checkpointing ran the call itself without autograd).
-
-        The call is known where the module ran once in the block.  Else an edit must be the
-        same for every call, and gradients go to the one call whose kept value the re-run
-        reproduces exactly.  A module re-run more often in one backward() than it ran in
-        the block re-runs a forward from outside it.  Anything that cannot be matched is an
-        error (or, for gradients only, a warning), never a silently unedited re-run."""
-        caps = s.rec._captures.get(plan.name) or []
-        if not caps:  # (a forward from before this block: it ran unedited)
-            return None
-        name, edits, perms = plan.name, plan.edits, plan.perms
-        s.reruns += 1  # (a backward() ran in the block: no warning as it ends)
-        key = (_graph_task(), name)
-        s.rerun_counts[key] = runs = s.rerun_counts.get(key, 0) + 1
-        if runs > len(caps):
-            raise HookscopeError(
-                f"{name!r} was re-run {runs} times inside one backward() (activation "
-                f"checkpointing) but ran {len(caps)} time(s) in this block: the loss also "
-                "depends on a forward pass from outside the block (or checkpoints are "
-                "nested), whose re-runs cannot be told from this block's. Their edits or "
-                "gradients would be mixed up: compute and back-propagate each block's loss "
-                "inside it, or turn checkpointing off (model.gradient_checkpointing_disable()).")
-        target = caps[0] if len(caps) == 1 else None
-        if target is None and edits is not None and (
-                isinstance(edits, tuple) or isinstance(perms, tuple)
-                or not getattr(edits, "same_for_every_call", False)):
-            raise HookscopeError(
-                f"{name!r} was re-run inside backward() (activation checkpointing: "
-                "torch.utils.checkpoint or gradient_checkpointing_enable()), and ran "
-                f"{len(caps)} times in this block, so the re-run cannot be matched to its "
-                "call, and its edit depends on the call. Its gradients would not be those of "
-                "the edited forward. Call backward() after each forward pass in a block of its "
-                "own, give one edit function of the output alone for every call, or turn "
-                "checkpointing off while editing (model.gradient_checkpointing_disable()).")
-        call = 0 if target is None else target.call
-        where = _CallName(name, call, None if target is None else target.label)
-        perm = plan.perm(call) if perms is not None else None
-        returned = dims = None
-        edit = plan.edit(call) if edits is not None else None
-        if edit is not None:
-            info = (CallInfo(name, -1, -1, None) if target is None else
-                    CallInfo(name, target.step, target.call, target.label))
-            output, dims = apply_edit(edit, output, plan, info, perm, s.rnn_states, where)
-            returned = output
-        if plan.grads and torch.is_grad_enabled():
-            returned = self._require_grads(s, output, returned, where)
-            output = output if returned is None else returned
-            value = plan.pick(output) if plan.pick is not None else output
-            gplan = dataclasses.replace(plan, staging=None, clone=True)
-            converted = convert(value, gplan, perm=perm, where=where, rnn_states=s.rnn_states,
-                                dims=None if plan.pick is not None else dims)
-            if target is None and isinstance(perms, tuple):
-                candidates = []  # (each call its own permutation: no one conversion fits)
-            elif target is None:  # the call whose kept value this re-run reproduces
-                mine = first_tensor(converted.value)
-                candidates = [c for c in caps if _same_value(_kept(c), mine)]
-            else:
-                candidates = [target]
-            if len(candidates) == 1:
-                # (non-reentrant checkpointing never back-propagates through the re-run:
-                # these hooks fire only where the call's own output had no graph)
-                found = candidates[0]
-                found._grads = attach_grad_hooks(value, output, plan, perm, converted.dims,
-                                                 where, store=found._grads)
-            elif s.checkpointed and not s.rerun_warned:  # (its calls got no gradient)
-                s.rerun_warned = True
-                warnings.warn(
-                    f"grads=True: {name!r} was re-run inside backward() (reentrant activation "
-                    f"checkpointing) and ran {len(caps)} times in this block; the re-run "
-                    "could not be matched to one call, so its gradient is not kept "
-                    "(Capture.grad stays None). Call backward() after each forward pass in a "
-                    "block of its own, or use use_reentrant=False.", stacklevel=2)
-        return returned
-
     def _reduce_at_call(self, rows: Callable[[Capture, Tensor | None], tuple[Tensor, bool]]
                         ) -> None:
         """Reduce every call to one row per example in its hook (``record_dataset``): nothing
@@ -897,12 +819,13 @@ class Recorder:
         self._make_hooks()
 
     @staticmethod
-    def _require_grads(s: Session, output: Any, returned: Any, where: str) -> Any:
+    def _require_grads(s: Session, output: Any, returned: Any, where: str,
+                       again: bool = False) -> Any:
         """``grads=True``: the output made to require grad where it did not (``None`` if
-        nothing changed and no edit did); a warning, once per block, without a graph."""
+        nothing changed and no edit did); a warning, once per block, without a graph (but
+        not where backward() runs the call ``again`` with one: reentrant checkpointing)."""
         if not torch.is_grad_enabled():
-            if _checkpointed():  # reentrant checkpointing: the re-run in backward() brings
-                s.checkpointed += 1  # the gradient (Recorder._rerun); __exit__ warns if none
+            if again:
                 return returned
             if not s.no_grad_warned:
                 s.no_grad_warned = True
@@ -946,56 +869,26 @@ class Recorder:
 _HAS_STANCE = hasattr(torch.compiler, "set_stance")
 
 
-def _checkpointed() -> bool:
-    """Whether the forward pass runs where ``backward()`` will run it again: inside
-    non-reentrant checkpointing (its saved-tensor hooks; ``save_on_cpu`` answers yes too) or
-    reentrant checkpointing (``CheckpointFunction.forward``, which runs without autograd)."""
-    if torch.is_grad_enabled():
-        try:
-            return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-        except (AttributeError, TypeError, RuntimeError):  # (a private function)
-            return False
-    checkpoint = sys.modules.get("torch.utils.checkpoint")
-    function = getattr(checkpoint, "CheckpointFunction", None)
-    if function is None:
-        return False
-    code = function.forward.__code__
-    frame = sys._getframe(1)
-    while frame is not None:  # (edits without autograd only: steering at inference)
-        if frame.f_code is code:
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _kept(cap: Capture) -> Tensor | None:
-    """A capture's primary tensor as kept (a copy to the host in flight waited for), or
-    ``None`` where a ``clone=False`` value was changed since."""
+def _edited_elsewhere(model: nn.Module, listed: list, edit: Mapping) -> list:
+    """The ``edit=`` keys that name modules not already listed for recording (a module
+    listed under another of its names is not: it would be selected twice)."""
+    keys = [k for k in edit if k not in listed]
+    if not keys or not listed:
+        return keys
     try:
-        return first_tensor(cap.output)
-    except CaptureModifiedError:
-        return None
-
-
-def _same_value(kept: Tensor | None, rerun: Tensor | None) -> bool:
-    """Whether a re-run reproduced a kept value exactly (a re-run repeats the call's
-    computation; checkpointing restores its random state)."""
-    if kept is None or rerun is None or kept.is_nested or rerun.is_nested:
-        return False
-    return (kept.shape == rerun.shape and kept.dtype == rerun.dtype
-            and torch.equal(kept, rerun.to(kept.device)))
-
-
-def _note_backward(s: Session, output: Any) -> None:
-    """Count a gradient that reaches this edited output as a backward() in the block (the
-    re-run itself may never reach the hook: non-reentrant checkpointing stops re-running
-    once it has what backward needs)."""
-    t = next((t for _, t in iter_tensors(output) if t.requires_grad), None)
-    if t is not None:
-        def reached(grad: Tensor) -> None:
-            s.reruns += 1
-
-        t.register_hook(reached)
+        chosen = {id(m) for m in resolve_modules(model, listed).values()}
+    except HookscopeError:
+        return keys  # (the selection's own error comes next, from resolve_modules)
+    out = []
+    for k in keys:
+        try:
+            mods = resolve_modules(model, k).values()
+        except HookscopeError:
+            out.append(k)  # (reported with the selection)
+            continue
+        if not all(id(m) in chosen for m in mods):
+            out.append(k)
+    return out
 
 
 def _close(s: Session) -> None:

@@ -50,7 +50,7 @@ class Session:
     """The state of one entered block: the recording, call counters, handles."""
 
     __slots__ = (
-        "checkpointed",
+        "checkpoint",
         "count_problems",
         "counts",
         "entries",
@@ -68,9 +68,6 @@ class Session:
         "pending_inputs",
         "rec",
         "remaining",
-        "rerun_counts",
-        "rerun_warned",
-        "reruns",
         "rnn_states",
         "rows_guessed",
         "scope_outputs",
@@ -115,9 +112,4 @@ class Session:
         # forward pass: a module around one that passes it on has its batch at dim 1 too.
         self.time_major: list[Tensor] = []
         self.no_grad_warned = False
-        # Activation checkpointing (recorder.py, _rerun): edited calls that ran where a
-        # backward() re-runs them, and how often a backward() reached one in the block.
-        self.checkpointed = 0
-        self.reruns = 0
-        self.rerun_counts: dict[tuple[int, str], int] = {}  # (backward, module): re-runs
-        self.rerun_warned = False
+        self.checkpoint: Any = None  # rerun.CheckpointNotes, once a call runs checkpointed

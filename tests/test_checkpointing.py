@@ -168,7 +168,7 @@ def test_one_edit_for_every_call_of_a_module_run_twice_is_applied(mode):
 def test_backward_after_the_block_of_an_edited_checkpointed_forward_warns(mode):
     torch.manual_seed(0)
     model, x = Net(mode), torch.randn(5, 4, requires_grad=mode == "reentrant")
-    with pytest.warns(UserWarning, match="no backward.*re-ran them.*inside the block"):
+    with pytest.warns(UserWarning, match="no backward.*reached them.*inside the block"):
         with hs.record(model, [], edit={"blocks.1.act": shifted}):
             loss = model(x).pow(2).sum()
     loss.backward()  # (runs; its gradients are what the warning said)
@@ -245,3 +245,130 @@ def test_re_runs_on_the_gpus_backward_thread_get_their_edit(mode):
     assert len(rec.calls("blocks.1.lin")) == 1 and rec["blocks.1.lin"].grad is not None
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, params[name], rtol=1e-4, atol=1e-5), name
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_checkpointed_forward_from_before_the_block_keeps_its_own_values(mode):
+    """A loss of a checkpointed forward from before the block and of the block's (not
+    checkpointed) edited forward: the earlier forward's re-run is not the block's call, and
+    gets neither its edit nor its gradient slot."""
+    torch.manual_seed(0)
+    model = Net(None)
+    x1 = torch.randn(5, 4, requires_grad=True)
+    x2 = torch.randn(5, 4, requires_grad=True)
+    reference_model = copy.deepcopy(model)
+    kept = {}
+
+    def hook(m, args, out):
+        if torch.is_grad_enabled() and kept.get("on"):
+            out = shifted(out)
+            out.retain_grad()
+            kept["out"] = out
+            return out
+
+    handle = reference_model.blocks[1].act.register_forward_hook(hook)
+    reference_model.mode = mode
+    first = reference_model(x1)
+    reference_model.mode, kept["on"] = None, True
+    second = reference_model(x2)
+    kept["on"] = False  # (the first forward's re-run in backward stays unedited)
+    (first + second).pow(2).sum().backward()
+    handle.remove()
+    model.mode = mode
+    first = model(x1)
+    model.mode = None
+    with hs.record(model, ["blocks.1.act"], edit={"blocks.1.act": shifted}, grads=True) as rec:
+        (first + model(x2)).pow(2).sum().backward()
+    assert close(rec["blocks.1.act"].grad, kept["out"].grad)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference_model.named_parameters(),
+                                 strict=True):
+        assert close(p.grad, q.grad), name
+
+
+def test_unsort_with_reentrant_checkpointing_sends_each_call_its_gradient():
+    """Each call its own permutation: the re-run is matched to the call whose kept value it
+    reproduces under that call's permutation."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(4, 6), nn.Tanh())
+    wa, wb = nn.Linear(6, 1), nn.Linear(6, 1)
+    model = nn.ModuleDict({"enc": enc, "wa": wa, "wb": wb})
+    a, b = torch.randn(5, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+    perms = [torch.tensor([3, 0, 4, 1, 2]), torch.tensor([1, 2, 0, 4, 3])]
+
+    def loss(reentrant):
+        f = enc if reentrant is None else (
+            lambda x: checkpoint.checkpoint(enc, x, use_reentrant=reentrant))
+        return (wa(f(a)) + 3 * wb(f(b)) ** 2).sum()
+
+    grads = {}
+    for reentrant in (None, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with hs.record(model, ["enc"], grads=True, unsort={"enc": perms}) as rec:
+                loss(reentrant).backward()
+        grads[reentrant] = [c.grad for c in rec.calls("enc")]
+    for plain, checkpointed in zip(grads[None], grads[True], strict=True):
+        assert close(checkpointed, plain)
+
+
+class _Reversible(torch.autograd.Function):
+    """A reversible layer's pattern (Reformer): the module runs without autograd in forward
+    and again with autograd in backward."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.save_for_backward(x)
+        ctx.layer = layer
+        with torch.no_grad():
+            return layer(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            out = ctx.layer(x)
+            params = tuple(ctx.layer.parameters())
+            grads = torch.autograd.grad(out, (x, *params), grad)
+        for p, g in zip(params, grads[1:], strict=True):
+            p.grad = g if p.grad is None else p.grad + g
+        return grads[0], None
+
+
+def test_a_module_re_run_by_an_autograd_function_gets_its_gradient_without_a_warning():
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    x = torch.randn(3, 4, requires_grad=True)
+    out = layer[0](x)
+    out.retain_grad()
+    layer[1](out).pow(2).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (was: "ran without autograd ... stays None")
+        with hs.record(layer, ["0"], grads=True) as rec:
+            _Reversible.apply(x, layer).pow(2).sum().backward()
+    assert len(rec.calls("0")) == 1 and close(rec["0"].grad, out.grad)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_step_backed_up_after_the_block_warns_though_another_was_inside(mode):
+    torch.manual_seed(0)
+    model = Net(mode)
+    xs = [torch.randn(5, 4, requires_grad=mode == "reentrant") for _ in range(2)]
+    with pytest.warns(UserWarning, match="1 call.*no backward.*reached them"):
+        with hs.record(model, [], edit={"blocks.1.act": shifted}):
+            model(xs[0]).pow(2).sum().backward()
+            later = model(xs[1]).pow(2).sum()
+    del later
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_ablation_to_a_constant_with_backward_inside_does_not_warn(mode):
+    torch.manual_seed(0)
+    model, x = Net(mode), torch.randn(5, 4, requires_grad=mode == "reentrant")
+    _, params = reference(model, x, [], edit={"blocks.1.out": torch.zeros_like})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with hs.record(model, [], edit={"blocks.1.out": torch.zeros_like}):
+            model(x).pow(2).sum().backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is None and params[name] is None) or close(p.grad, params[name]), name
