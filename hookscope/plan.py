@@ -138,11 +138,13 @@ def _per_module(
             f"got {type(value).__name__}."
         )
     out: dict[str, Any] = {}
+    by_object = {id(m): n for n, m in selected.items()}  # (a module under two names)
     for key, v in value.items():
         try:
-            hits = resolve_modules(model, key)
+            found = resolve_modules(model, key)
         except ModuleSelectionError as exc:
             raise ModuleSelectionError(f"{option}= key {describe_spec(key)}: {exc}") from None
+        hits = [by_object.get(id(m), n) for n, m in found.items()]
         missing = [n for n in hits if n not in selected]
         if missing:
             raise ModuleSelectionError(

@@ -16,6 +16,7 @@ import torch
 
 from .capture import Capture
 from .errors import AmbiguousCallError, InputTypeError, NotRecordedError
+from .frame import path_text, primary_path
 from .grads import GradStore
 from .select import _strip_wrapper_prefix
 
@@ -233,6 +234,14 @@ class Recording:
                     raise NotRecordedError(f"{name!r} has no call {call!r} in step {step}.")
                 picked.append(hits[0])
             caps = picked
+        paths = {primary_path(c) for c in caps}
+        if len(paths) > 1:  # (an entry before the first tensor is None in some steps)
+            where = " in some steps, ".join("output" + path_text(p)
+                                            for p in sorted(paths, key=repr))
+            raise InputError(
+                f"cannot concatenate {name!r}: its first tensor is {where} in others (an "
+                "entry before it is None in some steps). Choose the tensor with "
+                f"pick={{{name!r}: lambda out: out[...]}} when recording.")
         dims = {c.batch_dim for c in caps}
         if len(dims) > 1:
             raise InputError(f"cannot concatenate {name!r}: its captures hold their examples "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import hookscope as hs
@@ -58,3 +59,18 @@ def test_cat_of_steps_in_other_dtypes_keeps_every_value():
         model(torch.tensor([[0.25]], dtype=torch.bfloat16))
         model(torch.tensor([[0.5]]))
     assert rec.cat("0").tensor.dtype == torch.float32
+
+
+def test_cat_refuses_steps_whose_first_tensor_is_another_part_of_the_output():
+    """{"main": None or a tensor, "aux": a tensor}: cat mixed main and aux rows silently."""
+
+    class Optional(torch.nn.Module):
+        def forward(self, x, main):
+            return {"main": x * 2 if main else None, "aux": x}
+
+    model = Optional()
+    with hs.record(model, [""]) as rec:
+        model(torch.ones(2, 4), True)
+        model(torch.ones(2, 4), False)
+    with pytest.raises(hs.InputError, match=r"output\['aux'\] in some steps.*pick="):
+        rec.cat("")

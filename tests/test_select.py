@@ -141,3 +141,13 @@ def test_a_module_under_two_names_is_selected_once():
     assert set(rec.to_frame().columns.get_level_values(0)) == {"a", "c"}
     for cap, ref in zip(rec.calls("a"), got[:2], strict=True):
         assert torch.equal(cap.tensor, ref)
+
+
+def test_an_edit_named_by_the_other_name_of_a_recorded_module_is_its_edit():
+    model = _Aliased()
+    x = torch.randn(3, 2)
+    with hs.record(model, ["a"], edit={"b": lambda t: t * 0}) as rec:
+        y = model(x)
+    assert [c.call for c in rec.calls("a")] == [0, 1]
+    assert all(not c.tensor.any() for c in rec.calls("a"))  # (edited value recorded)
+    assert torch.allclose(y, model.c(torch.zeros(3, 2)))
