@@ -23,7 +23,9 @@ is ``(batch, *spatial, channels)`` (:attr:`hookscope.Capture.channels_last`).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -88,7 +90,23 @@ BATCH_FIRST_IDS = frozenset({"input_ids", "decoder_input_ids", "token_type_ids",
 def id_positions(fn: Any) -> tuple[int, ...]:
     """Which of a function's positional parameters hold token ids by their name
     (:data:`BATCH_FIRST_IDS`): ``(0,)`` for ``forward(self, input_ids, ...)``; ``()`` where
-    none does or the signature cannot be read."""
+    none does or the signature cannot be read.  Read once per function (``inspect`` costs
+    tens of microseconds, and a block is often made per forward pass)."""
+    key = getattr(fn, "__func__", fn)
+    try:
+        return _ID_POSITIONS[key]
+    except (KeyError, TypeError):  # (TypeError: a callable that takes no weak reference)
+        pass
+    out = _id_positions(fn)
+    with contextlib.suppress(TypeError):
+        _ID_POSITIONS[key] = out
+    return out
+
+
+_ID_POSITIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _id_positions(fn: Any) -> tuple[int, ...]:
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
