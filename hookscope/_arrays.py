@@ -60,14 +60,21 @@ def from_numpy(arr: np.ndarray) -> Tensor:
         return torch.from_numpy(arr)
 
 
+#: Floating dtypes NumPy lacks, read as float32 (which holds each of their values).
+NO_NUMPY_FLOATS = frozenset({torch.bfloat16} | {
+    getattr(torch, name) for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2",
+                                      "float8_e5m2fnuz") if hasattr(torch, name)})
+
+
 def to_numpy(t: Tensor, *, readonly: bool = False) -> np.ndarray:
-    """The one tensor -> NumPy conversion: detached, on the CPU, bfloat16 as float32 (NumPy has
-    no bfloat16).  ``readonly=True`` returns a read-only view (frames that share memory with a
-    recording must never write into it)."""
+    """The one tensor -> NumPy conversion: detached, on the CPU, bfloat16 and float8 as
+    float32 (NumPy has neither; float32 holds their values exactly).  ``readonly=True``
+    returns a read-only view (frames that share memory with a recording must never write into
+    it)."""
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
-    if t.dtype == torch.bfloat16:
+    if t.dtype in NO_NUMPY_FLOATS:
         t = t.float()
     arr = t.numpy()
     if readonly:

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from ._arrays import NO_NUMPY_FLOATS
 from .errors import CaptureModifiedError, NotRecordedError
 from .structure import (
     describe_shape,
@@ -205,7 +206,10 @@ class Capture:
         """Gradients of every tensor of :attr:`output`, in its structure (``None`` where no
         gradient arrived), recorded with ``grads=True``."""
         grads = self._grad_store()
-        return map_leaves(self._output, lambda path, _: grads.get(path))
+        # (an object whose insides no path reaches, as one loaded without its class: None,
+        # never the object itself, which would show values as gradients)
+        return map_leaves(self._output, lambda path, _: grads.get(path),
+                          other=lambda path, obj: None)
 
     def _grad_store(self) -> dict:
         if self._grads is None:
@@ -250,9 +254,10 @@ class Capture:
         return torch.arange(time).unsqueeze(0) < self.lengths.unsqueeze(1)
 
     def numpy(self) -> np.ndarray:
-        """The primary tensor as a NumPy array (on CPU; bfloat16 becomes float32, which NumPy
-        lacks).  A nested tensor comes back padded with zeros to ``(batch, max length, ...)``
-        (``lengths`` and ``mask`` say which positions are real); a sparse one dense.
+        """The primary tensor as a NumPy array (on CPU; bfloat16 and float8 become float32,
+        which NumPy lacks).  A nested tensor comes back padded with zeros to ``(batch, max
+        length, ...)`` (``lengths`` and ``mask`` say which positions are real); a sparse one
+        dense.
 
         Read-only: on the CPU it shares the capture's memory, so writing into it would change
         the recording (and everything computed from it later).  ``.copy()`` it to write."""
@@ -262,7 +267,7 @@ class Capture:
         elif t.layout is not torch.strided:
             t = t.to_dense()
         t = t.cpu()
-        if t.dtype == torch.bfloat16:
+        if t.dtype in NO_NUMPY_FLOATS:
             t = t.float()
         arr = t.numpy()
         arr.flags.writeable = False  # (a view: the base array stays writable for torch)

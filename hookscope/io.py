@@ -56,7 +56,7 @@ from .restore import (
     _restored_class,
     allow_class,
 )
-from .structure import first_tensor
+from .structure import first_tensor, iter_tensors
 
 __all__ = ["FORMAT_VERSION", "RecordingFileError", "Restored", "RestoredDict", "Unsaved",
            "allow_class", "load", "save"]
@@ -356,6 +356,11 @@ class _Reader:
             _expect(isinstance(dense, dict) and dense.get("t") == "tensor",
                     f"{where}: a sparse tensor is stored as a dense tensor")
             self.scan_tensor(dense, f"{where}.dense")
+            # Rebuilding it makes int64 indices, ndim of them per non-zero value: at most
+            # that much more (a few dims of ones would otherwise decode to gigabytes).
+            shape = self.headers[f"{dense['key']}.npy"][1]
+            self.spend(int(np.prod(shape, dtype=object)) * 8 * len(shape),
+                       f"{where}'s sparse indices")
         elif kind == "unsaved":
             _expect(isinstance(_field(node, "cls", where), str)
                     and isinstance(_field(node, "text", where), str),
@@ -399,7 +404,9 @@ class _Reader:
         name = f"{key}.npy"
         info = self.entries.get(name)
         _expect(info is not None, f"{where}: tensor {key!r} is missing from the archive")
-        # Each reference decodes its entry once: count every reference against the budget.
+        # hookscope writes each tensor once: an entry referenced again (thousands of times)
+        # would cost work out of proportion to the file.
+        _expect(name not in self.headers, f"{where}: tensor {key!r} is referenced twice")
         self.spend(info.file_size, f"tensor {key!r}")
         if name not in self.headers:
             with self.z.open(info) as f:
@@ -557,12 +564,40 @@ def load(path: str | os.PathLike, *, max_bytes: int | None = None) -> Recording:
                                      f"corrupted ({what}).") from None
 
 
+_LENGTH_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _read_grads(reader: _Reader, nodes: list, output: Any, where: str) -> GradStore:
+    """A capture's gradients: each at a tensor of its output (by path, once), of that
+    tensor's shape and dtype, as recording made them."""
+    leaves = dict(iter_tensors(output))
+    store = GradStore()
+    for g in nodes:
+        path = tuple(g["path"])
+        value = leaves.get(path)
+        _expect(value is not None, f"{where}: a gradient at output{list(path)}, where the "
+                "output has no tensor")
+        _expect(path not in store.grads, f"{where}: two gradients at output{list(path)}")
+        grad = reader.tensor(g["grad"])
+        _expect(grad.dtype == value.dtype and (value.is_nested or value.layout is not
+                                               torch.strided or grad.shape == value.shape),
+                f"{where}: the gradient at output{list(path)} is {tuple(grad.shape)} "
+                f"{grad.dtype}, the value {tuple(value.shape)} {value.dtype}")
+        store.grads[path] = grad
+    return store
+
+
 def _load(f: Any, path: Path, budget: int) -> Recording:
     z = zipfile.ZipFile(f)
     if _MANIFEST not in z.NameToInfo:
         raise RecordingFileError(f"{path} has no {_MANIFEST}: not a hookscope recording.")
     reader = _Reader(z, budget)
-    reader.spend(z.getinfo(_MANIFEST).file_size, _MANIFEST)
+    info = z.getinfo(_MANIFEST)
+    # A parsed manifest takes many times its text in objects: charged as such where it was
+    # compressed (hookscope stores it as it is), so that a small file cannot expand into
+    # gigabytes of lists.
+    reader.spend(info.file_size * (1 if info.compress_type == zipfile.ZIP_STORED else 32),
+                 _MANIFEST)
     manifest = json.loads(z.read(_MANIFEST))
     fmt = manifest.get("format") if isinstance(manifest, dict) else None
     if fmt != FORMAT:
@@ -607,7 +642,8 @@ def _load(f: Any, path: Path, budget: int) -> Recording:
                     f"{where}.mask is not a tensor")
             reader.scan(c["mask"], f"{where}.mask")
         grads = c.get("grads", [])  # version 4
-        _expect(isinstance(grads, list), f"{where}.grads is not a list")
+        _expect(isinstance(grads, list) and (not grads or version >= 4),
+                f"{where}.grads is not a list of a version 4 file")
         for g in grads:
             path = _field(g, "path", f"{where}.grads")
             _expect(isinstance(path, list) and all(type(k) in (int, str) for k in path),
@@ -628,8 +664,8 @@ def _load(f: Any, path: Path, budget: int) -> Recording:
     for c in captures:
         lengths = None if c["lengths"] is None else reader.tensor(c["lengths"])
         if lengths is not None:
-            _expect(lengths.ndim == 1 and not lengths.is_floating_point(),
-                    "lengths must be a 1-d integer tensor")
+            _expect(lengths.ndim == 1 and lengths.dtype in _LENGTH_DTYPES,
+                    "lengths must be a 1-d signed integer tensor")
         mask = None if c.get("mask") is None else reader.tensor(c["mask"])
         if mask is not None:
             _expect(mask.ndim == 2 and mask.dtype == torch.bool, "mask must be a 2-d bool tensor")
@@ -649,9 +685,9 @@ def _load(f: Any, path: Path, budget: int) -> Recording:
             feature_map=c.get("feature_map") is True,
             channels_last=c.get("channels_last") is True)
         if "grads" in c:
-            capture._grads = GradStore()
-            for g in c["grads"]:
-                capture._grads.grads[tuple(g["path"])] = reader.tensor(g["grad"])
+            capture._grads = _read_grads(reader, c["grads"], output,
+                                         f"capture {c['name']!r} step {c['step']} call "
+                                         f"{c['call']}")
         rec._add(capture)
     for caps in rec._captures.values():
         caps.sort(key=lambda cap: (cap.step, cap.call))

@@ -97,7 +97,17 @@ def map_leaves(obj: Any, fn: LeafFn, path: Path = (), other: LeafFn | None = Non
             value = getattr(obj, f.name, None)
             object.__setattr__(out, f.name, map_leaves(value, fn, (*path, f.name), other))
         return out
+    if _restored(obj):
+        return type(obj)({k: map_leaves(v, fn, (*path, k), other)
+                          for k, v in vars(obj).items()})
     return obj if other is None else other(path, obj)
+
+
+def _restored(obj: Any) -> bool:
+    """An object :func:`hookscope.load` made for a class it does not rebuild (a dataclass
+    not allowlisted): its fields, as attributes, are what the dataclass's were."""
+    return getattr(type(obj), "hookscope_class", None) is not None and not isinstance(
+        obj, Mapping) and hasattr(obj, "__dict__")
 
 
 def iter_tensors(obj: Any, path: Path = (), *,
@@ -117,6 +127,9 @@ def iter_tensors(obj: Any, path: Path = (), *,
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):
             yield from iter_tensors(getattr(obj, f.name, None), (*path, f.name), packed=packed)
+    elif _restored(obj):  # (a dataclass loaded without its class: the same paths)
+        for k, v in vars(obj).items():
+            yield from iter_tensors(v, (*path, k), packed=packed)
 
 
 def first_tensor(obj: Any) -> Tensor | None:

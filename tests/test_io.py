@@ -288,12 +288,42 @@ def test_size_budget_stops_zip_bombs_before_reading(tmp_path):
     with pytest.raises(RecordingFileError, match="size budget.*max_bytes"):
         hs.load(bomb)
     assert hs.load(bomb, max_bytes=2**28)[""].tensor.shape == (50 * 2**20,)  # the opt-in
-    # Many references to one small entry: each reference counts.
+    # Many references to one small entry (hookscope writes each tensor once): refused, as
+    # their work would be out of proportion to the file.
     manifest = json.loads(json.dumps(manifest))
     ref = {"t": "tensor", "key": "t0", "dtype": "float32"}
     manifest["captures"][0]["output"] = {"t": "list", "items": [ref] * 10_000}
-    with pytest.raises(RecordingFileError, match="size budget"):
-        hs.load(_rewrite(data, manifest, tmp_path / "refs.hsrec"), max_bytes=100_000)
+    with pytest.raises(RecordingFileError, match="referenced twice"):
+        hs.load(_rewrite(data, manifest, tmp_path / "refs.hsrec"))
+
+
+def test_small_files_cannot_expand_into_gigabytes(tmp_path):
+    """A 2 KB file whose sparse node of 20 dims of ones rebuilt 320 MiB of indices (26 dims:
+    gigabytes); a deflated manifest of 60 MB of empty lists took 1.5 GB of objects."""
+    data, manifest = _saved(tmp_path, lambda x: x)
+    ones = io.BytesIO()
+    np.lib.format.write_array(ones, np.ones((2,) * 20, dtype=bool))
+    sparse = json.loads(json.dumps(manifest))
+    sparse["captures"][0]["output"] = {"t": "sparse", "dense": {"t": "tensor", "key": "ones",
+                                                                "dtype": "bool"}}
+    bomb = tmp_path / "sparse.hsrec"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("manifest.json", json.dumps(sparse))
+        z.writestr("ones.npy", ones.getvalue())
+    assert bomb.stat().st_size < 10_000
+    with pytest.raises(RecordingFileError, match="sparse indices.*size budget"):
+        hs.load(bomb)
+    padded = json.loads(json.dumps(manifest))
+    padded["junk"] = [[]] * 10_000_000
+    bomb = tmp_path / "manifest.hsrec"
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(
+            bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        for info in src.infolist():
+            z.writestr(info.filename, json.dumps(padded) if info.filename == "manifest.json"
+                       else src.read(info))
+    assert bomb.stat().st_size < 1_000_000
+    with pytest.raises(RecordingFileError, match="manifest.json.*size budget"):
+        hs.load(bomb)
 
 
 # -- every malformed input is a RecordingFileError -------------------------------------------
@@ -699,3 +729,111 @@ def test_a_crafted_gradient_entry_is_refused(tmp_path):
                 z.writestr(n, data)
         with pytest.raises(RecordingFileError):
             hs.load(tmp_path / "bad.hsrec")
+
+
+def _graded(tmp_path):
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh())
+    with hs.record(mlp, ["0"], grads=True) as rec:
+        mlp(torch.randn(2, 3)).sum().backward()
+    data = hs.save(rec, tmp_path / "g.hsrec").read_bytes()
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        return data, json.loads(z.read("manifest.json"))
+
+
+def _with_array(data: bytes, manifest: dict, key: str, arr: np.ndarray, path) -> object:
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(path, "w") as z:
+        for info in src.infolist():
+            if info.filename not in ("manifest.json", f"{key}.npy"):
+                z.writestr(info.filename, src.read(info))
+        z.writestr("manifest.json", json.dumps(manifest))
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, arr)
+        z.writestr(f"{key}.npy", buf.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("case", ["shape", "zero_d", "dtype", "nowhere", "twice", "version"])
+def test_gradients_that_do_not_fit_their_value_are_refused(tmp_path, case):
+    """A crafted gradient of another shape broadcast silently in value*grad, or put gradient
+    on padding in rec.cat."""
+    data, manifest = _graded(tmp_path)
+    entry = manifest["captures"][0]["grads"][0]
+    key = entry["grad"]["key"]
+    arr = np.ones((2, 4), dtype=np.float32)
+    if case == "shape":
+        arr = np.ones((1, 4), dtype=np.float32)
+    elif case == "zero_d":
+        arr = np.float32(1.0).reshape(())
+    elif case == "dtype":
+        arr, entry["grad"]["dtype"] = np.ones((2, 4), dtype=np.int64), "int64"
+    elif case == "nowhere":
+        entry["path"] = ["nope", 7]
+    elif case == "twice":
+        manifest["captures"][0]["grads"].append({"path": [], "grad": {
+            "t": "tensor", "key": manifest["captures"][0]["output"]["key"],
+            "dtype": "float32"}})
+    elif case == "version":
+        manifest["version"] = 2
+    bad = _with_array(data, manifest, key, arr, tmp_path / "bad.hsrec")
+    with pytest.raises(RecordingFileError):
+        hs.load(bad)
+
+
+def test_unsigned_lengths_are_refused(tmp_path):
+    model = torch.nn.LSTM(2, 3, batch_first=True)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(2, 4, 2), [4, 2],
+                                                     batch_first=True)
+    with hs.record(model, [""], pick=lambda out: out[0]) as rec:
+        model(packed)
+    data = hs.save(rec, tmp_path / "r.hsrec").read_bytes()
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        manifest = json.loads(z.read("manifest.json"))
+    node = manifest["captures"][0]["lengths"]
+    assert node is not None
+    node["dtype"] = "uint64"
+    bad = _with_array(data, manifest, node["key"], np.array([4, 2], dtype=np.uint64),
+                      tmp_path / "bad.hsrec")
+    with pytest.raises(RecordingFileError, match="signed integer"):
+        hs.load(bad)
+
+
+@dataclasses.dataclass
+class _Out:
+    h: torch.Tensor
+    c: object = None
+
+
+class _ReturnsOut(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 4)
+
+    def forward(self, x):
+        return _Out(self.lin(x))
+
+
+def test_a_dataclass_output_loaded_without_its_class_keeps_its_tensor_and_gradients(tmp_path):
+    """Its fields were invisible after load: .tensor said not recorded, and .grad_output
+    returned the output object itself (values shown as gradients)."""
+    model = _ReturnsOut()
+    with hs.record(model, [""], grads=True) as rec:
+        model(torch.randn(2, 3)).h.pow(2).sum().backward()
+    back = hs.load(hs.save(rec, tmp_path / "r.hsrec"))[""]
+    assert type(back.output).__name__ == "_Out"  # (not allowlisted: a stand-in)
+    assert torch.equal(back.tensor, rec[""].tensor)
+    assert torch.equal(back.grad, rec[""].grad)
+    assert torch.equal(back.grad_output.h, rec[""].grad) and back.grad_output.c is None
+
+
+def test_float8_captures_export_as_float32(tmp_path):
+    dtype = getattr(torch, "float8_e4m3fn", None)
+    if dtype is None:
+        pytest.skip("this torch has no float8")
+    model = torch.nn.Identity()
+    x = torch.randn(2, 4).to(dtype)
+    with hs.record(model, [""]) as rec:
+        model(x)
+    for r in (rec, hs.load(hs.save(rec, tmp_path / "r.hsrec"))):
+        assert np.array_equal(r.to_frame().to_numpy(), x.float().numpy())
+        assert np.array_equal(r[""].numpy(), x.float().numpy())
