@@ -358,5 +358,5 @@ def check_rows_finite(arr: np.ndarray, column: str, index: int) -> None:
 def _refuse_non_finite(where: str) -> None:
     raise InputError(f"{where} is NaN or infinity, from NaN or infinity at a real position, an "
                      "example with no real position, or an overflow of the stored dtype "
-                     "(store_dtype=torch.float16 holds up to 65504); hookscope never stores "
-                     "them: clean or drop those items first.")
+                     "(float32 holds up to 3.4e38; with store_dtype=torch.float16, 65504); "
+                     "hookscope never stores them: clean or drop those items first.")
