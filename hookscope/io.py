@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._arrays import NO_NUMPY_FLOATS
 from .capture import Capture
 from .errors import InputTypeError, RecordingFileError
 from .grads import GradStore
@@ -288,10 +289,8 @@ def _remove_stale_temporaries(path: Path) -> None:
 # -- reading -------------------------------------------------------------------------------------
 
 # Tensor dtypes NumPy lacks, stored as their exact bits: dtype name -> (NumPy, torch) integers.
-_BITS = {"bfloat16": ("uint16", torch.uint16)} | {
-    name: ("uint8", torch.uint8)
-    for name in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz")
-    if hasattr(torch, name)}
+_BITS = {str(d).removeprefix("torch."): ("uint16", torch.uint16) if d.itemsize == 2
+         else ("uint8", torch.uint8) for d in NO_NUMPY_FLOATS}
 
 # The NumPy dtypes a tensor can come from: little-endian (or single-byte) numbers and bools.
 _DTYPES = {"bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
