@@ -62,7 +62,14 @@ def scope_modules(model: nn.Module, selected: Iterable[nn.Module],
         while parent is not None and parent is not model:
             found.setdefault(id(parent), parent)
             parent = parents.get(id(parent))
-    return tuple(found.values())
+    # (a container that is never called, a ModuleList, opens nothing: no hooks to add)
+    return tuple(m for m in found.values() if _callable(m))
+
+
+def _callable(module: nn.Module) -> bool:
+    """Whether the module has a forward of its own (not a ``ModuleList``'s or
+    ``ModuleDict``'s, which raises)."""
+    return type(module).forward is not nn.Module.forward or "forward" in vars(module)
 
 
 def scope_mask(mask_from: str, args: tuple, kwargs: dict | None, model_raw: Any,

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .capture import Capture
+from .capture import Capture, plain_capture
 from .convert import (
     CloneMode,
     convert,
@@ -45,6 +45,7 @@ from .errors import (
 )
 from .frame import rnn_state_error
 from .grads import attach_grad_hooks, require_grads
+from .hook_handles import add_forward_hook, add_forward_pre_hook, remove_last
 from .layout import (
     SEQUENCE_MODULES,
     capture_batch_dim,
@@ -375,16 +376,16 @@ class Recorder:
             if self._needs_eager():
                 s.stance = torch.compiler.set_stance("force_eager")
                 s.stance.__enter__()
-            add = s.handles.append
-            add(self.model.register_forward_pre_hook(self._new_step, with_kwargs=True))
+            handles = s.handles
+            add_forward_pre_hook(handles, self.model, self._new_step, with_kwargs=True)
             for rnn, hook in self._state_hooks:
-                add(rnn.register_forward_hook(hook))
+                add_forward_hook(handles, rnn, hook)
             for module, pre_hook, hook, edits in self._hooks:
                 if pre_hook is not None:
-                    add(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+                    add_forward_pre_hook(handles, module, pre_hook, with_kwargs=True)
                 # An edit goes first: every other hook on the module (an outer recorder,
                 # transformers' output_hidden_states) sees what the model continues with.
-                add(module.register_forward_hook(hook, with_kwargs=True, prepend=edits))
+                add_forward_hook(handles, module, hook, with_kwargs=True, prepend=edits)
             self._session = s
         except BaseException:
             _close(s)
@@ -474,33 +475,31 @@ class Recorder:
             at = self._id_positions[type(module)] = id_positions(module.forward)
         ids = [args[i] for i in at if i < len(args)] if at else None
         s.one_batch, s.swaps, s.id_times = True, NO_SWAPS, NO_SWAPS
-        if kwargs or features or ids:
-            s.id_times = id_times(kwargs, features, ids)
+        mask_from = self.mask_from
+        find = mask_from is not None  # (the mask first: the layout is read once, with it)
+        if find and type(mask_from) is str and not (kwargs and mask_from in kwargs):
+            for a in args:  # a features dict passed positionally (sentence-transformers)
+                if type(a) is not Tensor and isinstance(a, Mapping):
+                    break
+            else:  # the common case: no mask in this call (but maybe a decoder's)
+                find = False
+        mask = s.mask = padding_mask(mask_from, args, kwargs or {}) if find else None
+        if kwargs or features or ids or mask is not None:
+            if kwargs or features or ids:
+                s.id_times = id_times(kwargs, features, ids)
             # (a call whose tensors disagree on the batch runs several streams: no layout)
             s.one_batch = one_batch(args, kwargs, features)
             if s.one_batch:
-                s.swaps = swapped_shapes(kwargs, None, features, ids)
-        mask_from = self.mask_from
-        if mask_from is not None:
-            if type(mask_from) is str and not (kwargs and mask_from in kwargs):
-                for a in args:  # a features dict passed positionally (sentence-transformers)
-                    if type(a) is not Tensor and isinstance(a, Mapping):
-                        break
-                else:  # the common case: no mask in this call (but maybe a decoder's)
-                    if kwargs and self._scopes and any(
-                            type(k) is str and k.endswith(mask_from) for k in kwargs):
-                        self._scope_step(s, args, kwargs)
-                    return
-            s.mask = padding_mask(mask_from, args, kwargs or {})
-            if s.mask is not None:
-                if not (kwargs or features or ids):  # (a mask_from= callable's: not yet)
-                    s.one_batch = one_batch(args, kwargs, features)
-                if s.one_batch:
-                    s.swaps = swapped_shapes(kwargs, s.mask, features, ids)
-            if type(mask_from) is str:  # (the very object, to know it where it is passed on)
-                s.mask_raw = mask_argument(mask_from, args, kwargs)
-                if s.mask_raw is not None and self._scopes:
-                    self._scope_step(s, args, kwargs)
+                s.swaps = swapped_shapes(kwargs, mask, features, ids)
+        if not find:
+            if (mask_from is not None and type(mask_from) is str and kwargs and self._scopes
+                    and any(type(k) is str and k.endswith(mask_from) for k in kwargs)):
+                self._scope_step(s, args, kwargs)  # (a decoder's mask)
+            return
+        if type(mask_from) is str:  # (the very object, to know it where it is passed on)
+            s.mask_raw = mask_argument(mask_from, args, kwargs)
+            if s.mask_raw is not None and self._scopes:
+                self._scope_step(s, args, kwargs)
 
     def _scope_step(self, s: Session, args: tuple, kwargs: dict | None) -> None:
         """A model call with a mask (or a decoder's): note its input tensors, and hook the
@@ -513,9 +512,8 @@ class Recorder:
         if not s.scopes_on:
             s.scopes_on = True
             for module in self._scopes:
-                s.handles.append(module.register_forward_pre_hook(self._scope_pre_hook,
-                                                                  with_kwargs=True))
-                s.handles.append(module.register_forward_hook(self._scope_hook))
+                add_forward_pre_hook(s.handles, module, self._scope_pre_hook, with_kwargs=True)
+                add_forward_hook(s.handles, module, self._scope_hook)
 
     def _end_mask_scopes(self, s: Session) -> None:
         """The end of a forward pass (see :func:`~hookscope.mask_scope.end_pass`)."""
@@ -581,12 +579,24 @@ class Recorder:
                     # where it fits a (batch, time, features) sequence (a (batch, d) output
                     # has none, nor a 4-D one: (batch, heads, time, time) weights may have as
                     # many heads)
-                    if s.mask_stack or s.scope_outputs:
+                    stack = s.mask_stack
+                    if stack:  # (inside a scope: scoped_mask's first case, inlined)
+                        scope, mask, pending = stack[-1]
+                        entry = scope if pending else None
+                    elif s.scope_outputs:
                         mask, entry = scoped_mask(s, args)
                     else:
                         mask, entry = s.mask, None
-                    if (output.ndim == 3 and not told and (s.swaps or mask is not None)
-                            and s.one_batch):
+                    fits = False
+                    if mask is not None and output.ndim == 3:
+                        shape, ref = output.shape, mask.shape
+                        # A (batch, time, features) sequence of the mask's shape, batch and time
+                        # told apart: not time-major, whatever the pass's ids say (their
+                        # swapped pairs all have the batch second), and the mask fits it.
+                        fits = (shape[0] == ref[0] and shape[1] == ref[1] and ref[0] != ref[1]
+                                and not map_1d)
+                    if (not fits and output.ndim == 3 and not told
+                            and (s.swaps or mask is not None) and s.one_batch):
                         # (time, batch, features), as the pass tells it: the general path
                         general = swapped(output.shape, None if mask is None else mask.shape,
                                           s.swaps)
@@ -600,33 +610,49 @@ class Recorder:
                     call = counts.get(name, 0)
                     counts[name] = call + 1
                     label = labels[call] if labels is not None and call < len(labels) else None
-                    other = None
-                    if mask is not None and (output.ndim != 3 or output.shape[:2] != mask.shape
-                                             or map_1d):
-                        if output.ndim == 3 and not map_1d:
-                            other = unfit_mask(s, output.shape, mask)  # (real positions
-                            # unknown: reductions warn)
-                        mask = None
                     # (detach only what autograd tracks: it costs a tensor of its own)
                     value = (output.detach() if output.requires_grad else output).clone()
-                    capture = Capture(name, rec.steps - 1, call, label, module_type, value,
-                                      None, None, None, None, mask)
-                    if map_1d and value.ndim == 3:  # (batch, channels, length)
-                        capture.feature_map = True
-                    elif map_last and value.ndim >= 4:  # (batch, *spatial, channels)
-                        capture.channels_last = True
-                    elif other is not None:
-                        capture._other_mask = other
+                    if fits:  # (the common case of a transformer's layers)
+                        capture = plain_capture(name, rec.steps - 1, call, label, module_type,
+                                                value, mask)
                         if entry is not None:  # (decided as the pass ends: mask_scope.py)
                             s.mask_outside.append((entry, capture))
-                    elif mask is not None and entry is not None:  # (decided as the pass
-                        s.mask_outside.append((entry, capture))  # ends: mask_scope.py)
-                    rec._captures[name].append(capture)
+                        rec._captures[name].append(capture)
+                    elif mask is None and not map_1d and not map_last:  # (no mask, no map)
+                        rec._captures[name].append(plain_capture(
+                            name, rec.steps - 1, call, label, module_type, value, None))
+                    else:
+                        self._add_unfit(s, name, rec.steps - 1, call, label, value, output,
+                                        mask, entry, map_1d, map_last, module_type)
             if _PENDING_STOPS:
                 _raise_pending_stop(module, hook)
 
         hook._hookscope = True  # type: ignore[attr-defined]
         return hook
+
+    @staticmethod
+    def _add_unfit(s: Session, name: str, step: int, call: int, label: str | None,
+                   value: Tensor, output: Tensor, mask: Tensor | None, entry: Any,
+                   map_1d: bool, map_last: bool, module_type: type) -> None:
+        """The short path's capture where the scope's mask does not simply fit the output."""
+        other = None
+        if mask is not None and (output.ndim != 3 or output.shape[:2] != mask.shape or map_1d):
+            if output.ndim == 3 and not map_1d:
+                other = unfit_mask(s, output.shape, mask)  # (real positions unknown:
+                # reductions warn)
+            mask = None
+        capture = plain_capture(name, step, call, label, module_type, value, mask)
+        if map_1d and value.ndim == 3:  # (batch, channels, length)
+            capture.feature_map = True
+        elif map_last and value.ndim >= 4:  # (batch, *spatial, channels)
+            capture.channels_last = True
+        elif other is not None:
+            capture._other_mask = other
+            if entry is not None:  # (decided as the pass ends: mask_scope.py)
+                s.mask_outside.append((entry, capture))
+        elif mask is not None and entry is not None:  # (decided as the pass ends)
+            s.mask_outside.append((entry, capture))
+        s.rec._captures[name].append(capture)
 
     def _make_pre_hook(self, plan: Plan) -> Callable[..., None]:
         def pre_hook(module: nn.Module, args: tuple, *rest: Any) -> None:
@@ -899,8 +925,7 @@ def _close(s: Session) -> None:
     while handles or s.stance is not None:
         try:
             while handles:
-                handles[-1].remove()  # idempotent: safe to repeat after an interruption
-                handles.pop()
+                remove_last(handles)  # idempotent: safe to repeat after an interruption
             if s.stance is not None:
                 stance = s.stance
                 stance.__exit__(None, None, None)

@@ -63,6 +63,7 @@ def assert_no_hooks(model: nn.Module) -> None:
         assert not m._forward_hooks, f"forward hook left on {name!r}"
         assert not m._forward_pre_hooks, f"forward pre-hook left on {name!r}"
         assert not m._forward_hooks_with_kwargs, f"kwargs flag left on {name!r}"
+        assert not m._forward_pre_hooks_with_kwargs, f"pre-hook kwargs flag left on {name!r}"
 
 
 @pytest.fixture

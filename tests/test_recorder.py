@@ -500,3 +500,73 @@ def test_calls_with_tensor_and_scalar_arguments_record_as_the_general_path_does(
         assert rec["pool"].mask is None
         assert rec["score"].tensor.shape == mask.shape and rec["score"].mask is None
     assert_no_hooks(model)
+
+
+_CAPTURE_FIELDS = ("name", "step", "call", "label", "module_type", "batch_dim", "feature_map",
+                   "channels_last", "rnn_state", "bidirectional", "live")
+
+
+def _same_captures(short: hs.Recording, general: hs.Recording, names: list[str]) -> None:
+    for n in names:
+        a, b = short.calls(n), general.calls(n)
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b, strict=True):
+            for field in _CAPTURE_FIELDS:
+                assert getattr(x, field) == getattr(y, field), (n, field)
+            assert torch.equal(x.tensor, y.tensor)
+            for field in ("mask", "lengths"):
+                u, v = getattr(x, field), getattr(y, field)
+                assert (u is None) == (v is None), (n, field)
+                assert u is None or torch.equal(u, v), (n, field)
+            assert (x._other_mask is None) == (y._other_mask is None), n
+
+
+@pytest.mark.parametrize("batch,time", [(3, 7), (4, 4)])
+def test_the_short_path_records_a_padded_transformer_as_the_general_path(bert, batch, time):
+    """BERT's layers take the short path (a mask that fits, an entry scope, the pooler's
+    (batch, d)); ``inputs=True`` forces the general one: both record the same, also where
+    the batch and the time steps are as many (the mask cannot tell them apart)."""
+    ids = torch.randint(1, 100, (batch, time))
+    mask = torch.ones(batch, time, dtype=torch.long)
+    mask[0, time // 2:] = 0
+    names = ["embeddings", "encoder.layer.0", "encoder.layer.2", "pooler"]
+    recs = []
+    for options in ({}, {"inputs": True}):
+        with torch.no_grad(), hs.record(bert, names, **options) as rec:
+            bert(input_ids=ids, attention_mask=mask)
+        recs.append(rec)
+    _same_captures(*recs, names)
+    if batch != time:
+        assert torch.equal(recs[0]["encoder.layer.2"].mask, mask.bool())
+    assert_no_hooks(bert)
+
+
+def test_the_short_path_records_feature_maps_and_channels_last_as_the_general_path():
+    """Outputs without a mask: a 1-D feature map (Conv1d), channels last (a Linear on
+    (batch, h, w, c)), a (batch, d) vector, with and without a mask in the call."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 5, 3, padding=1)
+            self.mix = nn.Linear(5, 5)
+            self.head = nn.Linear(5, 2)
+
+        def forward(self, x, attention_mask=None):
+            y = self.conv(x)  # (batch, 5, length)
+            grid = self.mix(y.transpose(1, 2).reshape(x.shape[0], 2, -1, 5))  # 4-D, last
+            return self.head(grid.mean((1, 2)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 3, 6)
+    names = ["conv", "mix", "head"]
+    for call_kwargs in ({}, {"attention_mask": torch.ones(2, 6, dtype=torch.long)}):
+        recs = []
+        for options in ({}, {"inputs": True}):
+            with torch.no_grad(), hs.record(model, names, **options) as rec:
+                model(x, **call_kwargs)
+            recs.append(rec)
+        _same_captures(*recs, names)
+        assert recs[0]["conv"].feature_map and recs[0]["mix"].channels_last
+    assert_no_hooks(model)

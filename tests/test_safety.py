@@ -156,23 +156,75 @@ def test_registration_never_breaks_another_threads_forward():
     assert_no_hooks(model)
 
 
-def test_an_interrupt_during_hook_removal_leaves_no_hook(monkeypatch):
+class _OwnRegistration(nn.Linear):
+    """A module class that registers forward hooks its own way (through the public API, with
+    a ``RemovableHandle``): hookscope must go through it too."""
+
+    registered = 0
+
+    def register_forward_hook(self, hook, **kwargs):
+        type(self).registered += 1
+        return super().register_forward_hook(hook, **kwargs)
+
+
+@pytest.mark.parametrize("how", ["direct", "handles", "half_removed"])
+def test_an_interrupt_during_hook_removal_leaves_no_hook(monkeypatch, how):
+    """Ctrl-C in the middle of the removal: every hook is gone, whichever way it was added
+    (hookscope.hook_handles: straight into the hook dicts, or the public API's handles for a
+    module that overrides register_forward_hook), even between the two dict deletions."""
     from torch.utils.hooks import RemovableHandle
 
-    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(20)])
-    real_remove = RemovableHandle.remove
+    import hookscope.recorder as recorder_module
+
+    layer = _OwnRegistration if how == "handles" else nn.Linear
+    model = nn.Sequential(*[layer(2, 2) for _ in range(20)])
     calls = {"n": 0}
+    if how == "handles":
+        real = RemovableHandle.remove
 
-    def flaky(self):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt  # Ctrl-C arrives in the middle of the removal
-        return real_remove(self)
+        def flaky(self):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt
+            return real(self)
 
-    monkeypatch.setattr(RemovableHandle, "remove", flaky)
+        monkeypatch.setattr(RemovableHandle, "remove", flaky)
+    else:
+        real = recorder_module.remove_last
+
+        def flaky(handles):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                if how == "half_removed":  # the hook is gone, its kwargs flag not yet
+                    hooks, key, _ = handles[-1]
+                    del hooks[key]
+                raise KeyboardInterrupt
+            return real(handles)
+
+        monkeypatch.setattr(recorder_module, "remove_last", flaky)
     with pytest.raises(KeyboardInterrupt), hs.record(model, ["*"]):
         model(torch.randn(1, 2))
-    monkeypatch.setattr(RemovableHandle, "remove", real_remove)
+    assert calls["n"] > 20  # (the removal went on after the interrupt)
+    if how == "handles":
+        assert _OwnRegistration.registered >= 20  # (its own registration was used)
+    assert_no_hooks(model)
+
+
+def test_hooks_of_others_survive_a_block_and_ids_never_collide():
+    """Hooks that the user (or transformers) registers before or inside a block keep their
+    handles: hookscope's keys come from PyTorch's own counter."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    seen = []
+    before = model[0].register_forward_hook(lambda m, i, o: seen.append("before"))
+    with hs.record(model, ["0"]) as rec:
+        inside = model[0].register_forward_hook(lambda m, i, o: seen.append("inside"))
+        model(torch.randn(1, 2))
+    assert seen == ["before", "inside"] and len(rec.calls("0")) == 1
+    seen.clear()
+    model(torch.randn(1, 2))
+    assert seen == ["before", "inside"]
+    before.remove()
+    inside.remove()
     assert_no_hooks(model)
 
 
