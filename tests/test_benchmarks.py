@@ -83,3 +83,19 @@ def test_gpu_profile_quick_mode(capsys):
     assert out.startswith("device: ") and "### host and wall time per call: BiLSTM" in out
     assert "| hs.record, 2 layers |" in out  # (the BERT of --quick has 2)
     assert "### record_dataset, 3 batches: 1 calls, by host time" in out
+
+
+def test_gpu_ab_quick_mode(tmp_path, capsys):
+    """Two versions side by side: here the package against a copy of itself."""
+    import shutil
+
+    copy = tmp_path / "hookscope"
+    shutil.copytree(ROOT / "hookscope", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    try:
+        assert _load("gpu_ab").main(["--quick", "--old", str(copy)]) == 0
+    finally:
+        sys.modules.pop("hookscope_old", None)
+        for name in [m for m in sys.modules if m.startswith("hookscope_old.")]:
+            sys.modules.pop(name)
+    out = capsys.readouterr().out
+    assert "| hs.record (--old) |" in out and "### story's BiLSTM" in out
