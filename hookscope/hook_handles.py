@@ -9,8 +9,8 @@ into the module's hook dictionaries, the same entries that ``register_forward_ho
 (keyed by the same counter, so no id collides with a hook registered through the public API),
 and its removal deletes them again.
 
-Where a module's class registers hooks its own way (it overrides ``register_forward_hook``)
-or PyTorch keeps its hooks elsewhere, the public API is used, as before.
+Where a module registers hooks its own way (its class, or the module itself, overrides
+``register_forward_hook``) or PyTorch keeps its hooks elsewhere, the public API is used.
 """
 
 from __future__ import annotations
@@ -29,51 +29,48 @@ _ATTRIBUTES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hoo
 _DIRECT = all(hasattr(nn.Module(), a) for a in _ATTRIBUTES)
 
 Handles = list  # what the functions below append to: handles, or (hooks, id, flags) triples
+# One hook to add: (module, is a forward pre-hook, hook, with_kwargs, prepend).
+Registration = tuple[nn.Module, bool, Callable[..., Any], bool, bool]
 
 
-def add_forward_hook(handles: Handles, module: nn.Module, hook: Callable[..., Any],
-                     with_kwargs: bool = False, prepend: bool = False) -> None:
-    """``module.register_forward_hook(hook, with_kwargs=, prepend=)``, its handle appended to
-    ``handles`` (see :func:`remove_all`)."""
-    if not _DIRECT or type(module).register_forward_hook is not _FORWARD:
-        handles.append(module.register_forward_hook(hook, with_kwargs=with_kwargs,
+def add_hooks(handles: Handles, registrations: list[Registration]) -> None:
+    """Add each hook as ``register_forward_pre_hook`` / ``register_forward_hook`` would, in
+    order, its handle appended to ``handles`` (see :func:`remove_all`)."""
+    append = handles.append
+    for module, pre, hook, with_kwargs, prepend in registrations:
+        if pre:
+            if (not _DIRECT or type(module).register_forward_pre_hook is not _PRE
+                    or "register_forward_pre_hook" in module.__dict__):
+                append(module.register_forward_pre_hook(hook, with_kwargs=with_kwargs,
+                                                        prepend=prepend))
+                continue
+            hooks, flags = module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs
+        else:
+            if (not _DIRECT or type(module).register_forward_hook is not _FORWARD
+                    or "register_forward_hook" in module.__dict__):
+                append(module.register_forward_hook(hook, with_kwargs=with_kwargs,
                                                     prepend=prepend))
-        return
-    _add(handles, module._forward_hooks, module._forward_hooks_with_kwargs, hook,
-         with_kwargs, prepend)
+                continue
+            hooks, flags = module._forward_hooks, module._forward_hooks_with_kwargs
+        key = RemovableHandle.next_id
+        RemovableHandle.next_id = key + 1
+        if with_kwargs:  # (the flag first: a forward in another thread never sees the hook
+            flags[key] = True  # without it)
+        hooks[key] = hook
+        if prepend:
+            hooks.move_to_end(key, last=False)
+        append((hooks, key, flags))
 
 
-def add_forward_pre_hook(handles: Handles, module: nn.Module, hook: Callable[..., Any],
-                         with_kwargs: bool = False) -> None:
-    """``module.register_forward_pre_hook(hook, with_kwargs=)``, its handle appended to
-    ``handles``."""
-    if not _DIRECT or type(module).register_forward_pre_hook is not _PRE:
-        handles.append(module.register_forward_pre_hook(hook, with_kwargs=with_kwargs))
-        return
-    _add(handles, module._forward_pre_hooks, module._forward_pre_hooks_with_kwargs, hook,
-         with_kwargs, False)
-
-
-def _add(handles: Handles, hooks: dict, flags: dict, hook: Callable[..., Any],
-         with_kwargs: bool, prepend: bool) -> None:
-    key = RemovableHandle.next_id
-    RemovableHandle.next_id = key + 1
-    if with_kwargs:  # (the flag first: a forward in another thread never sees the hook without)
-        flags[key] = True
-    hooks[key] = hook
-    if prepend:
-        hooks.move_to_end(key, last=False)
-    handles.append((hooks, key, flags))
-
-
-def remove_last(handles: Handles) -> None:
-    """Remove the hook of the last handle, then the handle: safe to repeat if interrupted
-    between the two."""
-    handle = handles[-1]
-    if type(handle) is tuple:
-        hooks, key, flags = handle
-        hooks.pop(key, None)
-        flags.pop(key, None)
-    else:
-        handle.remove()
-    handles.pop()
+def remove_all(handles: Handles) -> None:
+    """Remove the hooks of ``handles``, last first, each handle dropped once its hook is gone:
+    safe to call again after an interruption (a removed hook is not missed)."""
+    while handles:
+        handle = handles[-1]
+        if type(handle) is tuple:
+            hooks, key, flags = handle
+            hooks.pop(key, None)
+            flags.pop(key, None)
+        else:
+            handle.remove()
+        handles.pop()

@@ -39,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .convert import mask_argument
@@ -67,8 +68,11 @@ def scope_modules(model: nn.Module, selected: Iterable[nn.Module],
 
 
 def _callable(module: nn.Module) -> bool:
-    """Whether the module has a forward of its own (not a ``ModuleList``'s or
-    ``ModuleDict``'s, which raises)."""
+    """Whether the module can open a scope: it has a forward of its own (not a
+    ``ModuleList``'s or ``ModuleDict``'s, which raises) and takes forward pre-hooks (a
+    TorchScript module takes none: a scope of its own is not seen, as nothing inside it is)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return False
     return type(module).forward is not nn.Module.forward or "forward" in vars(module)
 
 

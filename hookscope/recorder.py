@@ -45,7 +45,7 @@ from .errors import (
 )
 from .frame import rnn_state_error
 from .grads import attach_grad_hooks, require_grads
-from .hook_handles import add_forward_hook, add_forward_pre_hook, remove_last
+from .hook_handles import Registration, add_hooks, remove_all
 from .layout import (
     SEQUENCE_MODULES,
     capture_batch_dim,
@@ -345,15 +345,30 @@ class Recorder:
     def _make_hooks(self) -> None:
         """The hook functions of these plans, made once: entering only registers them."""
         plans = self._plans.values()
-        self._hooks = [(p.module, self._make_pre_hook(p) if self.inputs else None,
-                        self._make_fast_hook(p) if self._fast(p) else self._make_hook(p),
-                        p.edits is not None) for p in plans]
+        # What entering registers, in order: (module, pre-hook?, hook, with_kwargs, prepend)
+        # (hook_handles.add_hooks).  First the step hook, on the model.
+        hooks: list[Registration] = [(self.model, True, self._new_step, True, False)]
         # The model's RNNs: their (h, c) are recognised by identity wherever they reappear
         # (for unsort=, for exports one row per example, and so that a final state is not
         # given the input's lengths).
-        self._state_hooks = [(rnn, self._make_state_hook(time_major(rnn))) for rnn in self._rnns]
-        self._state_hooks += [(m, self._make_sequence_hook()) for m in self._sequence_modules]
-        self._scope_pre_hook, self._scope_hook = scope_hooks(self._own, self.mask_from)
+        hooks += [(rnn, False, self._make_state_hook(time_major(rnn)), False, False)
+                  for rnn in self._rnns]
+        hooks += [(m, False, self._make_sequence_hook(), False, False)
+                  for m in self._sequence_modules]
+        for p in plans:
+            if self.inputs:
+                hooks.append((p.module, True, self._make_pre_hook(p), True, False))
+            # An edit goes first: every other hook on the module (an outer recorder,
+            # transformers' output_hidden_states) sees what the model continues with.
+            hooks.append((p.module, False,
+                          self._make_fast_hook(p) if self._fast(p) else self._make_hook(p),
+                          True, p.edits is not None))
+        self._registrations = hooks
+        # The mask scopes' hooks, added at the block's first forward pass with a mask.
+        pre, post = scope_hooks(self._own, self.mask_from)
+        self._scope_registrations: list[Registration] = [
+            r for m in self._scopes for r in ((m, True, pre, True, False),
+                                              (m, False, post, False, False))]
         # Modules given a number of calls per forward pass (calls=, unsort= or edit= per
         # call): (name, expected calls, what was given), checked as each step ends.
         self._expected_calls = []
@@ -376,16 +391,7 @@ class Recorder:
             if self._needs_eager():
                 s.stance = torch.compiler.set_stance("force_eager")
                 s.stance.__enter__()
-            handles = s.handles
-            add_forward_pre_hook(handles, self.model, self._new_step, with_kwargs=True)
-            for rnn, hook in self._state_hooks:
-                add_forward_hook(handles, rnn, hook)
-            for module, pre_hook, hook, edits in self._hooks:
-                if pre_hook is not None:
-                    add_forward_pre_hook(handles, module, pre_hook, with_kwargs=True)
-                # An edit goes first: every other hook on the module (an outer recorder,
-                # transformers' output_hidden_states) sees what the model continues with.
-                add_forward_hook(handles, module, hook, with_kwargs=True, prepend=edits)
+            add_hooks(s.handles, self._registrations)
             self._session = s
         except BaseException:
             _close(s)
@@ -511,9 +517,7 @@ class Recorder:
         s.model_inputs = [t for t in given if type(t) is Tensor and t is not s.mask_raw]
         if not s.scopes_on:
             s.scopes_on = True
-            for module in self._scopes:
-                add_forward_pre_hook(s.handles, module, self._scope_pre_hook, with_kwargs=True)
-                add_forward_hook(s.handles, module, self._scope_hook)
+            add_hooks(s.handles, self._scope_registrations)
 
     def _end_mask_scopes(self, s: Session) -> None:
         """The end of a forward pass (see :func:`~hookscope.mask_scope.end_pass`)."""
@@ -591,10 +595,11 @@ class Recorder:
                     if mask is not None and output.ndim == 3:
                         shape, ref = output.shape, mask.shape
                         # A (batch, time, features) sequence of the mask's shape, batch and time
-                        # told apart: not time-major, whatever the pass's ids say (their
-                        # swapped pairs all have the batch second), and the mask fits it.
+                        # told apart, that no (time, batch) of the pass's ids matches (a scope
+                        # of another batch may: layout.swapped decides): the mask fits it.
                         fits = (shape[0] == ref[0] and shape[1] == ref[1] and ref[0] != ref[1]
-                                and not map_1d)
+                                and not map_1d
+                                and not (s.swaps and (shape[0], shape[1]) in s.swaps))
                     if (not fits and output.ndim == 3 and not told
                             and (s.swaps or mask is not None) and s.one_batch):
                         # (time, batch, features), as the pass tells it: the general path
@@ -924,8 +929,7 @@ def _close(s: Session) -> None:
     handles = s.handles
     while handles or s.stance is not None:
         try:
-            while handles:
-                remove_last(handles)  # idempotent: safe to repeat after an interruption
+            remove_all(handles)  # idempotent: safe to repeat after an interruption
             if s.stance is not None:
                 stance = s.stance
                 stance.__exit__(None, None, None)

@@ -570,3 +570,43 @@ def test_the_short_path_records_feature_maps_and_channels_last_as_the_general_pa
         _same_captures(*recs, names)
         assert recs[0]["conv"].feature_map and recs[0]["mix"].channels_last
     assert_no_hooks(model)
+
+
+def test_the_short_path_agrees_with_the_general_path_on_a_scope_of_another_batch():
+    """A part called with its own mask of another batch (documents cut into chunks): where
+    the chunk mask's shape is the pass's (time, batch), the short path and the general one
+    (``inputs=True``) decide the layout alike."""
+
+    class Chunks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 8)
+            self.layer = nn.Linear(8, 8)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.layer(self.emb(input_ids))
+
+    class Doc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = Chunks()
+            self.head = nn.Linear(8, 8)
+
+        def forward(self, input_ids, attention_mask=None):
+            b, n = input_ids.shape
+            return self.head(self.enc(input_ids.reshape(b * 3, n // 3),
+                                      attention_mask=attention_mask.reshape(b * 3, n // 3)))
+
+    torch.manual_seed(0)
+    model = Doc().eval()
+    ids = torch.randint(1, 50, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, 5] = 0
+    names = ["enc.layer", "enc", "head"]
+    recs = []
+    for options in ({}, {"inputs": True}):
+        with torch.no_grad(), hs.record(model, names, **options) as rec:
+            model(input_ids=ids, attention_mask=mask)
+        recs.append(rec)
+    _same_captures(*recs, names)
+    assert_no_hooks(model)

@@ -167,46 +167,45 @@ class _OwnRegistration(nn.Linear):
         return super().register_forward_hook(hook, **kwargs)
 
 
-@pytest.mark.parametrize("how", ["direct", "handles", "half_removed"])
+@pytest.mark.parametrize("how", ["handles", "mixed"])
 def test_an_interrupt_during_hook_removal_leaves_no_hook(monkeypatch, how):
     """Ctrl-C in the middle of the removal: every hook is gone, whichever way it was added
     (hookscope.hook_handles: straight into the hook dicts, or the public API's handles for a
-    module that overrides register_forward_hook), even between the two dict deletions."""
+    module that overrides register_forward_hook), the removal going on where it stopped."""
     from torch.utils.hooks import RemovableHandle
 
-    import hookscope.recorder as recorder_module
-
-    layer = _OwnRegistration if how == "handles" else nn.Linear
-    model = nn.Sequential(*[layer(2, 2) for _ in range(20)])
+    layers = [_OwnRegistration(2, 2) if how == "handles" or i % 2 else nn.Linear(2, 2)
+              for i in range(20)]
+    model = nn.Sequential(*layers)
+    real = RemovableHandle.remove
     calls = {"n": 0}
-    if how == "handles":
-        real = RemovableHandle.remove
 
-        def flaky(self):
-            calls["n"] += 1
-            if calls["n"] == 5:
-                raise KeyboardInterrupt
-            return real(self)
+    def flaky(self):
+        calls["n"] += 1
+        if calls["n"] == (5 if how == "handles" else 3):
+            raise KeyboardInterrupt  # Ctrl-C arrives in the middle of the removal
+        return real(self)
 
-        monkeypatch.setattr(RemovableHandle, "remove", flaky)
-    else:
-        real = recorder_module.remove_last
-
-        def flaky(handles):
-            calls["n"] += 1
-            if calls["n"] == 5:
-                if how == "half_removed":  # the hook is gone, its kwargs flag not yet
-                    hooks, key, _ = handles[-1]
-                    del hooks[key]
-                raise KeyboardInterrupt
-            return real(handles)
-
-        monkeypatch.setattr(recorder_module, "remove_last", flaky)
+    monkeypatch.setattr(RemovableHandle, "remove", flaky)
+    registered = _OwnRegistration.registered
     with pytest.raises(KeyboardInterrupt), hs.record(model, ["*"]):
         model(torch.randn(1, 2))
-    assert calls["n"] > 20  # (the removal went on after the interrupt)
-    if how == "handles":
-        assert _OwnRegistration.registered >= 20  # (its own registration was used)
+    expected = sum(isinstance(m, _OwnRegistration) for m in layers)
+    assert _OwnRegistration.registered - registered == expected  # (their own method)
+    assert calls["n"] == expected + 1  # (the interrupted removal was tried again)
+    monkeypatch.setattr(RemovableHandle, "remove", real)
+    assert_no_hooks(model)
+
+
+def test_hooks_removed_by_others_inside_a_block_are_no_error():
+    """A hook of the block that other code removed meanwhile (a library clearing a module's
+    hooks): leaving the block removes the rest and raises nothing."""
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(4)])
+    with hs.record(model, ["*"]) as rec:
+        model[2]._forward_hooks.clear()
+        model[2]._forward_hooks_with_kwargs.clear()
+        model(torch.randn(1, 2))
+    assert [c.name for c in rec.captures()] == ["", "0", "1", "3"]  # ("": the model)
     assert_no_hooks(model)
 
 
@@ -385,3 +384,44 @@ def test_a_mask_from_callable_that_raises_says_so_and_leaves_no_hooks():
         with hs.record(model, ["0"], mask_from=lambda args, kwargs: kwargs["mask"]):
             model(torch.randn(2, 3))
     assert not model._forward_pre_hooks and not model[0]._forward_hooks
+
+
+def test_a_torchscript_child_beside_recorded_modules():
+    """A scripted submodule is no scope for the mask (it takes no pre-hooks): its siblings
+    record, with and without a mask in the call."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scripted = torch.jit.script(nn.Linear(2, 2))
+            self.plain = nn.Linear(2, 2)
+
+        def forward(self, x, attention_mask=None):
+            return self.plain(self.scripted(x))
+
+    model = Model()
+    x = torch.randn(3, 2)
+    for kwargs in ({}, {"attention_mask": torch.ones(3, 1, dtype=torch.long)}):
+        with torch.no_grad(), hs.record(model, ["plain"]) as rec:
+            out = model(x, **kwargs)
+        assert torch.equal(rec["plain"].tensor, out)
+    assert_no_hooks(model)
+
+
+def test_a_module_that_overrides_hook_registration_on_itself_is_asked():
+    """A register_forward_hook set on the instance (a library wrapping one module) is used,
+    as one that its class defines is."""
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    asked = []
+    original = model[0].register_forward_hook
+
+    def register(hook, **kwargs):
+        asked.append(kwargs)
+        return original(hook, **kwargs)
+
+    model[0].register_forward_hook = register
+    with hs.record(model, ["0"]) as rec:
+        out = model[0](torch.randn(1, 2))
+    assert asked and torch.equal(rec["0"].tensor, out)
+    del model[0].register_forward_hook
+    assert_no_hooks(model)
