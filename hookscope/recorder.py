@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .capture import Capture, plain_capture
+from .capture import Capture
 from .convert import (
     CloneMode,
     convert,
@@ -51,11 +51,9 @@ from .layout import (
     capture_batch_dim,
     id_positions,
     id_times,
-    is_known,
     known_dims,
     one_batch,
     sequence_output,
-    swapped,
     swapped_shapes,
     time_major,
 )
@@ -67,25 +65,13 @@ from .rerun import CheckpointNotes, checkpointed, graph_task, rerun
 from .rows_at_call import rows_at_call
 from .select import ModuleSpec, module_tree, resolve_modules, unwrap
 from .session import NO_SWAPS, Session, time_major_call, unfit_mask
+from .short_path import make_short_hook, takes_short_path
+from .stop import PENDING_STOPS, Stop, raise_pending_stop
 from .structure import first_tensor, iter_tensors
 
 __all__ = ["Recorder", "record"]
 
 _get_ident = threading.get_ident
-_NO_KWARGS = object()  # a forward hook called as hook(module, args, output)
-
-# Recorders that asked to stop the forward pass, per thread; the last hookscope hook of the
-# module raises (so that a nested recorder's hook on the same module still records first).
-_PENDING_STOPS: dict[int, set[Recorder]] = {}
-
-# Argument types that cannot hold a PackedSequence (the fast hook's test, by exact type).
-_ATOMIC = frozenset({Tensor, type(None), int, float, bool, str})
-
-
-# Whether every type in an iterable is one of them: `_atomic(map(type, args))` tests every
-# argument of a call without a Python loop (this runs on every call of a recorded module).
-_atomic = _ATOMIC.issuperset
-
 
 class _CallName:
     """``'encoder' call 1 ('hypothesis')``, the call an error message names: made into text
@@ -101,19 +87,6 @@ class _CallName:
         return f"{self.name!r} call {self.call}" + (f" ({self.label!r})" if self.label else "")
 
     __format__ = object.__format__  # (format(x, "") is str(x))
-
-
-class _Stop(BaseException):
-    """Raised by a hook to end the forward pass early (``stop=True``).
-
-    A ``BaseException`` so that a model's own ``except Exception`` cannot swallow it; each
-    recorder that asked for it takes itself off ``recorders`` in ``__exit__``, and the last
-    one swallows it.
-    """
-
-    def __init__(self, recorders: set[Recorder]) -> None:
-        super().__init__("hookscope: forward pass stopped after the last recorded module")
-        self.recorders = recorders
 
 
 class Recorder:
@@ -360,9 +333,9 @@ class Recorder:
                 hooks.append((p.module, True, self._make_pre_hook(p), True, False))
             # An edit goes first: every other hook on the module (an outer recorder,
             # transformers' output_hidden_states) sees what the model continues with.
-            hooks.append((p.module, False,
-                          self._make_fast_hook(p) if self._fast(p) else self._make_hook(p),
-                          True, p.edits is not None))
+            hook = (make_short_hook(self, p) if takes_short_path(self, p)
+                    else self._make_hook(p))
+            hooks.append((p.module, False, hook, True, p.edits is not None))
         self._registrations = hooks
         # The mask scopes' hooks, added at the block's first forward pass with a mask.
         pre, post = scope_hooks(self._own, self.mask_from)
@@ -405,14 +378,14 @@ class Recorder:
             self._end_mask_scopes(s)
         if self._staging is not None:
             self._staging.synchronize()  # the one wait for copies in flight: captures complete
-        _PENDING_STOPS.pop(_get_ident(), None) if exc is not None else None
+        PENDING_STOPS.pop(_get_ident(), None) if exc is not None else None
         stopped = False
-        if isinstance(exc, _Stop) and self in exc.recorders:
+        if isinstance(exc, Stop) and self in exc.recorders:
             exc.recorders.discard(self)
             stopped = not exc.recorders  # the outermost stopping recorder swallows it
             if not stopped:
                 return False
-        if s is not None and (exc is None or isinstance(exc, _Stop)):
+        if s is not None and (exc is None or isinstance(exc, Stop)):
             self._check_counts(s)  # nothing else went wrong: report label/call mismatches
             unreached = 0 if s.checkpoint is None else s.checkpoint.unreached()
             if unreached:
@@ -542,122 +515,12 @@ class Recorder:
                 elif s.thread is None or s.thread == _get_ident():
                     kwargs, output = rest if len(rest) == 2 else ({}, rest[0])
                     new = self._record_call(s, plan, args, kwargs, output)
-            if _PENDING_STOPS:
-                _raise_pending_stop(module, hook)
+            if PENDING_STOPS:
+                raise_pending_stop(module, hook)
             return new
 
         hook._hookscope = True  # type: ignore[attr-defined]
         return hook
-
-    def _fast(self, plan: Plan) -> bool:
-        """Whether the module's hook can take the short path (a tensor output copied as it
-        is, nothing to pick, unsort, move, cast, edit, differentiate or stop at)."""
-        return (plan.plain and plan.clone is True and plan.bidir_units is None
-                and not self.inputs and not self.stop)
-
-    def _make_fast_hook(self, plan: Plan) -> Callable[..., None]:
-        """The hot path: the general hook's work for a tensor output, inlined.  It takes any
-        call whose arguments are tensors, numbers, strings or ``None`` (a transformer layer
-        called with its mask), so nothing can hold a ``PackedSequence`` whose lengths the
-        capture would need; other calls, nested outputs, and calls inside a wrapper of an RNN
-        (whose state tensors must be recognised) take the general path.  Each check here is
-        an exact type test: this runs once per module call, on the GPU's critical path where
-        a forward is bound by the host."""
-        name, labels, module_type, map_1d = plan.name, plan.labels, plan.module_type, plan.map_1d
-        map_last = plan.map_last  # (layouts its type tells: see layout.py)
-        told = map_1d or plan.seq_dim is not None  # (a layout the pass cannot overrule)
-
-        def hook(module: nn.Module, args: tuple, kwargs: Any, output: Any = _NO_KWARGS) -> None:
-            s = self._session
-            if s is not None and (s.thread is None or s.thread == _get_ident()) and (
-                    graph_task() == -1):  # (a re-run in backward() is no call: rerun.py)
-                if output is _NO_KWARGS:  # (registered an instant ago, seen without kwargs)
-                    kwargs, output = {}, kwargs
-                general = (type(output) is not Tensor or output.is_nested
-                           or (s.rnn_states.tensors and s.rnn_states.shares_memory(output))
-                           or (s.time_major and is_known(output, s.time_major))
-                           or not _atomic(map(type, args))
-                           or (kwargs and not _atomic(map(type, kwargs.values()))))
-                if not general:
-                    # The (batch, time) mask of the scope this call is in (mask_scope.py),
-                    # where it fits a (batch, time, features) sequence (a (batch, d) output
-                    # has none, nor a 4-D one: (batch, heads, time, time) weights may have as
-                    # many heads)
-                    stack = s.mask_stack
-                    if stack:  # (inside a scope: scoped_mask's first case, inlined)
-                        scope, mask, pending = stack[-1]
-                        entry = scope if pending else None
-                    elif s.scope_outputs:
-                        mask, entry = scoped_mask(s, args)
-                    else:
-                        mask, entry = s.mask, None
-                    fits = False
-                    if mask is not None and output.ndim == 3:
-                        shape, ref = output.shape, mask.shape
-                        # A (batch, time, features) sequence of the mask's shape, batch and time
-                        # told apart, that no (time, batch) of the pass's ids matches (a scope
-                        # of another batch may: layout.swapped decides): the mask fits it.
-                        fits = (shape[0] == ref[0] and shape[1] == ref[1] and ref[0] != ref[1]
-                                and not map_1d
-                                and not (s.swaps and (shape[0], shape[1]) in s.swaps))
-                    if (not fits and output.ndim == 3 and not told
-                            and (s.swaps or mask is not None) and s.one_batch):
-                        # (time, batch, features), as the pass tells it: the general path
-                        general = swapped(output.shape, None if mask is None else mask.shape,
-                                          s.swaps)
-                if general:
-                    self._record_call(s, plan, args, kwargs, output)
-                else:
-                    rec = s.rec
-                    if rec.steps == 0:  # a module called without the model's own forward
-                        rec.steps = 1
-                    counts = s.counts
-                    call = counts.get(name, 0)
-                    counts[name] = call + 1
-                    label = labels[call] if labels is not None and call < len(labels) else None
-                    # (detach only what autograd tracks: it costs a tensor of its own)
-                    value = (output.detach() if output.requires_grad else output).clone()
-                    if fits:  # (the common case of a transformer's layers)
-                        capture = plain_capture(name, rec.steps - 1, call, label, module_type,
-                                                value, mask)
-                        if entry is not None:  # (decided as the pass ends: mask_scope.py)
-                            s.mask_outside.append((entry, capture))
-                        rec._captures[name].append(capture)
-                    elif mask is None and not map_1d and not map_last:  # (no mask, no map)
-                        rec._captures[name].append(plain_capture(
-                            name, rec.steps - 1, call, label, module_type, value, None))
-                    else:
-                        self._add_unfit(s, name, rec.steps - 1, call, label, value, output,
-                                        mask, entry, map_1d, map_last, module_type)
-            if _PENDING_STOPS:
-                _raise_pending_stop(module, hook)
-
-        hook._hookscope = True  # type: ignore[attr-defined]
-        return hook
-
-    @staticmethod
-    def _add_unfit(s: Session, name: str, step: int, call: int, label: str | None,
-                   value: Tensor, output: Tensor, mask: Tensor | None, entry: Any,
-                   map_1d: bool, map_last: bool, module_type: type) -> None:
-        """The short path's capture where the scope's mask does not simply fit the output."""
-        other = None
-        if mask is not None and (output.ndim != 3 or output.shape[:2] != mask.shape or map_1d):
-            if output.ndim == 3 and not map_1d:
-                other = unfit_mask(s, output.shape, mask)  # (real positions unknown:
-                # reductions warn)
-            mask = None
-        capture = plain_capture(name, step, call, label, module_type, value, mask)
-        if map_1d and value.ndim == 3:  # (batch, channels, length)
-            capture.feature_map = True
-        elif map_last and value.ndim >= 4:  # (batch, *spatial, channels)
-            capture.channels_last = True
-        elif other is not None:
-            capture._other_mask = other
-            if entry is not None:  # (decided as the pass ends: mask_scope.py)
-                s.mask_outside.append((entry, capture))
-        elif mask is not None and entry is not None:  # (decided as the pass ends)
-            s.mask_outside.append((entry, capture))
-        s.rec._captures[name].append(capture)
 
     def _make_pre_hook(self, plan: Plan) -> Callable[..., None]:
         def pre_hook(module: nn.Module, args: tuple, *rest: Any) -> None:
@@ -837,7 +700,7 @@ class Recorder:
         if self.stop and call + 1 == plan.expected:
             s.remaining -= 1
             if s.remaining == 0:
-                _PENDING_STOPS.setdefault(_get_ident(), set()).add(self)
+                PENDING_STOPS.setdefault(_get_ident(), set()).add(self)
         return returned
 
     def _reduce_at_call(self, rows: Callable[[Capture, Tensor | None], tuple[Tensor, bool]]
@@ -940,24 +803,6 @@ def _close(s: Session) -> None:
                 s.stance = None  # a failing stance exit must not loop forever
     if interrupted is not None:
         raise interrupted
-
-
-def _raise_pending_stop(module: nn.Module, hook: Callable) -> None:
-    """Raise the pending stop of this thread from the last hookscope hook of ``module``."""
-    pending = _PENDING_STOPS.get(_get_ident())
-    if not pending:
-        return
-    later = False
-    seen = False
-    for h in list(module._forward_hooks.values()):
-        if h is hook:
-            seen = True
-        elif seen and getattr(h, "_hookscope", False):
-            later = True
-            break
-    if not later:
-        del _PENDING_STOPS[_get_ident()]
-        raise _Stop(pending)
 
 
 def _check_scriptable(model: Any, name: str | None = None) -> None:
