@@ -12,9 +12,10 @@ import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
+import torch
 from torch import nn
 
-from .errors import InputTypeError, ModuleSelectionError
+from .errors import InputTypeError, ModuleSelectionError, UnsupportedModelError
 
 __all__ = ["ModuleSpec", "by_name", "describe_spec", "module_tree", "resolve_modules", "unwrap"]
 
@@ -113,7 +114,15 @@ def _strip_wrapper_prefix(spec: str, prefix: str) -> str:
 def _lookup(model: nn.Module, name: str) -> nn.Module | None:
     module: nn.Module | None = model
     if name:
-        for atom in name.split("."):
+        atoms = name.split(".")
+        for i, atom in enumerate(atoms):
+            if isinstance(module, torch.jit.ScriptModule):  # (its children are compiled too)
+                where = ".".join(atoms[:i])
+                raise UnsupportedModelError(
+                    f"{name!r} is inside {where or 'the model'!r}, a TorchScript module "
+                    f"({type(module).__name__}): its compiled code calls no Python hooks, so "
+                    "hookscope cannot record inside it. Record the eager nn.Module it was "
+                    "scripted from, or return the values you need from forward().")
             module = module._modules.get(atom)
             if module is None:
                 return None

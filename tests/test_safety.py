@@ -425,3 +425,19 @@ def test_a_module_that_overrides_hook_registration_on_itself_is_asked():
     assert asked and torch.equal(rec["0"].tensor, out)
     del model[0].register_forward_hook
     assert_no_hooks(model)
+
+
+def test_a_name_inside_a_torchscript_module_is_a_clear_error():
+    """``"a.0"`` where ``a`` is scripted: the TorchScript error, naming the scripted part
+    (it was an AttributeError of TorchScript's module dict)."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.jit.script(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+
+        def forward(self, x):
+            return self.a(x)
+
+    with pytest.raises(UnsupportedModelError, match="'a.0' is inside 'a', a TorchScript"):
+        hs.record(Model(), ["a.0"])
