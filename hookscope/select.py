@@ -187,7 +187,8 @@ def resolve_modules(
     specs
         One spec or a list of them: an exact dotted name as in ``model.named_modules()``
         (``""`` is the model itself), a glob pattern (``"encoder.layer.*.output"``: ``*`` matches
-        one name segment, ``**`` any number), an ``nn.Module`` subclass (every instance), or a
+        one name segment, ``**`` any number; never the model itself), an ``nn.Module``
+        subclass (every instance), or a
         submodule object (``model.encoder``; its name in ``model``).
 
     Returns
@@ -251,7 +252,7 @@ def resolve_modules(
                 hits = [spec]
             elif _GLOB.search(spec):
                 rx = _glob_regex(spec)
-                hits = [n for n in names if rx.match(n)]
+                hits = [n for n in names if n and rx.match(n)]  # (the model itself: "")
                 if not hits:
                     raise ModuleSelectionError(
                         f"Pattern {spec!r} matches no module of {type(inner).__name__} "

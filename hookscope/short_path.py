@@ -92,8 +92,9 @@ def make_short_hook(recorder: Any, plan: Plan) -> Callable[..., None]:
                 recorder._record_call(s, plan, args, kwargs, output)
             else:
                 rec = s.rec
-                if rec.steps == 0:  # a module called without the model's own forward
-                    rec.steps = 1
+                if s.between:  # called outside the model's forward: a step of its own
+                    rec.steps += 1
+                    s.between = False
                 counts = s.counts
                 call = counts.get(name, 0)
                 counts[name] = call + 1

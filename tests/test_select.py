@@ -127,7 +127,7 @@ def test_a_module_under_two_names_is_selected_once():
     names stacked on every call."""
     model = _Aliased()
     assert list(resolve_modules(model, [nn.Linear])) == ["a", "c"]
-    assert list(resolve_modules(model, "*")) == ["", "a", "c"]
+    assert list(resolve_modules(model, "*")) == ["a", "c"]  # (a pattern never selects "")
     assert list(resolve_modules(model, ["b"])) == ["b"]  # either name, once
     with pytest.raises(ModuleSelectionError, match="'a' and 'b' are the same module"):
         resolve_modules(model, ["a", "b"])
