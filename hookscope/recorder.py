@@ -437,7 +437,8 @@ class Recorder:
         s = self._own()
         if s is None:
             return
-        self._end_pass(s)
+        if not s.between:  # (else the last pass was settled as it returned: _pass_ended)
+            self._end_pass(s)
         s.rec.steps += 1
         s.between = False
         kwargs = rest[0] if rest else None
