@@ -337,8 +337,6 @@ class Recorder:
             hook = (make_short_hook(self, p) if takes_short_path(self, p)
                     else self._make_hook(p))
             hooks.append((p.module, False, hook, True, p.edits is not None))
-        # Last, after the hook of the model itself where it is selected: the pass's end.
-        hooks.append((self.model, False, self._pass_ended, False, False))
         self._registrations = hooks
         # The mask scopes' hooks, added at the block's first forward pass with a mask.
         pre, post = scope_hooks(self._own, self.mask_from)
@@ -437,10 +435,18 @@ class Recorder:
         s = self._own()
         if s is None:
             return
-        if not s.between:  # (else the last pass was settled as it returned: _pass_ended)
-            self._end_pass(s)
+        if s.counts and self._expected_calls:
+            self._tally_calls(s)
+        if s.mask_outside or s.mask_handed or s.mask_stack or s.entries or s.scope_outputs:
+            self._end_mask_scopes(s)
         s.rec.steps += 1
-        s.between = False
+        s.counts.clear()
+        s.remaining = len(self._plans)
+        s.pending_inputs.clear()
+        s.rnn_states.clear()
+        s.time_major = []
+        s.mask = s.mask_raw = None
+        s.model_inputs = []
         kwargs = rest[0] if rest else None
         features = (args[0] if args and type(args[0]) is not Tensor
                     and isinstance(args[0], Mapping) else None)  # (sentence-transformers)
@@ -448,6 +454,7 @@ class Recorder:
         if at is None:  # (read once per model class: which argument is input_ids)
             at = self._id_positions[type(module)] = id_positions(module.forward)
         ids = [args[i] for i in at if i < len(args)] if at else None
+        s.one_batch, s.swaps, s.id_times = True, NO_SWAPS, NO_SWAPS
         mask_from = self.mask_from
         find = mask_from is not None  # (the mask first: the layout is read once, with it)
         if find and type(mask_from) is str and not (kwargs and mask_from in kwargs):
@@ -473,32 +480,6 @@ class Recorder:
             s.mask_raw = mask_argument(mask_from, args, kwargs)
             if s.mask_raw is not None and self._scopes:
                 self._scope_step(s, args, kwargs)
-
-    def _end_pass(self, s: Session) -> None:
-        """What a forward pass leaves behind, settled: its calls tallied, its mask scopes
-        decided, its mask and RNN states forgotten (a module called after it, outside any
-        forward pass, gets none of them)."""
-        if s.counts and self._expected_calls:
-            self._tally_calls(s)
-        if s.mask_outside or s.mask_handed or s.mask_stack or s.entries or s.scope_outputs:
-            self._end_mask_scopes(s)
-        s.counts.clear()
-        s.remaining = len(self._plans)
-        s.pending_inputs.clear()
-        s.rnn_states.clear()
-        s.time_major = []
-        s.mask = s.mask_raw = None
-        s.model_inputs = []
-        s.one_batch, s.swaps, s.id_times = True, NO_SWAPS, NO_SWAPS
-
-    def _pass_ended(self, module: nn.Module, args: Any, output: Any) -> None:
-        """The model's forward returned: a recorded module called from here on until the
-        next forward pass (``model.ln_f(h)`` for a logit lens) is a step of its own, with no
-        mask.  (A pass that raised is ended by the next one, or by the block's end.)"""
-        s = self._own()
-        if s is not None and not s.between:
-            self._end_pass(s)
-            s.between = True
 
     def _scope_step(self, s: Session, args: tuple, kwargs: dict | None) -> None:
         """A model call with a mask (or a decoder's): note its input tensors, and hook the
@@ -578,9 +559,8 @@ class Recorder:
     def _record_call(self, s: Session, plan: Plan, args: tuple, kwargs: dict,
                      output: Any) -> Any:
         rec = s.rec
-        if s.between:  # called outside the model's forward (model.encode, model.ln_f(h)):
-            rec.steps += 1  # a step of its own, until the model is called again
-            s.between = False
+        if rec.steps == 0:  # a module called without the model's own forward (model.encode)
+            rec.steps = 1
         name = plan.name
         counts = s.counts
         call = counts.get(name, 0)

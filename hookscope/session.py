@@ -50,7 +50,6 @@ class Session:
     """The state of one entered block: the recording, call counters, handles."""
 
     __slots__ = (
-        "between",
         "checkpoint",
         "count_problems",
         "counts",
@@ -85,8 +84,6 @@ class Session:
         self.counts: dict[str, int] = {}  # calls per module in the current step
         self.count_problems: list[str] = []  # steps whose calls disagree with calls= etc.
         self.remaining = n_plans
-        # No forward pass of the model is running: a recorded call opens a step of its own.
-        self.between = True
         self.pending_inputs: dict[str, list[tuple[tuple, dict]]] = {}
         self.handles: list[Any] = []
         self.stance: Any = None

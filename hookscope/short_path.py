@@ -92,9 +92,8 @@ def make_short_hook(recorder: Any, plan: Plan) -> Callable[..., None]:
                 recorder._record_call(s, plan, args, kwargs, output)
             else:
                 rec = s.rec
-                if s.between:  # called outside the model's forward: a step of its own
-                    rec.steps += 1
-                    s.between = False
+                if rec.steps == 0:  # a module called without the model's own forward
+                    rec.steps = 1
                 counts = s.counts
                 call = counts.get(name, 0)
                 counts[name] = call + 1

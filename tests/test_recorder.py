@@ -612,10 +612,11 @@ def test_the_short_path_agrees_with_the_general_path_on_a_scope_of_another_batch
     assert_no_hooks(model)
 
 
-def test_a_module_called_after_the_forward_pass_is_a_step_of_its_own():
-    """A logit lens inside the block (``model.ln_f(h)`` after a forward with a padding mask):
-    those calls are one step of their own, with no mask (they were the forward's extra calls,
-    with its mask, and made ``rec['ln_f']`` ambiguous)."""
+
+def test_a_logit_lens_in_a_block_of_its_own_takes_no_mask():
+    """What docs/recording.md advises for calls made after a forward pass: in the pass's own
+    block they count as its further calls (with its mask); in a block of their own they are
+    step 0 without a mask, each value the module's output."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2,
@@ -624,27 +625,12 @@ def test_a_module_called_after_the_forward_pass_is_a_step_of_its_own():
     ids = torch.randint(0, 50, (3, 5))
     mask = torch.ones(3, 5, dtype=torch.long)
     mask[0, 3:] = 0
-
-    def hooks():  # (transformers keeps hooks of its own for output_hidden_states)
-        return [(n, list(m._forward_hooks), list(m._forward_pre_hooks))
-                for n, m in model.named_modules()]
-
-    with torch.no_grad():
-        model(input_ids=ids, output_hidden_states=True)
-    before = hooks()
     with torch.no_grad(), hs.record(model, ["ln_f"]) as rec:
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        lens = [model.ln_f(h) for h in out.hidden_states[:-1]]
-    inside, *outside = rec.calls("ln_f")
-    assert (inside.step, inside.call) == (0, 0) and torch.equal(inside.mask, mask.bool())
-    assert [(c.step, c.call) for c in outside] == [(1, 0), (1, 1)]
-    assert all(c.mask is None for c in outside)
-    for c, want in zip(outside, lens, strict=True):
-        assert torch.equal(c.tensor, want)
-    assert torch.equal(rec.step(0)["ln_f"].tensor, out.last_hidden_state)
-    with torch.no_grad(), hs.record(model, ["ln_f"]) as rec:  # and a new pass after them
-        model.ln_f(out.hidden_states[0])
-        model(input_ids=ids, attention_mask=mask)
-    assert [(c.step, c.call, c.mask is None) for c in rec.calls("ln_f")] == [
-        (0, 0, True), (1, 0, False)]
-    assert hooks() == before
+    assert torch.equal(rec["ln_f"].mask, mask.bool())
+    with torch.no_grad(), hs.record(model, ["ln_f"]) as lens:
+        want = [model.ln_f(h) for h in out.hidden_states[:-1]]
+    got = lens.calls("ln_f")
+    assert [(c.step, c.call, c.mask) for c in got] == [(0, 0, None), (0, 1, None)]
+    for c, w in zip(got, want, strict=True):
+        assert torch.equal(c.tensor, w)
