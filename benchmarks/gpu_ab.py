@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib.util
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 from _common import interleaved, parse_args, raw_hooks
 from gpu import CUDA, bert, raw_unsort_hooks, start, story_on_device, token_batch
+from gpu_profile import host_and_wall
 
 import hookscope as hs
 
@@ -54,21 +54,6 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def host_times(variants: dict[str, Callable[[], Any]], runs: int, repeats: int
-               ) -> dict[str, float]:
-    """Median seconds each variant takes to return (before the wait for the GPU), the
-    variants taken in turn, each call after a wait for the GPU to finish the last."""
-    host: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(repeats * runs):
-        for k, fn in variants.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            host[k].append(time.perf_counter() - t0)
-            sync()
-    return {k: statistics.median(v) for k, v in host.items()}
-
-
 def table(title: str, variants: dict[str, Callable[[], Any]], iterations: int,
           repeats: int) -> list[dict]:
     def timed(fn: Callable[[], Any]) -> Callable[[], None]:
@@ -79,7 +64,7 @@ def table(title: str, variants: dict[str, Callable[[], Any]], iterations: int,
 
     walls = interleaved({k: timed(f) for k, f in variants.items()}, iterations, repeats,
                         settle=1, shuffle=True)
-    host = host_times(variants, iterations, repeats)
+    host, _ = host_and_wall(variants, iterations * repeats // 3 or 1)
     plain_host = host["plain"]
     print(f"\n### {title}\n")
     print("| variant | wall per call | ratio to plain (per repeat) | host | host - plain |")

@@ -79,10 +79,11 @@ def sync_sites(title: str, fn: Callable[[], Any]) -> None:
         print(f"- {n}x {msg}\n    {where}")
 
 
-def host_times(title: str, variants: dict[str, Callable[[], Any]], runs: int) -> None:
+def host_and_wall(variants: dict[str, Callable[[], Any]], runs: int
+                  ) -> tuple[dict[str, float], dict[str, float]]:
     """Median host time per call (the time to queue the work) and wall time (with the wait
-    for the GPU), variants interleaved.  Where the host is the bottleneck, what recording adds
-    is the host difference.  Run before any profiler: a profiler leaves launches slower."""
+    for the GPU), variants interleaved: ``runs * 3`` calls of each, each timed call right
+    after an untimed one of its own, in a new order each round (see _common.interleaved)."""
     import random
     import statistics
     import time
@@ -91,8 +92,8 @@ def host_times(title: str, variants: dict[str, Callable[[], Any]], runs: int) ->
     wall: dict[str, list[float]] = {k: [] for k in variants}
     order, rng = list(variants), random.Random(0)
     for _ in range(runs * 3):
-        rng.shuffle(order)  # a new order each round, and each timed call right after an
-        for k in order:  # untimed one of its own (see _common.interleaved)
+        rng.shuffle(order)
+        for k in order:
             fn = variants[k]
             fn()
             if CUDA:
@@ -104,11 +105,18 @@ def host_times(title: str, variants: dict[str, Callable[[], Any]], runs: int) ->
                 torch.cuda.synchronize()
             host[k].append(t1 - t0)
             wall[k].append(time.perf_counter() - t0)
+    return ({k: statistics.median(v) for k, v in host.items()},
+            {k: statistics.median(v) for k, v in wall.items()})
+
+
+def host_times(title: str, variants: dict[str, Callable[[], Any]], runs: int) -> None:
+    """The table of :func:`host_and_wall`.  Where the host is the bottleneck, what recording
+    adds is the host difference.  Run before any profiler: a profiler leaves launches slower."""
+    host, wall = host_and_wall(variants, runs)
     print(f"\n### host and wall time per call: {title}\n\n| variant | host | wall |\n"
           "|---|---:|---:|")
     for k in variants:
-        print(f"| {k} | {statistics.median(host[k]) * 1e6:.0f} us | "
-              f"{statistics.median(wall[k]) * 1e6:.0f} us |")
+        print(f"| {k} | {host[k] * 1e6:.0f} us | {wall[k] * 1e6:.0f} us |")
 
 
 def run_block(recorder: hs.Recorder, call: Callable[[], Any]) -> None:

@@ -41,7 +41,6 @@ from .errors import (
     HookscopeError,
     InputError,
     InputTypeError,
-    UnsupportedModelError,
 )
 from .frame import rnn_state_error
 from .grads import attach_grad_hooks, require_grads
@@ -63,7 +62,7 @@ from .plan import BatchDim, Plan, build_plans, with_perms
 from .recording import Recording
 from .rerun import CheckpointNotes, checkpointed, graph_task, rerun
 from .rows_at_call import rows_at_call
-from .select import ModuleSpec, module_tree, resolve_modules, unwrap
+from .select import ModuleSpec, module_tree, resolve_modules, torchscript_error, unwrap
 from .session import NO_SWAPS, Session, time_major_call, unfit_mask
 from .short_path import make_short_hook, takes_short_path
 from .stop import PENDING_STOPS, Stop, raise_pending_stop
@@ -808,12 +807,8 @@ def _close(s: Session) -> None:
 
 def _check_scriptable(model: Any, name: str | None = None) -> None:
     if isinstance(model, torch.jit.ScriptModule):
-        what = "The model" if name is None else f"Module {name!r}"
-        raise UnsupportedModelError(
-            f"{what} is a TorchScript module ({type(model).__name__}): TorchScript runs "
-            "compiled code that calls no Python hooks, so hookscope cannot record inside it. "
-            "Record the eager nn.Module it was scripted from (torch.jit.script/trace keep "
-            "no link to it), or return the values you need from forward().")
+        raise torchscript_error("The model is a" if name is None else f"Module {name!r} is a",
+                                model)
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"record() needs an nn.Module, got {type(model).__name__}.")
 

@@ -118,15 +118,21 @@ def _lookup(model: nn.Module, name: str) -> nn.Module | None:
         for i, atom in enumerate(atoms):
             if isinstance(module, torch.jit.ScriptModule):  # (its children are compiled too)
                 where = ".".join(atoms[:i])
-                raise UnsupportedModelError(
-                    f"{name!r} is inside {where or 'the model'!r}, a TorchScript module "
-                    f"({type(module).__name__}): its compiled code calls no Python hooks, so "
-                    "hookscope cannot record inside it. Record the eager nn.Module it was "
-                    "scripted from, or return the values you need from forward().")
+                raise torchscript_error(f"{name!r} is inside {where or 'the model'!r}, a",
+                                        module)
             module = module._modules.get(atom)
             if module is None:
                 return None
     return module
+
+
+def torchscript_error(what: str, module: nn.Module) -> UnsupportedModelError:
+    """Why a TorchScript module cannot be recorded: ``what`` names it ("Module 'a' is a")."""
+    return UnsupportedModelError(
+        f"{what} TorchScript module ({type(module).__name__}): TorchScript runs compiled code "
+        "that calls no Python hooks, so hookscope cannot record inside it. Record the eager "
+        "nn.Module it was scripted from (torch.jit.script/trace keep no link to it), or return "
+        "the values you need from forward().")
 
 
 def describe_spec(spec: object) -> str:
